@@ -1,0 +1,210 @@
+/*
+ * wspush.js — tiny browser client for the wspush WebSocket push server.
+ * No dependencies, no build step. Served by the server at GET /wspush.js.
+ *
+ * Usage:
+ *
+ *   <script src="/wspush.js"></script>
+ *   <script>
+ *     const c = new WsPush({
+ *       uid: "7",                      // optional: without it only "all" broadcasts arrive
+ *       types: ["notice", "chat"],     // optional: empty / omitted = every type
+ *       expires: 1767225600,           // optional, only when the server runs with a secret
+ *       token: "ab12…",                //   (both minted by your backend)
+ *       onMessage(m, raw) {            // m = {types, msg, time}; non-JSON → {types:null, msg:raw, time:null}
+ *         console.log(m.types, m.msg, m.time);
+ *       },
+ *       onState(state, detail) {       // "connecting" | "open" | "closed" | "reconnecting"
+ *         console.log(state, detail);  // closed: {code, reason, wasClean}; reconnecting: {delay, attempt, code, reason}
+ *       },
+ *     });
+ *     c.connect();
+ *     c.subscribe(["chat"]);           // change types live; also remembered for reconnects
+ *     c.close();                       // close and stop reconnecting
+ *   </script>
+ *
+ * Options: url (default: same origin, ws: or wss: from location.protocol, path /ws),
+ * uid, types, expires, token, onMessage, onState, minDelay = 500, maxDelay = 30000,
+ * stableAfter = 5000 (ms a connection must stay open before the backoff resets).
+ *
+ * Reconnect: after any close not requested via close(), wait a random delay in
+ * [0, min(maxDelay, minDelay * 2^attempt)] (never below 100 ms), then retry.
+ */
+(function (root) {
+  "use strict";
+
+  var MIN_FLOOR = 100;
+
+  function normTypes(types) {
+    if (types == null) return [];
+    if (typeof types === "string") types = types.split(",");
+    var out = [];
+    for (var i = 0; i < types.length; i++) {
+      var t = String(types[i]).trim();
+      if (t && out.indexOf(t) < 0) out.push(t);
+    }
+    return out;
+  }
+
+  function defaultUrl() {
+    if (typeof location === "undefined") throw new Error("WsPush: opts.url is required outside a browser");
+    return (location.protocol === "https:" ? "wss:" : "ws:") + "//" + location.host + "/ws";
+  }
+
+  function WsPush(opts) {
+    if (!(this instanceof WsPush)) return new WsPush(opts);
+    opts = opts || {};
+    this.url = opts.url || null;
+    this.uid = opts.uid == null ? "" : String(opts.uid);
+    this.types = normTypes(opts.types);
+    this.expires = opts.expires == null ? "" : String(opts.expires);
+    this.token = opts.token == null ? "" : String(opts.token);
+    this.onMessage = opts.onMessage || null;
+    this.onState = opts.onState || null;
+    this.minDelay = opts.minDelay > 0 ? opts.minDelay : 500;
+    this.maxDelay = opts.maxDelay > 0 ? opts.maxDelay : 30000;
+    this.stableAfter = opts.stableAfter > 0 ? opts.stableAfter : 5000;
+    this.state = "closed";
+    this.attempt = 0;
+    this._ws = null;
+    this._stopped = true;
+    this._retryTimer = null;
+    this._stableTimer = null;
+    this._urlTypes = "";
+  }
+
+  /** The full /ws URL with uid, types, expires and token as query parameters. */
+  WsPush.prototype.buildUrl = function () {
+    var base = this.url || defaultUrl();
+    var q = [];
+    if (this.uid) q.push("uid=" + encodeURIComponent(this.uid));
+    if (this.types.length) q.push("types=" + this.types.map(encodeURIComponent).join(","));
+    if (this.expires) q.push("expires=" + encodeURIComponent(this.expires));
+    if (this.token) q.push("token=" + encodeURIComponent(this.token));
+    if (!q.length) return base;
+    return base + (base.indexOf("?") < 0 ? "?" : "&") + q.join("&");
+  };
+
+  WsPush.prototype._setState = function (state, detail) {
+    this.state = state;
+    if (this.onState) this.onState(state, detail || {});
+  };
+
+  WsPush.prototype._clearTimers = function () {
+    clearTimeout(this._retryTimer);
+    clearTimeout(this._stableTimer);
+    this._retryTimer = this._stableTimer = null;
+  };
+
+  /** Open the connection (no-op if already connecting or open). */
+  WsPush.prototype.connect = function () {
+    if (this._ws) return this;
+    this._stopped = false;
+    this._clearTimers();
+    this._open();
+    return this;
+  };
+
+  WsPush.prototype._open = function () {
+    var self = this;
+    var url = this.buildUrl();
+    this._urlTypes = this.types.join(",");
+    this._setState("connecting", { url: url, attempt: this.attempt });
+    var ws;
+    try {
+      ws = new WebSocket(url);
+    } catch (e) {
+      // Invalid URL and the like: treat like a failed connection.
+      this._afterClose({ code: 1006, reason: String(e && e.message || e), wasClean: false });
+      return;
+    }
+    this._ws = ws;
+    ws.binaryType = "arraybuffer";
+
+    ws.onopen = function () {
+      if (self._ws !== ws) return;
+      self._stableTimer = setTimeout(function () { self.attempt = 0; }, self.stableAfter);
+      self._setState("open", { url: url });
+      // types changed via subscribe() while connecting: apply them now
+      if (self.types.join(",") !== self._urlTypes) self._sendSubscribe();
+    };
+
+    ws.onmessage = function (ev) {
+      if (self._ws !== ws) return;
+      var raw = ev.data;
+      if (typeof raw !== "string") {
+        try { raw = new TextDecoder().decode(raw); } catch (e) { raw = String(raw); }
+      }
+      var m;
+      try { m = JSON.parse(raw); } catch (e) { m = null; }
+      if (!m || typeof m !== "object" || Array.isArray(m)) m = { types: null, msg: raw, time: null };
+      if (self.onMessage) self.onMessage(m, raw);
+    };
+
+    ws.onerror = function () { /* a close event always follows */ };
+
+    ws.onclose = function (ev) {
+      if (self._ws !== ws) return;
+      self._ws = null;
+      self._afterClose({ code: ev.code, reason: ev.reason || "", wasClean: ev.wasClean });
+    };
+  };
+
+  WsPush.prototype._afterClose = function (info) {
+    this._clearTimers();
+    this._setState("closed", info);
+    if (this._stopped) return;
+    var self = this;
+    var cap = Math.min(this.maxDelay, this.minDelay * Math.pow(2, this.attempt));
+    var delay = Math.max(MIN_FLOOR, Math.round(Math.random() * cap));
+    this.attempt++;
+    this._retryTimer = setTimeout(function () {
+      self._retryTimer = null;
+      if (!self._stopped && !self._ws) self._open();
+    }, delay);
+    this._setState("reconnecting", { delay: delay, attempt: this.attempt, code: info.code, reason: info.reason });
+  };
+
+  /** Close the connection and stop reconnecting. */
+  WsPush.prototype.close = function () {
+    var wasActive = !this._stopped || this._ws;
+    this._stopped = true;
+    this._clearTimers();
+    this.attempt = 0;
+    var ws = this._ws;
+    this._ws = null;
+    if (ws) {
+      ws.onmessage = ws.onclose = ws.onerror = null;
+      if (ws.readyState === 0) {
+        // closing a CONNECTING socket makes browsers log a warning; close it once it opens
+        ws.onopen = function () { ws.close(1000); };
+      } else {
+        ws.onopen = null;
+        if (ws.readyState === 1) ws.close(1000, "client closed");
+      }
+    }
+    if (wasActive) this._setState("closed", { code: 1000, reason: "client closed", wasClean: true });
+    return this;
+  };
+
+  /**
+   * Replace the subscribed types (empty array = every type). Sends the op frame
+   * now if open; the set is remembered and used in the URL on reconnect.
+   * Returns true when the frame was sent right away.
+   */
+  WsPush.prototype.subscribe = function (types) {
+    this.types = normTypes(types);
+    return this._sendSubscribe();
+  };
+
+  WsPush.prototype._sendSubscribe = function () {
+    var ws = this._ws;
+    if (!ws || ws.readyState !== 1) return false;
+    ws.send(JSON.stringify({ op: "subscribe", types: this.types }));
+    this._urlTypes = this.types.join(",");
+    return true;
+  };
+
+  if (root) root.WsPush = WsPush;
+  if (typeof module !== "undefined" && module && module.exports) module.exports = WsPush;
+})(typeof globalThis !== "undefined" ? globalThis : typeof self !== "undefined" ? self : this);

@@ -1,0 +1,404 @@
+//! The `/send` schema and the push encoding.
+//!
+//! A `/send` body is validated whole (one bad element rejects the batch) and turned
+//! into [`Envelope`]s. Each envelope carries its WebSocket frame already encoded, so
+//! the hub writes the same shared bytes to every receiver and never touches JSON.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use serde_json::value::RawValue;
+
+use crate::ws::frame::{self, OpCode};
+
+/// The longest `types` value; types are short labels, not payload.
+pub const MAX_TYPES_LEN: usize = 128;
+/// The longest uid accepted in `topic_ids` or in a `/ws` query.
+pub const MAX_UID_LEN: usize = 256;
+/// The longest `time` string.
+pub const MAX_TIME_LEN: usize = 64;
+
+/// Who a message is for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    All,
+    Uids(Vec<Box<str>>),
+}
+
+/// One message on its way from `/send` through the queue to the hub.
+#[derive(Clone, Debug)]
+pub struct Envelope {
+    pub target: Target,
+    pub types: Box<str>,
+    /// Unix seconds after which the message must not be pushed; 0 = never expires.
+    pub expires: u64,
+    /// The complete text frame `{"types","msg","time"}`, shared by every receiver.
+    pub frame: Arc<[u8]>,
+}
+
+impl Envelope {
+    pub fn is_expired(&self, now_unix: u64) -> bool {
+        self.expires != 0 && now_unix >= self.expires
+    }
+}
+
+/// A `/send` body that cannot be accepted; the text names the field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SendError {
+    Json(String),
+    Empty,
+    TooMany(usize),
+    Field {
+        index: Option<usize>,
+        field: &'static str,
+        problem: &'static str,
+    },
+}
+
+impl fmt::Display for SendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SendError::Json(e) => write!(f, "body is not valid JSON: {e}"),
+            SendError::Empty => write!(f, "batch is empty"),
+            SendError::TooMany(max) => write!(f, "batch has more than {max} messages"),
+            SendError::Field {
+                index: Some(i),
+                field,
+                problem,
+            } => write!(f, "[{i}].{field}: {problem}"),
+            SendError::Field {
+                index: None,
+                field,
+                problem,
+            } => write!(f, "{field}: {problem}"),
+        }
+    }
+}
+
+impl std::error::Error for SendError {}
+
+/// The current local time as `YYYY-MM-DD HH:MM:SS`, formatted at most once a second.
+#[derive(Default)]
+pub struct Clock {
+    second: i64,
+    text: String,
+}
+
+impl Clock {
+    pub fn local_time(&mut self) -> &str {
+        let now = chrono::Local::now();
+        if now.timestamp() != self.second || self.text.is_empty() {
+            self.second = now.timestamp();
+            self.text = now.format("%Y-%m-%d %H:%M:%S").to_string();
+        }
+        &self.text
+    }
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Parses and validates a `/send` body: one object or an array of them.
+pub fn parse_send(
+    body: &[u8],
+    max_batch: usize,
+    clock: &mut Clock,
+) -> Result<Vec<Envelope>, SendError> {
+    let root: &RawValue =
+        serde_json::from_slice(body).map_err(|e| SendError::Json(e.to_string()))?;
+    let text = root.get();
+    if text.starts_with('[') {
+        let items: Vec<&RawValue> =
+            serde_json::from_str(text).map_err(|e| SendError::Json(e.to_string()))?;
+        if items.is_empty() {
+            return Err(SendError::Empty);
+        }
+        if items.len() > max_batch {
+            return Err(SendError::TooMany(max_batch));
+        }
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| parse_one(item, Some(i), clock))
+            .collect()
+    } else {
+        Ok(vec![parse_one(root, None, clock)?])
+    }
+}
+
+fn parse_one(
+    item: &RawValue,
+    index: Option<usize>,
+    clock: &mut Clock,
+) -> Result<Envelope, SendError> {
+    let err = |field, problem| SendError::Field {
+        index,
+        field,
+        problem,
+    };
+    // Fields stay raw so `msg` keeps its exact bytes and `null` stays distinct from absent.
+    let fields: HashMap<String, &RawValue> = serde_json::from_str(item.get())
+        .map_err(|_| err("body", "each message must be a JSON object"))?;
+    let field = |name: &str| fields.get(name).copied().filter(|v| v.get() != "null");
+
+    let topic: String = match field("topic") {
+        None => return Err(err("topic", "is required")),
+        Some(v) => serde_json::from_str(v.get())
+            .map_err(|_| err("topic", "must be \"uids\" or \"all\""))?,
+    };
+    let target = match topic.as_str() {
+        "all" => Target::All,
+        "uids" => Target::Uids(parse_uids(field("topic_ids"), &err)?),
+        _ => return Err(err("topic", "must be \"uids\" or \"all\"")),
+    };
+
+    let types: String = match field("types") {
+        None => "notice".into(),
+        Some(v) => serde_json::from_str(v.get()).map_err(|_| err("types", "must be a string"))?,
+    };
+    if types.is_empty() || types.contains(',') || types.len() > MAX_TYPES_LEN {
+        return Err(err(
+            "types",
+            "must be a non-empty string of at most 128 bytes without commas",
+        ));
+    }
+
+    // `msg` may legitimately be `null`, so look it up without the null filter.
+    let msg = fields
+        .get("msg")
+        .copied()
+        .ok_or_else(|| err("msg", "is required"))?;
+
+    let expires = match field("timeout") {
+        None => 0,
+        Some(v) => v
+            .get()
+            .parse::<u64>()
+            .map_err(|_| err("timeout", "must be a non-negative integer (Unix seconds)"))?,
+    };
+
+    let time: String = match field("time") {
+        None => clock.local_time().to_string(),
+        Some(v) => serde_json::from_str(v.get()).map_err(|_| err("time", "must be a string"))?,
+    };
+    if time.len() > MAX_TIME_LEN {
+        return Err(err("time", "must be at most 64 bytes"));
+    }
+
+    Ok(Envelope {
+        target,
+        frame: push_frame(&types, msg.get(), &time),
+        types: types.into(),
+        expires,
+    })
+}
+
+fn parse_uids(
+    ids: Option<&RawValue>,
+    err: &dyn Fn(&'static str, &'static str) -> SendError,
+) -> Result<Vec<Box<str>>, SendError> {
+    const PROBLEM: &str = "must be a non-empty array of uids (non-empty strings or integers)";
+    let ids = ids.ok_or_else(|| err("topic_ids", "is required when topic is \"uids\""))?;
+    let raw: Vec<&RawValue> =
+        serde_json::from_str(ids.get()).map_err(|_| err("topic_ids", PROBLEM))?;
+    let mut uids = Vec::with_capacity(raw.len());
+    for id in raw {
+        let text = id.get();
+        let uid: String = if text.starts_with('"') {
+            serde_json::from_str(text).map_err(|_| err("topic_ids", PROBLEM))?
+        } else if text.parse::<i64>().is_ok() || text.parse::<u64>().is_ok() {
+            text.to_string()
+        } else {
+            return Err(err("topic_ids", PROBLEM));
+        };
+        if uid.is_empty() || uid.len() > MAX_UID_LEN {
+            return Err(err("topic_ids", PROBLEM));
+        }
+        uids.push(uid.into_boxed_str());
+    }
+    if uids.is_empty() {
+        return Err(err("topic_ids", PROBLEM));
+    }
+    // A uid named twice still gets the message once.
+    uids.sort_unstable();
+    uids.dedup();
+    Ok(uids)
+}
+
+/// The push JSON `{"types":…,"msg":…,"time":…}` with `msg` copied verbatim.
+pub fn push_json(types: &str, msg: &str, time: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(msg.len() + types.len() + time.len() + 32);
+    out.extend_from_slice(b"{\"types\":");
+    write_json_string(&mut out, types);
+    out.extend_from_slice(b",\"msg\":");
+    out.extend_from_slice(msg.as_bytes());
+    out.extend_from_slice(b",\"time\":");
+    write_json_string(&mut out, time);
+    out.push(b'}');
+    out
+}
+
+/// The push JSON wrapped in one WebSocket text frame, encoded once for every receiver.
+pub fn push_frame(types: &str, msg: &str, time: &str) -> Arc<[u8]> {
+    let payload = push_json(types, msg, time);
+    let mut framed = Vec::with_capacity(payload.len() + 10);
+    frame::encode_header(true, OpCode::Text, payload.len(), &mut framed);
+    framed.extend_from_slice(&payload);
+    framed.into()
+}
+
+fn write_json_string(out: &mut Vec<u8>, s: &str) {
+    // Serializing a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(out, s);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<Vec<Envelope>, SendError> {
+        parse_send(body.as_bytes(), 1000, &mut Clock::default())
+    }
+
+    /// The JSON payload of an encoded frame (server frames are unmasked).
+    fn payload(env: &Envelope) -> String {
+        let f = &env.frame[..];
+        let start = match f[1] {
+            126 => 4,
+            127 => 10,
+            _ => 2,
+        };
+        String::from_utf8(f[start..].to_vec()).unwrap()
+    }
+
+    #[test]
+    fn one_message_with_every_field() {
+        let envs = parse(
+            r#"{"topic":"uids","topic_ids":["1",2],"types":"chat","msg":{"a": [1, 2.50]},"timeout":1893456000,"time":"2019-12-12 12:12:12"}"#,
+        )
+        .unwrap();
+        assert_eq!(envs.len(), 1);
+        let e = &envs[0];
+        assert_eq!(e.target, Target::Uids(vec!["1".into(), "2".into()]));
+        assert_eq!(&*e.types, "chat");
+        assert_eq!(e.expires, 1893456000);
+        // msg is passed through byte for byte, spacing and number format included.
+        assert_eq!(
+            payload(e),
+            r#"{"types":"chat","msg":{"a": [1, 2.50]},"time":"2019-12-12 12:12:12"}"#
+        );
+        assert_eq!(e.frame[0], 0x81, "FIN + text opcode");
+    }
+
+    #[test]
+    fn defaults_for_types_timeout_and_time() {
+        let e = &parse(r#"{"topic":"all","msg":"hi"}"#).unwrap()[0];
+        assert_eq!(e.target, Target::All);
+        assert_eq!(&*e.types, "notice");
+        assert_eq!(e.expires, 0);
+        let p: serde_json::Value = serde_json::from_str(&payload(e)).unwrap();
+        assert_eq!(p["msg"], "hi");
+        let time = p["time"].as_str().unwrap();
+        assert!(
+            chrono::NaiveDateTime::parse_from_str(time, "%Y-%m-%d %H:%M:%S").is_ok(),
+            "{time}"
+        );
+    }
+
+    #[test]
+    fn msg_null_is_a_value_but_absent_is_an_error() {
+        assert!(
+            payload(&parse(r#"{"topic":"all","msg":null}"#).unwrap()[0]).contains(r#""msg":null"#)
+        );
+        let e = parse(r#"{"topic":"all"}"#).unwrap_err();
+        assert!(e.to_string().starts_with("msg"), "{e}");
+    }
+
+    #[test]
+    fn batch_is_checked_whole() {
+        assert_eq!(
+            parse(r#"[{"topic":"all","msg":1},{"topic":"all","msg":2}]"#)
+                .unwrap()
+                .len(),
+            2
+        );
+        let e = parse(r#"[{"topic":"all","msg":1},{"topic":"some","msg":2}]"#).unwrap_err();
+        assert_eq!(e.to_string(), r#"[1].topic: must be "uids" or "all""#);
+        assert_eq!(parse("[]").unwrap_err(), SendError::Empty);
+        let many = format!("[{}]", [r#"{"topic":"all","msg":1}"#; 3].join(","));
+        assert_eq!(
+            parse_send(many.as_bytes(), 2, &mut Clock::default()).unwrap_err(),
+            SendError::TooMany(2)
+        );
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        for (body, field) in [
+            ("not json", "JSON"),
+            ("42", "body"),
+            (r#"{"msg":1}"#, "topic"),
+            (r#"{"topic":7,"msg":1}"#, "topic"),
+            (r#"{"topic":"uids","msg":1}"#, "topic_ids"),
+            (r#"{"topic":"uids","topic_ids":[],"msg":1}"#, "topic_ids"),
+            (r#"{"topic":"uids","topic_ids":"1","msg":1}"#, "topic_ids"),
+            (r#"{"topic":"uids","topic_ids":[1.5],"msg":1}"#, "topic_ids"),
+            (r#"{"topic":"uids","topic_ids":[""],"msg":1}"#, "topic_ids"),
+            (
+                r#"{"topic":"uids","topic_ids":[true],"msg":1}"#,
+                "topic_ids",
+            ),
+            (r#"{"topic":"all","types":"","msg":1}"#, "types"),
+            (r#"{"topic":"all","types":"a,b","msg":1}"#, "types"),
+            (r#"{"topic":"all","types":3,"msg":1}"#, "types"),
+            (r#"{"topic":"all","msg":1,"timeout":-1}"#, "timeout"),
+            (r#"{"topic":"all","msg":1,"timeout":"soon"}"#, "timeout"),
+            (r#"{"topic":"all","msg":1,"timeout":1.5}"#, "timeout"),
+            (r#"{"topic":"all","msg":1,"time":5}"#, "time"),
+        ] {
+            let e = parse(body).unwrap_err().to_string();
+            assert!(e.contains(field), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn uids_are_deduplicated_and_integers_kept_as_text() {
+        let e = &parse(r#"{"topic":"uids","topic_ids":["7",7,"8",-3],"msg":1}"#).unwrap()[0];
+        assert_eq!(
+            e.target,
+            Target::Uids(vec!["-3".into(), "7".into(), "8".into()])
+        );
+    }
+
+    #[test]
+    fn timeout_zero_never_expires_and_past_expires() {
+        let e = &parse(r#"{"topic":"all","msg":1,"timeout":0}"#).unwrap()[0];
+        assert!(!e.is_expired(u64::MAX));
+        let e = &parse(r#"{"topic":"all","msg":1,"timeout":100}"#).unwrap()[0];
+        assert!(!e.is_expired(99));
+        assert!(e.is_expired(100));
+    }
+
+    #[test]
+    fn strings_are_escaped_in_the_push() {
+        let e = &parse(r#"{"topic":"all","types":"a\"b","msg":"x","time":"t\n"}"#).unwrap()[0];
+        let p: serde_json::Value = serde_json::from_str(&payload(e)).unwrap();
+        assert_eq!(
+            (p["types"].as_str(), p["time"].as_str()),
+            (Some("a\"b"), Some("t\n"))
+        );
+    }
+
+    #[test]
+    fn large_messages_get_extended_length_frames() {
+        let big = format!(r#"{{"topic":"all","msg":"{}"}}"#, "x".repeat(70_000));
+        let e = &parse(&big).unwrap()[0];
+        assert_eq!(e.frame[1], 127);
+        assert!(payload(e).len() > 70_000);
+    }
+}

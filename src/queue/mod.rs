@@ -1,0 +1,166 @@
+//! Between `/send` and the sockets: the queue backends behind one trait.
+//!
+//! The reactor hands each accepted batch to [`Queue::publish`], which must not block:
+//! a backend either answers at once or later through an [`Inbound::Published`] event.
+//! Every backend runs its own thread(s) that feed [`Inbound`] events into one
+//! crossbeam channel and wake the reactor through the shared [`Notifier`].
+
+pub mod list;
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+
+use crossbeam_channel::Sender;
+
+use crate::message::Envelope;
+
+/// Names the HTTP request waiting for a publish result: the connection's slab key
+/// and its serial number, so a reply never reaches a newer connection in the same slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    pub key: usize,
+    pub serial: u64,
+}
+
+/// What the queue side tells the reactor.
+#[derive(Debug)]
+pub enum Inbound {
+    /// Messages to push to this node's connections.
+    Deliver(Vec<Envelope>),
+    /// The outcome of a publish that answered `Submit::Pending`.
+    Published {
+        ticket: Ticket,
+        result: Result<(), QueueError>,
+    },
+    /// After [`Queue::close`]: everything the backend had accepted has been delivered.
+    Drained,
+    /// SIGINT/SIGTERM: close gracefully.
+    Shutdown,
+}
+
+/// The immediate answer to a publish.
+#[derive(Debug)]
+pub enum Submit {
+    Done(Result<(), QueueError>),
+    Pending,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum QueueError {
+    /// The backend holds as many messages as it may.
+    Full,
+    /// The backend cannot be reached or refused the message.
+    Unavailable(String),
+    /// The node is shutting down.
+    Closed,
+}
+
+impl QueueError {
+    /// Every queue failure means "try again later / elsewhere" to a publisher.
+    pub fn status(&self) -> u16 {
+        503
+    }
+}
+
+impl fmt::Display for QueueError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            QueueError::Full => write!(f, "queue is full"),
+            QueueError::Unavailable(why) => write!(f, "queue backend unavailable: {why}"),
+            QueueError::Closed => write!(f, "server is shutting down"),
+        }
+    }
+}
+
+impl std::error::Error for QueueError {}
+
+/// Backend health as shown by `/healthz`, `/stats` and `/metrics`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueState {
+    Up,
+    Connecting,
+    Down,
+}
+
+impl QueueState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueState::Up => "up",
+            QueueState::Connecting => "connecting",
+            QueueState::Down => "down",
+        }
+    }
+}
+
+/// A state cell the backend threads write and the reactor reads.
+#[derive(Debug)]
+pub struct SharedState(AtomicU8);
+
+impl SharedState {
+    pub fn new(s: QueueState) -> Self {
+        SharedState(AtomicU8::new(s as u8))
+    }
+    pub fn set(&self, s: QueueState) {
+        self.0.store(s as u8, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> QueueState {
+        match self.0.load(Ordering::Relaxed) {
+            0 => QueueState::Up,
+            1 => QueueState::Connecting,
+            _ => QueueState::Down,
+        }
+    }
+}
+
+pub trait Queue: Send {
+    /// The backend's name for `/stats`.
+    fn name(&self) -> &'static str;
+    fn state(&self) -> QueueState;
+    /// Takes one validated batch. Runs on the reactor thread: never blocks.
+    fn publish(&mut self, ticket: Ticket, batch: Vec<Envelope>) -> Submit;
+    /// Stops taking messages (publish answers `Closed`); the backend sends
+    /// [`Inbound::Drained`] once what it had accepted is handed over.
+    fn close(&mut self);
+}
+
+/// The reactor has stopped; backend threads should end.
+#[derive(Debug)]
+pub struct ReactorGone;
+
+/// The sending half of the reactor's inbound channel plus its waker.
+///
+/// Wake-ups are coalesced: while the reactor has not drained the channel yet,
+/// further sends skip the syscall.
+#[derive(Clone)]
+pub struct Notifier {
+    tx: Sender<Inbound>,
+    waker: Arc<mio::Waker>,
+    pending: Arc<AtomicBool>,
+}
+
+impl Notifier {
+    pub fn new(tx: Sender<Inbound>, waker: Arc<mio::Waker>) -> Self {
+        Notifier {
+            tx,
+            waker,
+            pending: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Sends an event, blocking while the channel is full (back-pressure on the
+    /// backend thread, never on the reactor). Err when the reactor is gone.
+    pub fn send(&self, event: Inbound) -> Result<(), ReactorGone> {
+        self.tx.send(event).map_err(|_| ReactorGone)?;
+        if !self.pending.swap(true, Ordering::AcqRel) {
+            // A failed wake means the poller is gone, i.e. the process is exiting.
+            let _ = self.waker.wake();
+        }
+        Ok(())
+    }
+
+    /// Called by the reactor before it drains the channel.
+    pub fn clear(&self) {
+        self.pending.store(false, Ordering::Release);
+    }
+}

@@ -1,0 +1,935 @@
+//! The reactor: one thread, one `mio::Poll`, every connection in a slab.
+//!
+//! Slab keys are the connections' `mio::Token`s; the listener and the waker have
+//! reserved tokens at the top of the range. Timers are a periodic scan driven by the
+//! poll timeout: each connection keeps one deadline and its `last_seen` time.
+//! Phase transitions of a connection happen here and only here.
+
+mod conn;
+mod routes;
+pub mod stats;
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+
+use crate::config::Config;
+use crate::http::chunked::ChunkedDecoder;
+use crate::http::request::{BodyKind, Head, Limits};
+use crate::http::response::{self, Response};
+use crate::hub::{self, Hub};
+use crate::message::{Clock, Envelope, unix_now};
+use crate::queue::{Inbound, Notifier, Queue, QueueError, Submit, Ticket};
+use crate::ws::assembler::{Assembler, Message};
+use crate::ws::frame::{self, OpCode, ProtocolError};
+
+use conn::{Chunk, Conn, PendingRequest, Phase, WsState};
+use stats::Counters;
+
+pub const LISTENER: Token = Token(usize::MAX - 1);
+pub const WAKER: Token = Token(usize::MAX - 2);
+
+/// Bytes read from a socket at a time; shared by every connection.
+const READ_CHUNK: usize = 64 * 1024;
+/// Events taken from one poll.
+const EVENTS: usize = 1024;
+
+/// Why a connection ended, for the log.
+#[derive(Debug)]
+enum Reason {
+    PeerClosed,
+    Io(io::Error),
+    Done,
+    Timeout(&'static str),
+    Shutdown,
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reason::PeerClosed => write!(f, "peer closed"),
+            Reason::Io(e) => write!(f, "{e}"),
+            Reason::Done => write!(f, "done"),
+            Reason::Timeout(what) => write!(f, "{what} timeout"),
+            Reason::Shutdown => write!(f, "shutdown"),
+        }
+    }
+}
+
+/// What `process` should do after one step over the input.
+enum Step {
+    /// Consumed this many bytes; go on.
+    Progress(usize),
+    /// Wait for more input.
+    NeedMore,
+    /// Stop reading: the phase no longer takes input now.
+    Stop,
+}
+
+/// A handled HTTP request's outcome.
+pub(crate) enum Action {
+    Respond(Response),
+    Upgrade {
+        accept: String,
+        uid: Option<String>,
+        types: hub::TypeSet,
+    },
+    Publish(Vec<Envelope>),
+}
+
+pub struct Server {
+    cfg: Config,
+    poll: Poll,
+    listener: Option<TcpListener>,
+    conns: Slab<Conn>,
+    hub: Hub,
+    queue: Box<dyn Queue>,
+    inbound: Receiver<Inbound>,
+    notifier: Notifier,
+    counters: Counters,
+    clock: Clock,
+    /// Shared read buffer: idle connections hold no input buffer of their own.
+    scratch: Vec<u8>,
+    /// Reused list of fan-out receivers.
+    receivers: Vec<usize>,
+    serial: u64,
+    started: Instant,
+    tick: Duration,
+    next_tick: Instant,
+    accept_paused: bool,
+    /// Set once SIGINT/SIGTERM arrived: when to give up waiting.
+    shutdown: Option<Instant>,
+    /// The queue has handed over everything it had when shutdown began.
+    queue_drained: bool,
+}
+
+/// What the reactor needs from `main`: the listener, poll, and the queue side.
+pub struct Parts {
+    pub poll: Poll,
+    pub listener: TcpListener,
+    pub queue: Box<dyn Queue>,
+    pub inbound: Receiver<Inbound>,
+    pub notifier: Notifier,
+}
+
+/// Creates the poll and its waker before the queue threads that need the waker.
+pub fn poll_and_waker() -> io::Result<(Poll, Arc<mio::Waker>)> {
+    let poll = Poll::new()?;
+    let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER)?);
+    Ok((poll, waker))
+}
+
+impl Server {
+    pub fn new(cfg: Config, parts: Parts) -> io::Result<Self> {
+        let Parts {
+            poll,
+            mut listener,
+            queue,
+            inbound,
+            notifier,
+        } = parts;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let now = Instant::now();
+        let shortest = [
+            cfg.ping_interval,
+            cfg.request_timeout,
+            cfg.close_timeout,
+            cfg.keepalive_timeout,
+        ]
+        .into_iter()
+        .min()
+        .unwrap_or(Duration::from_secs(1));
+        // Timers fire up to one tick late; a quarter of the shortest timeout keeps that small.
+        let tick = (shortest / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
+        Ok(Server {
+            cfg,
+            poll,
+            listener: Some(listener),
+            conns: Slab::new(),
+            hub: Hub::default(),
+            queue,
+            inbound,
+            notifier,
+            counters: Counters::default(),
+            clock: Clock::default(),
+            scratch: vec![0; READ_CHUNK],
+            receivers: Vec::new(),
+            serial: 0,
+            started: now,
+            tick,
+            next_tick: now + tick,
+            accept_paused: false,
+            shutdown: None,
+            queue_drained: false,
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        match &self.listener {
+            Some(l) => l.local_addr(),
+            None => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    /// Runs until a graceful shutdown completes.
+    pub fn run(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(EVENTS);
+        loop {
+            let now = Instant::now();
+            let timeout = self.next_tick.saturating_duration_since(now);
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept(),
+                    WAKER => self.drain_inbound(),
+                    Token(key) => self.on_event(key),
+                }
+            }
+            let now = Instant::now();
+            if now >= self.next_tick {
+                self.next_tick = now + self.tick;
+                self.on_tick(now);
+            }
+            if self.shutdown.is_some() && self.conns.is_empty() && self.queue_drained {
+                info!("shutdown complete");
+                return Ok(());
+            }
+        }
+    }
+
+    // ---- accepting -------------------------------------------------------------
+
+    fn accept(&mut self) {
+        if self.accept_paused || self.shutdown.is_some() {
+            return;
+        }
+        loop {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            match listener.accept() {
+                Ok((sock, peer)) => self.admit(sock, peer),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Out of descriptors (EMFILE/ENFILE) and the like: retrying at once
+                    // would spin, so pause accepting until the next tick.
+                    warn!("accept failed, pausing until the next tick: {e}");
+                    self.accept_paused = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn admit(&mut self, mut sock: TcpStream, peer: SocketAddr) {
+        if self.conns.len() >= self.cfg.max_connections {
+            self.counters.refused_connections += 1;
+            let mut out = Vec::new();
+            Response::error(503, "too many connections").encode(false, false, &mut out);
+            // Best effort on a fresh socket whose send buffer is empty; then drop it.
+            let _ = sock.write(&out);
+            debug!("refused {peer}: too many connections");
+            return;
+        }
+        let _ = sock.set_nodelay(true);
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        if let Err(e) = self.poll.registry().register(
+            &mut sock,
+            Token(key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            warn!("register {peer}: {e}");
+            return;
+        }
+        self.serial += 1;
+        let now = Instant::now();
+        entry.insert(Conn::new(
+            sock,
+            peer,
+            self.serial,
+            now,
+            now + self.cfg.keepalive_timeout,
+        ));
+        // Data may already be waiting; edge-triggered readiness reports it anyway,
+        // but reading now saves a round through the poll.
+        self.on_event(key);
+    }
+
+    // ---- socket events ---------------------------------------------------------
+
+    fn on_event(&mut self, key: usize) {
+        if !self.flush(key) {
+            return;
+        }
+        self.read(key);
+    }
+
+    /// Writes what is queued. Returns false when the connection was closed.
+    fn flush(&mut self, key: usize) -> bool {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return false;
+        };
+        if conn.out.is_empty() {
+            return true;
+        }
+        let was_over = conn.out.bytes() > self.cfg.max_backlog;
+        if let Err(e) = conn.flush() {
+            self.close(key, Reason::Io(e.0));
+            return false;
+        }
+        let emptied = conn.out.is_empty();
+        if emptied && matches!(conn.phase, Phase::Draining) {
+            self.close(key, Reason::Done);
+            return false;
+        }
+        // An HTTP client that stopped reading its pipelined replies was paused; resume it.
+        if was_over && conn.out.bytes() <= self.cfg.max_backlog {
+            self.resume(key);
+        }
+        self.conns.contains(key)
+    }
+
+    /// Reads until `WouldBlock`, handing each chunk to the phase's parser.
+    fn read(&mut self, key: usize) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        loop {
+            if !self.takes_input(key) {
+                break;
+            }
+            match self.conns[key].sock.read(&mut scratch) {
+                Ok(0) => {
+                    self.peer_closed(key);
+                    break;
+                }
+                Ok(n) => {
+                    self.conns[key].last_seen = Instant::now();
+                    self.ingest(key, &mut scratch[..n]);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.close(key, Reason::Io(e));
+                    break;
+                }
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    /// Whether the connection's phase reads input now. A paused connection's bytes
+    /// stay in the kernel, which pushes back on the client through TCP.
+    fn takes_input(&self, key: usize) -> bool {
+        let Some(conn) = self.conns.get(key) else {
+            return false;
+        };
+        match conn.phase {
+            Phase::Publishing { .. } => false,
+            Phase::Http { .. } => conn.out.bytes() <= self.cfg.max_backlog,
+            Phase::Ws(_) | Phase::Closing | Phase::Draining => true,
+        }
+    }
+
+    /// Continues a paused connection: first what it already buffered, then the socket.
+    fn resume(&mut self, key: usize) {
+        if self.takes_input(key) {
+            self.ingest(key, &mut []);
+            self.read(key);
+        }
+    }
+
+    fn peer_closed(&mut self, key: usize) {
+        let Some(conn) = self.conns.get(key) else {
+            return;
+        };
+        // A half-closed HTTP client may still be waiting for its last reply.
+        if matches!(conn.phase, Phase::Draining | Phase::Publishing { .. }) && !conn.out.is_empty()
+        {
+            return;
+        }
+        self.close(key, Reason::PeerClosed);
+    }
+
+    /// Appends new bytes to what the connection had buffered and consumes what it can.
+    fn ingest(&mut self, key: usize, input: &mut [u8]) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if conn.rbuf.is_empty() {
+            // The common case parses straight from the shared buffer, without a copy.
+            let used = self.process(key, input);
+            if let Some(conn) = self.conns.get_mut(key) {
+                conn.rbuf.extend_from_slice(&input[used..]);
+            }
+        } else {
+            let mut buf = std::mem::take(&mut conn.rbuf);
+            buf.extend_from_slice(input);
+            let used = self.process(key, &mut buf);
+            if let Some(conn) = self.conns.get_mut(key) {
+                buf.drain(..used);
+                if !buf.is_empty() {
+                    conn.rbuf = buf;
+                }
+            }
+        }
+    }
+
+    /// Feeds `buf` to the connection's current phase until it needs more or stops.
+    fn process(&mut self, key: usize, buf: &mut [u8]) -> usize {
+        let mut pos = 0;
+        loop {
+            let Some(conn) = self.conns.get_mut(key) else {
+                return buf.len();
+            };
+            let step = match conn.phase {
+                Phase::Http { .. } => self.http_step(key, &mut buf[pos..]),
+                Phase::Ws(_) | Phase::Closing => self.ws_step(key, &mut buf[pos..]),
+                Phase::Publishing { .. } => Step::Stop,
+                // Nothing more is answered; input is read only to notice the peer leaving.
+                Phase::Draining => Step::Progress(buf.len() - pos),
+            };
+            match step {
+                Step::Progress(n) => {
+                    pos += n;
+                    if pos == buf.len()
+                        && !self
+                            .conns
+                            .get(key)
+                            .is_some_and(|c| c.phase.has_pending_request())
+                    {
+                        return pos;
+                    }
+                }
+                Step::NeedMore | Step::Stop => return pos,
+            }
+        }
+    }
+
+    // ---- HTTP ------------------------------------------------------------------
+
+    fn http_step(&mut self, key: usize, buf: &mut [u8]) -> Step {
+        let limits = Limits {
+            max_head: self.cfg.max_header,
+            max_body: self.cfg.max_body,
+        };
+        let now = Instant::now();
+        let request_timeout = self.cfg.request_timeout;
+        let conn = &mut self.conns[key];
+        let Phase::Http { busy, pending } = &mut conn.phase else {
+            return Step::Stop;
+        };
+        let Some(req) = pending else {
+            if buf.is_empty() {
+                return Step::NeedMore;
+            }
+            if !*busy {
+                *busy = true;
+                conn.deadline = now + request_timeout;
+            }
+            return match crate::http::request::parse_head(buf, &limits) {
+                Err(e) => {
+                    self.http_fail(key, e.response());
+                    Step::Stop
+                }
+                Ok(None) => Step::NeedMore,
+                Ok(Some((head, n))) => {
+                    let chunked = (head.body == BodyKind::Chunked)
+                        .then(|| ChunkedDecoder::new(limits.max_body));
+                    *pending = Some(Box::new(PendingRequest {
+                        head,
+                        chunked,
+                        continue_sent: false,
+                    }));
+                    Step::Progress(n)
+                }
+            };
+        };
+        match (req.head.body, &mut req.chunked) {
+            (BodyKind::None, _) => {
+                let req = pending.take().expect("pending request");
+                self.answer(key, req.head, Vec::new());
+                Step::Progress(0)
+            }
+            (BodyKind::Length(len), _) if buf.len() >= len => {
+                let req = pending.take().expect("pending request");
+                self.answer(key, req.head, buf[..len].to_vec());
+                Step::Progress(len)
+            }
+            (BodyKind::Length(_), _) => {
+                if req.head.expect_continue && !req.continue_sent {
+                    req.continue_sent = true;
+                    self.send(key, Chunk::Owned(response::CONTINUE.to_vec()));
+                }
+                Step::NeedMore
+            }
+            (BodyKind::Chunked, Some(decoder)) => match decoder.feed(buf) {
+                Err(e) => {
+                    self.http_fail(key, e.response());
+                    Step::Stop
+                }
+                Ok((n, true)) => {
+                    let req = pending.take().expect("pending request");
+                    let body = req
+                        .chunked
+                        .map(ChunkedDecoder::into_body)
+                        .unwrap_or_default();
+                    self.answer(key, req.head, body);
+                    Step::Progress(n)
+                }
+                Ok((n, false)) => {
+                    if req.head.expect_continue && !req.continue_sent {
+                        req.continue_sent = true;
+                        self.send(key, Chunk::Owned(response::CONTINUE.to_vec()));
+                    }
+                    if n == 0 {
+                        Step::NeedMore
+                    } else {
+                        Step::Progress(n)
+                    }
+                }
+            },
+            (BodyKind::Chunked, None) => Step::Stop,
+        }
+    }
+
+    /// Answers a malformed request and closes: after a framing error the byte
+    /// stream cannot be trusted for another request.
+    fn http_fail(&mut self, key: usize, resp: Response) {
+        debug!(
+            "{}: HTTP {} {}",
+            self.conns[key].peer,
+            resp.status,
+            String::from_utf8_lossy(&resp.body)
+        );
+        self.counters.http_requests += 1;
+        self.reply(key, &resp, false, false);
+    }
+
+    fn answer(&mut self, key: usize, head: Head, body: Vec<u8>) {
+        self.counters.http_requests += 1;
+        let keep_alive = head.keep_alive && self.shutdown.is_none();
+        let head_only = head.method == crate::http::request::Method::Head;
+        match self.route(&head, &body) {
+            Action::Respond(resp) => self.reply(key, &resp, keep_alive, head_only),
+            Action::Upgrade { accept, uid, types } => self.upgrade(key, &accept, uid, types),
+            Action::Publish(batch) => self.publish(key, batch, keep_alive),
+        }
+    }
+
+    /// Writes a response and moves the connection to its next phase.
+    fn reply(&mut self, key: usize, resp: &Response, keep_alive: bool, head_only: bool) {
+        let mut out = Vec::with_capacity(128 + resp.body.len());
+        resp.encode(keep_alive, head_only, &mut out);
+        let now = Instant::now();
+        let conn = &mut self.conns[key];
+        if keep_alive {
+            conn.phase = Phase::Http {
+                busy: false,
+                pending: None,
+            };
+            conn.deadline = now + self.cfg.keepalive_timeout;
+        } else {
+            conn.phase = Phase::Draining;
+            conn.deadline = now + self.cfg.close_timeout;
+        }
+        self.send(key, Chunk::Owned(out));
+        if !keep_alive {
+            self.flush(key);
+        }
+    }
+
+    fn publish(&mut self, key: usize, batch: Vec<Envelope>, keep_alive: bool) {
+        let accepted = batch.len();
+        self.counters.messages_in += accepted as u64;
+        let now = unix_now();
+        let live: Vec<Envelope> = batch.into_iter().filter(|e| !e.is_expired(now)).collect();
+        self.counters.expired += (accepted - live.len()) as u64;
+        if live.is_empty() {
+            return self.published(key, accepted, keep_alive, Ok(()));
+        }
+        let ticket = Ticket {
+            key,
+            serial: self.conns[key].serial,
+        };
+        match self.queue.publish(ticket, live) {
+            Submit::Done(result) => self.published(key, accepted, keep_alive, result),
+            Submit::Pending => {
+                let conn = &mut self.conns[key];
+                conn.phase = Phase::Publishing {
+                    accepted,
+                    keep_alive,
+                };
+                // The backend has its own timeout; this one only bounds a lost answer.
+                conn.deadline = Instant::now() + self.cfg.request_timeout;
+            }
+        }
+    }
+
+    fn published(
+        &mut self,
+        key: usize,
+        accepted: usize,
+        keep_alive: bool,
+        result: Result<(), QueueError>,
+    ) {
+        let resp = match result {
+            Ok(()) => Response::json(
+                200,
+                format!(r#"{{"ok":true,"accepted":{accepted}}}"#).into_bytes(),
+            ),
+            Err(e) => {
+                // Nothing was published, so these were not accepted after all.
+                self.counters.messages_in -= accepted as u64;
+                warn!("/send refused: {e}");
+                Response::error(e.status(), &e.to_string())
+            }
+        };
+        self.reply(key, &resp, keep_alive, false);
+    }
+
+    // ---- WebSocket -------------------------------------------------------------
+
+    fn upgrade(&mut self, key: usize, accept: &str, uid: Option<String>, types: hub::TypeSet) {
+        let conn = &mut self.conns[key];
+        conn.phase = Phase::Ws(WsState {
+            assembler: Assembler::new(self.cfg.max_message),
+            ping_sent: false,
+        });
+        conn.last_seen = Instant::now();
+        debug!("{}: open uid={:?}", conn.peer, uid);
+        self.hub.join(key, uid.as_deref(), types);
+        self.counters.ws_opened += 1;
+        self.send(key, Chunk::Owned(crate::ws::handshake::response(accept)));
+    }
+
+    fn ws_step(&mut self, key: usize, buf: &mut [u8]) -> Step {
+        let (frame, used) = match frame::decode(buf, self.cfg.max_frame) {
+            Err(e) => {
+                self.ws_fail(key, e);
+                return Step::Stop;
+            }
+            Ok(None) => return Step::NeedMore,
+            Ok(Some(f)) => f,
+        };
+        let Phase::Ws(ws) = &mut self.conns[key].phase else {
+            // Closing: only the peer's close frame matters now.
+            if frame.opcode == OpCode::Close {
+                self.close(key, Reason::Done);
+                return Step::Stop;
+            }
+            return Step::Progress(used);
+        };
+        match ws.assembler.push(frame) {
+            Err(e) => {
+                self.ws_fail(key, e);
+                Step::Stop
+            }
+            Ok(None) => Step::Progress(used),
+            Ok(Some(msg)) => {
+                self.on_message(key, msg);
+                if self
+                    .conns
+                    .get(key)
+                    .is_some_and(|c| matches!(c.phase, Phase::Ws(_)))
+                {
+                    Step::Progress(used)
+                } else {
+                    Step::Stop
+                }
+            }
+        }
+    }
+
+    fn on_message(&mut self, key: usize, msg: Message) {
+        if let Phase::Ws(ws) = &mut self.conns[key].phase {
+            ws.ping_sent = false;
+        }
+        match msg {
+            Message::Text(text) => {
+                if self.cfg.echo {
+                    self.send(
+                        key,
+                        Chunk::Owned(frame::encode(OpCode::Text, text.as_bytes())),
+                    );
+                } else if let Some(types) = routes::subscribe_op(&text) {
+                    self.hub.subscribe(key, types);
+                }
+            }
+            Message::Binary(data) => {
+                if self.cfg.echo {
+                    self.send(key, Chunk::Owned(frame::encode(OpCode::Binary, &data)));
+                }
+            }
+            Message::Ping(data) => self.send(key, Chunk::Owned(frame::encode(OpCode::Pong, &data))),
+            Message::Pong(_) => {}
+            Message::Close(close) => {
+                // Echo the peer's code, as RFC 6455 §5.5.1 asks, then close the TCP side.
+                let reply = match close {
+                    Some(c) => frame::close_frame(c.code, ""),
+                    None => frame::encode(OpCode::Close, &[]),
+                };
+                self.leave_ws(key, Phase::Draining);
+                self.send(key, Chunk::Owned(reply));
+                self.flush(key);
+            }
+        }
+    }
+
+    /// Fails the connection with the error's close code.
+    fn ws_fail(&mut self, key: usize, e: ProtocolError) {
+        debug!("{}: {e}", self.conns[key].peer);
+        let code = e.close_code();
+        self.leave_ws(key, Phase::Draining);
+        self.send(key, Chunk::Owned(frame::close_frame(code, &e.to_string())));
+        self.flush(key);
+    }
+
+    /// Starts a server-initiated close handshake.
+    fn ws_close(&mut self, key: usize, code: u16, reason: &str) {
+        self.leave_ws(key, Phase::Closing);
+        self.send(key, Chunk::Owned(frame::close_frame(code, reason)));
+    }
+
+    /// Leaves the push phase: no more pushes reach this connection.
+    fn leave_ws(&mut self, key: usize, next: Phase) {
+        let conn = &mut self.conns[key];
+        if matches!(conn.phase, Phase::Ws(_)) {
+            self.hub.leave(key);
+            self.counters.ws_closed += 1;
+        }
+        conn.phase = next;
+        conn.deadline = Instant::now() + self.cfg.close_timeout;
+    }
+
+    // ---- output ----------------------------------------------------------------
+
+    /// Queues or writes bytes; a broken socket closes the connection.
+    fn send(&mut self, key: usize, chunk: Chunk) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if let Err(e) = conn.send(chunk) {
+            self.close(key, Reason::Io(e.0));
+        }
+    }
+
+    /// Hands a push frame to a receiver, evicting it if its backlog is too long.
+    fn push(&mut self, key: usize, frame: &Arc<[u8]>) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        self.counters.messages_out += 1;
+        if let Err(e) = conn.send(Chunk::Shared(frame.clone())) {
+            return self.close(key, Reason::Io(e.0));
+        }
+        if conn.out.bytes() > self.cfg.max_backlog {
+            self.evict(key);
+        }
+    }
+
+    /// A receiver that does not keep up is cut off so it never holds back the others.
+    fn evict(&mut self, key: usize) {
+        self.counters.evicted_slow += 1;
+        let conn = &mut self.conns[key];
+        self.counters.dropped += conn.out.discard_unstarted();
+        info!(
+            "{}: evicted, backlog over {} bytes",
+            conn.peer, self.cfg.max_backlog
+        );
+        self.leave_ws(key, Phase::Draining);
+        self.send(key, Chunk::Owned(frame::close_frame(1008, "too slow")));
+        self.flush(key);
+    }
+
+    fn close(&mut self, key: usize, reason: Reason) {
+        let Some(mut conn) = self.conns.try_remove(key) else {
+            return;
+        };
+        if matches!(conn.phase, Phase::Ws(_)) {
+            self.hub.leave(key);
+            self.counters.ws_closed += 1;
+        }
+        self.counters.dropped += conn.out.unsent_pushes();
+        let _ = self.poll.registry().deregister(&mut conn.sock);
+        debug!(
+            "{}: closed after {:?}: {reason}",
+            conn.peer,
+            conn.opened.elapsed()
+        );
+    }
+
+    // ---- the queue side --------------------------------------------------------
+
+    fn drain_inbound(&mut self) {
+        self.notifier.clear();
+        while let Ok(event) = self.inbound.try_recv() {
+            match event {
+                Inbound::Deliver(batch) => self.deliver(batch),
+                Inbound::Published { ticket, result } => self.on_published(ticket, result),
+                Inbound::Drained => self.queue_drained = true,
+                Inbound::Shutdown => self.begin_shutdown(),
+            }
+        }
+        if self.shutdown.is_some() && self.queue_drained {
+            self.close_push_connections();
+        }
+    }
+
+    fn deliver(&mut self, batch: Vec<Envelope>) {
+        let now = unix_now();
+        let mut receivers = std::mem::take(&mut self.receivers);
+        for env in &batch {
+            if env.is_expired(now) {
+                self.counters.expired += 1;
+                continue;
+            }
+            receivers.clear();
+            self.hub.for_each_receiver(env, |k| receivers.push(k));
+            for &key in &receivers {
+                self.push(key, &env.frame);
+            }
+        }
+        receivers.clear();
+        self.receivers = receivers;
+    }
+
+    fn on_published(&mut self, ticket: Ticket, result: Result<(), QueueError>) {
+        let Some(conn) = self.conns.get(ticket.key) else {
+            return;
+        };
+        let Phase::Publishing {
+            accepted,
+            keep_alive,
+        } = conn.phase
+        else {
+            return;
+        };
+        if conn.serial != ticket.serial {
+            return;
+        }
+        self.published(ticket.key, accepted, keep_alive, result);
+        self.resume(ticket.key);
+    }
+
+    // ---- timers and shutdown -------------------------------------------------
+
+    fn on_tick(&mut self, now: Instant) {
+        if self.accept_paused {
+            self.accept_paused = false;
+            self.accept();
+        }
+        let mut due = Vec::new();
+        for (key, conn) in self.conns.iter() {
+            let late = match &conn.phase {
+                Phase::Ws(ws) => {
+                    let silent = now.saturating_duration_since(conn.last_seen);
+                    silent >= self.cfg.idle_timeout
+                        || (silent >= self.cfg.ping_interval && !ws.ping_sent)
+                }
+                _ => now >= conn.deadline,
+            };
+            if late {
+                due.push(key);
+            }
+        }
+        for key in due {
+            self.on_timer(key, now);
+        }
+        if let Some(deadline) = self.shutdown
+            && now >= deadline
+        {
+            warn!("shutdown timeout: closing {} connections", self.conns.len());
+            let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+            for key in keys {
+                self.close(key, Reason::Shutdown);
+            }
+            self.queue_drained = true;
+        }
+    }
+
+    fn on_timer(&mut self, key: usize, now: Instant) {
+        let conn = &mut self.conns[key];
+        match &mut conn.phase {
+            Phase::Ws(ws) => {
+                if now.saturating_duration_since(conn.last_seen) >= self.cfg.idle_timeout {
+                    self.close(key, Reason::Timeout("idle"));
+                } else {
+                    ws.ping_sent = true;
+                    self.send(key, Chunk::Owned(frame::encode(OpCode::Ping, b"")));
+                }
+            }
+            Phase::Http { busy: true, .. } | Phase::Publishing { .. } => {
+                let resp = Response::error(408, "request timeout");
+                if matches!(conn.phase, Phase::Publishing { .. }) {
+                    let resp = Response::error(503, "queue backend did not answer in time");
+                    self.reply(key, &resp, false, false);
+                } else {
+                    self.reply(key, &resp, false, false);
+                }
+            }
+            Phase::Http { busy: false, .. } => self.close(key, Reason::Timeout("keep-alive")),
+            Phase::Closing | Phase::Draining => self.close(key, Reason::Timeout("close")),
+        }
+    }
+
+    fn begin_shutdown(&mut self) {
+        if self.shutdown.is_some() {
+            return;
+        }
+        info!("shutting down: {} connections", self.conns.len());
+        self.shutdown = Some(Instant::now() + self.cfg.shutdown_timeout);
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        // Stop taking messages; what the queue already accepted is still delivered.
+        self.queue.close();
+        let idle: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                matches!(c.phase, Phase::Http { busy: false, .. }) && c.rbuf.is_empty()
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for key in idle {
+            self.close(key, Reason::Shutdown);
+        }
+    }
+
+    fn close_push_connections(&mut self) {
+        let ws: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c.phase, Phase::Ws(_)))
+            .map(|(k, _)| k)
+            .collect();
+        for key in ws {
+            self.ws_close(key, 1001, "server shutting down");
+        }
+    }
+}
+
+impl Phase {
+    fn has_pending_request(&self) -> bool {
+        matches!(
+            self,
+            Phase::Http {
+                pending: Some(_),
+                ..
+            }
+        )
+    }
+}

@@ -1,0 +1,220 @@
+//! Counters and their two renderings: `/stats` (JSON) and `/metrics` (Prometheus).
+
+use std::fmt::Write;
+
+/// Monotonic counters kept by the reactor thread.
+#[derive(Default, Debug, Clone)]
+pub struct Counters {
+    /// Messages accepted by `/send`.
+    pub messages_in: u64,
+    /// Pushes handed to connections (one per receiver).
+    pub messages_out: u64,
+    /// Messages that reached their `timeout` before delivery.
+    pub expired: u64,
+    /// Pushes discarded unsent: the receiver was evicted or went away with a backlog.
+    pub dropped: u64,
+    /// Connections closed because their backlog passed `-max-backlog`.
+    pub evicted_slow: u64,
+    /// Connections refused at `-max-connections`.
+    pub refused_connections: u64,
+    pub http_requests: u64,
+    pub ws_opened: u64,
+    pub ws_closed: u64,
+}
+
+/// Gauges read at the moment of the request.
+pub struct Snapshot<'a> {
+    pub counters: &'a Counters,
+    pub connections: usize,
+    pub http_connections: usize,
+    pub users: usize,
+    pub queue_backend: &'a str,
+    pub queue_state: &'a str,
+    pub uptime_seconds: u64,
+    pub rss_bytes: Option<u64>,
+}
+
+impl Snapshot<'_> {
+    pub fn to_json(&self) -> Vec<u8> {
+        let c = self.counters;
+        let v = serde_json::json!({
+            "connections": self.connections,
+            "http_connections": self.http_connections,
+            "users": self.users,
+            "messages_in": c.messages_in,
+            "messages_out": c.messages_out,
+            "expired": c.expired,
+            "dropped": c.dropped,
+            "evicted_slow": c.evicted_slow,
+            "refused_connections": c.refused_connections,
+            "http_requests": c.http_requests,
+            "ws_opened": c.ws_opened,
+            "ws_closed": c.ws_closed,
+            "uptime_seconds": self.uptime_seconds,
+            "rss_bytes": self.rss_bytes,
+            "queue": { "backend": self.queue_backend, "state": self.queue_state },
+        });
+        v.to_string().into_bytes()
+    }
+
+    pub fn to_prometheus(&self) -> Vec<u8> {
+        let c = self.counters;
+        let mut s = String::with_capacity(2048);
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                s,
+                "# HELP wspush_{name} {help}\n# TYPE wspush_{name} {kind}\nwspush_{name} {value}"
+            );
+        };
+        metric(
+            "connections",
+            "gauge",
+            "Open push connections.",
+            self.connections as u64,
+        );
+        metric(
+            "http_connections",
+            "gauge",
+            "Open connections not upgraded to WebSocket.",
+            self.http_connections as u64,
+        );
+        metric("users", "gauge", "Distinct uids online.", self.users as u64);
+        metric(
+            "messages_in_total",
+            "counter",
+            "Messages accepted by /send.",
+            c.messages_in,
+        );
+        metric(
+            "messages_out_total",
+            "counter",
+            "Pushes handed to connections.",
+            c.messages_out,
+        );
+        metric(
+            "expired_total",
+            "counter",
+            "Messages expired before delivery.",
+            c.expired,
+        );
+        metric(
+            "dropped_total",
+            "counter",
+            "Pushes discarded unsent.",
+            c.dropped,
+        );
+        metric(
+            "evicted_slow_total",
+            "counter",
+            "Connections closed for a backlog over the limit.",
+            c.evicted_slow,
+        );
+        metric(
+            "refused_connections_total",
+            "counter",
+            "Connections refused at the limit.",
+            c.refused_connections,
+        );
+        metric(
+            "http_requests_total",
+            "counter",
+            "HTTP requests answered.",
+            c.http_requests,
+        );
+        metric(
+            "ws_opened_total",
+            "counter",
+            "Push connections opened.",
+            c.ws_opened,
+        );
+        metric(
+            "ws_closed_total",
+            "counter",
+            "Push connections closed.",
+            c.ws_closed,
+        );
+        metric(
+            "uptime_seconds",
+            "gauge",
+            "Seconds since start.",
+            self.uptime_seconds,
+        );
+        if let Some(rss) = self.rss_bytes {
+            metric("resident_memory_bytes", "gauge", "Resident set size.", rss);
+        }
+        let up = u64::from(self.queue_state == "up");
+        let _ = writeln!(
+            s,
+            "# HELP wspush_queue_up Whether the queue backend takes messages.\n# TYPE wspush_queue_up gauge\nwspush_queue_up{{backend=\"{}\",state=\"{}\"}} {up}",
+            self.queue_backend, self.queue_state
+        );
+        s.into_bytes()
+    }
+}
+
+/// The process's resident memory, where the OS tells it cheaply.
+pub fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(c: &Counters) -> Snapshot<'_> {
+        Snapshot {
+            counters: c,
+            connections: 3,
+            http_connections: 1,
+            users: 2,
+            queue_backend: "list",
+            queue_state: "up",
+            uptime_seconds: 9,
+            rss_bytes: Some(4096),
+        }
+    }
+
+    #[test]
+    fn json_has_the_protocol_fields() {
+        let c = Counters {
+            messages_in: 5,
+            expired: 1,
+            ..Default::default()
+        };
+        let v: serde_json::Value = serde_json::from_slice(&snap(&c).to_json()).unwrap();
+        for k in [
+            "connections",
+            "users",
+            "messages_in",
+            "messages_out",
+            "expired",
+            "dropped",
+        ] {
+            assert!(v[k].is_u64(), "{k}");
+        }
+        assert_eq!(
+            (v["messages_in"].as_u64(), v["users"].as_u64()),
+            (Some(5), Some(2))
+        );
+        assert_eq!(v["queue"]["backend"], "list");
+        assert_eq!(v["queue"]["state"], "up");
+    }
+
+    #[test]
+    fn prometheus_lines_parse() {
+        let c = Counters {
+            dropped: 7,
+            ..Default::default()
+        };
+        let text = String::from_utf8(snap(&c).to_prometheus()).unwrap();
+        assert!(text.contains("\nwspush_dropped_total 7\n"));
+        assert!(text.contains("wspush_queue_up{backend=\"list\",state=\"up\"} 1"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (_, value) = line.rsplit_once(' ').unwrap();
+            value.parse::<f64>().unwrap();
+        }
+    }
+}
