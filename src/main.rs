@@ -29,6 +29,7 @@ fn main() -> ExitCode {
         }
     };
     wspush::log::set_level(cfg.log);
+    raise_fd_limit(cfg.max_connections);
     match run(cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -77,6 +78,40 @@ fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     server.run()?;
     Ok(())
 }
+
+/// Lifts the soft descriptor limit toward the hard one: the default soft limit
+/// (often 1024) is far below what a push server holds open.
+#[cfg(unix)]
+fn raise_fd_limit(max_connections: usize) {
+    // Listener, poll, waker, channels and std streams: a small fixed overhead.
+    let wanted = max_connections as u64 + 64;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read or write the struct passed to them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if (lim.rlim_cur as u64) < wanted {
+            let old = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max.min(wanted as libc::rlim_t);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                lim.rlim_cur = old;
+            }
+        }
+    }
+    if (lim.rlim_cur as u64) < wanted {
+        wspush::info!(
+            "descriptor limit {} is below -max-connections={max_connections}; accept will pause when it runs out",
+            lim.rlim_cur
+        );
+    }
+}
+
+#[cfg(not(unix))]
+fn raise_fd_limit(_max_connections: usize) {}
 
 /// The first SIGINT/SIGTERM asks for a graceful shutdown; a second one exits at once.
 #[cfg(unix)]

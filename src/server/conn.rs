@@ -30,8 +30,10 @@ pub enum Phase {
     Ws(WsState),
     /// The server sent a close frame and waits for the peer's.
     Closing,
-    /// The last bytes are being written; then the socket is closed.
-    Draining,
+    /// The last bytes are being written. Then our side is shut down (FIN) and input
+    /// is read and discarded until the peer closes too, so that unread input never
+    /// turns the close into a reset that destroys the reply in flight.
+    Draining { fin_sent: bool },
 }
 
 pub struct PendingRequest {

@@ -9,7 +9,7 @@ mod conn;
 mod routes;
 pub mod stats;
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,6 +37,9 @@ pub const WAKER: Token = Token(usize::MAX - 2);
 
 /// Bytes read from a socket at a time; shared by every connection.
 const READ_CHUNK: usize = 64 * 1024;
+/// Connections beyond `-max-connections` that are kept just long enough to
+/// receive their 503; past this many more, new connections are dropped outright.
+const REFUSAL_SLOTS: usize = 64;
 /// Events taken from one poll.
 const EVENTS: usize = 1024;
 
@@ -235,23 +238,23 @@ impl Server {
     }
 
     fn admit(&mut self, mut sock: TcpStream, peer: SocketAddr) {
-        if self.conns.len() >= self.cfg.max_connections {
+        let over = self.conns.len() >= self.cfg.max_connections;
+        if over {
             self.counters.refused_connections += 1;
-            let mut out = Vec::new();
-            Response::error(503, "too many connections").encode(false, false, &mut out);
-            // Best effort on a fresh socket whose send buffer is empty; then drop it.
-            let _ = sock.write(&out);
             debug!("refused {peer}: too many connections");
-            return;
+            if self.conns.len() >= self.cfg.max_connections + REFUSAL_SLOTS {
+                return; // dropping the socket closes it
+            }
         }
         let _ = sock.set_nodelay(true);
         let entry = self.conns.vacant_entry();
         let key = entry.key();
-        if let Err(e) = self.poll.registry().register(
-            &mut sock,
-            Token(key),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut sock, Token(key), interest)
+        {
             warn!("register {peer}: {e}");
             return;
         }
@@ -264,6 +267,12 @@ impl Server {
             now,
             now + self.cfg.keepalive_timeout,
         ));
+        if over {
+            // A refused client still gets a readable 503: the reply goes out through
+            // the normal draining path rather than a reset.
+            let resp = Response::error(503, "too many connections");
+            self.reply(key, &resp, false, false);
+        }
         // Data may already be waiting; edge-triggered readiness reports it anyway,
         // but reading now saves a round through the poll.
         self.on_event(key);
@@ -283,18 +292,20 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return false;
         };
-        if conn.out.is_empty() {
-            return true;
-        }
         let was_over = conn.out.bytes() > self.cfg.max_backlog;
         if let Err(e) = conn.flush() {
             self.close(key, Reason::Io(e.0));
             return false;
         }
-        let emptied = conn.out.is_empty();
-        if emptied && matches!(conn.phase, Phase::Draining) {
-            self.close(key, Reason::Done);
-            return false;
+        if let Phase::Draining { fin_sent } = &mut conn.phase {
+            if conn.out.is_empty() && !*fin_sent {
+                *fin_sent = true;
+                if conn.sock.shutdown(std::net::Shutdown::Write).is_err() {
+                    self.close(key, Reason::Done);
+                    return false;
+                }
+            }
+            return true;
         }
         // An HTTP client that stopped reading its pipelined replies was paused; resume it.
         if was_over && conn.out.bytes() <= self.cfg.max_backlog {
@@ -339,7 +350,7 @@ impl Server {
         match conn.phase {
             Phase::Publishing { .. } => false,
             Phase::Http { .. } => conn.out.bytes() <= self.cfg.max_backlog,
-            Phase::Ws(_) | Phase::Closing | Phase::Draining => true,
+            Phase::Ws(_) | Phase::Closing | Phase::Draining { .. } => true,
         }
     }
 
@@ -352,12 +363,16 @@ impl Server {
     }
 
     fn peer_closed(&mut self, key: usize) {
-        let Some(conn) = self.conns.get(key) else {
+        let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        // A half-closed HTTP client may still be waiting for its last reply.
-        if matches!(conn.phase, Phase::Draining | Phase::Publishing { .. }) && !conn.out.is_empty()
-        {
+        // A client that half-closed after its request still gets the reply.
+        if !conn.out.is_empty() && matches!(conn.phase, Phase::Http { .. }) {
+            conn.phase = Phase::Draining { fin_sent: false };
+            conn.deadline = Instant::now() + self.cfg.close_timeout;
+            return;
+        }
+        if !conn.out.is_empty() && matches!(conn.phase, Phase::Draining { fin_sent: false }) {
             return;
         }
         self.close(key, Reason::PeerClosed);
@@ -399,7 +414,7 @@ impl Server {
                 Phase::Ws(_) | Phase::Closing => self.ws_step(key, &mut buf[pos..]),
                 Phase::Publishing { .. } => Step::Stop,
                 // Nothing more is answered; input is read only to notice the peer leaving.
-                Phase::Draining => Step::Progress(buf.len() - pos),
+                Phase::Draining { .. } => Step::Progress(buf.len() - pos),
             };
             match step {
                 Step::Progress(n) => {
@@ -542,7 +557,7 @@ impl Server {
             };
             conn.deadline = now + self.cfg.keepalive_timeout;
         } else {
-            conn.phase = Phase::Draining;
+            conn.phase = Phase::Draining { fin_sent: false };
             conn.deadline = now + self.cfg.close_timeout;
         }
         self.send(key, Chunk::Owned(out));
@@ -681,7 +696,7 @@ impl Server {
                     Some(c) => frame::close_frame(c.code, ""),
                     None => frame::encode(OpCode::Close, &[]),
                 };
-                self.leave_ws(key, Phase::Draining);
+                self.leave_ws(key, Phase::Draining { fin_sent: false });
                 self.send(key, Chunk::Owned(reply));
                 self.flush(key);
             }
@@ -692,7 +707,7 @@ impl Server {
     fn ws_fail(&mut self, key: usize, e: ProtocolError) {
         debug!("{}: {e}", self.conns[key].peer);
         let code = e.close_code();
-        self.leave_ws(key, Phase::Draining);
+        self.leave_ws(key, Phase::Draining { fin_sent: false });
         self.send(key, Chunk::Owned(frame::close_frame(code, &e.to_string())));
         self.flush(key);
     }
@@ -716,28 +731,24 @@ impl Server {
 
     // ---- output ----------------------------------------------------------------
 
-    /// Queues or writes bytes; a broken socket closes the connection.
+    /// Queues or writes bytes; a broken socket closes the connection, and a push
+    /// connection whose backlog passes the limit is evicted.
     fn send(&mut self, key: usize, chunk: Chunk) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
         if let Err(e) = conn.send(chunk) {
-            self.close(key, Reason::Io(e.0));
+            return self.close(key, Reason::Io(e.0));
+        }
+        if conn.out.bytes() > self.cfg.max_backlog && matches!(conn.phase, Phase::Ws(_)) {
+            self.evict(key);
         }
     }
 
-    /// Hands a push frame to a receiver, evicting it if its backlog is too long.
+    /// Hands a push frame to a receiver.
     fn push(&mut self, key: usize, frame: &Arc<[u8]>) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
         self.counters.messages_out += 1;
-        if let Err(e) = conn.send(Chunk::Shared(frame.clone())) {
-            return self.close(key, Reason::Io(e.0));
-        }
-        if conn.out.bytes() > self.cfg.max_backlog {
-            self.evict(key);
-        }
+        self.send(key, Chunk::Shared(frame.clone()));
     }
 
     /// A receiver that does not keep up is cut off so it never holds back the others.
@@ -749,7 +760,7 @@ impl Server {
             "{}: evicted, backlog over {} bytes",
             conn.peer, self.cfg.max_backlog
         );
-        self.leave_ws(key, Phase::Draining);
+        self.leave_ws(key, Phase::Draining { fin_sent: false });
         self.send(key, Chunk::Owned(frame::close_frame(1008, "too slow")));
         self.flush(key);
     }
@@ -871,17 +882,15 @@ impl Server {
                     self.send(key, Chunk::Owned(frame::encode(OpCode::Ping, b"")));
                 }
             }
-            Phase::Http { busy: true, .. } | Phase::Publishing { .. } => {
-                let resp = Response::error(408, "request timeout");
-                if matches!(conn.phase, Phase::Publishing { .. }) {
-                    let resp = Response::error(503, "queue backend did not answer in time");
-                    self.reply(key, &resp, false, false);
-                } else {
-                    self.reply(key, &resp, false, false);
-                }
+            Phase::Http { busy: true, .. } => {
+                self.reply(key, &Response::error(408, "request timeout"), false, false)
+            }
+            Phase::Publishing { .. } => {
+                let resp = Response::error(503, "queue backend did not answer in time");
+                self.reply(key, &resp, false, false);
             }
             Phase::Http { busy: false, .. } => self.close(key, Reason::Timeout("keep-alive")),
-            Phase::Closing | Phase::Draining => self.close(key, Reason::Timeout("close")),
+            Phase::Closing | Phase::Draining { .. } => self.close(key, Reason::Timeout("close")),
         }
     }
 
