@@ -84,7 +84,7 @@ fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
 #[cfg(unix)]
 fn raise_fd_limit(max_connections: usize) {
     // Listener, poll, waker, channels and std streams: a small fixed overhead.
-    let wanted = max_connections as u64 + 64;
+    let wanted = max_connections.saturating_add(64) as libc::rlim_t;
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -94,15 +94,15 @@ fn raise_fd_limit(max_connections: usize) {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
             return;
         }
-        if (lim.rlim_cur as u64) < wanted {
+        if lim.rlim_cur < wanted {
             let old = lim.rlim_cur;
-            lim.rlim_cur = lim.rlim_max.min(wanted as libc::rlim_t);
+            lim.rlim_cur = lim.rlim_max.min(wanted);
             if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
                 lim.rlim_cur = old;
             }
         }
     }
-    if (lim.rlim_cur as u64) < wanted {
+    if lim.rlim_cur < wanted {
         wspush::info!(
             "descriptor limit {} is below -max-connections={max_connections}; accept will pause when it runs out",
             lim.rlim_cur
