@@ -181,6 +181,8 @@ pub struct Conn {
     /// Last time the peer sent anything; drives pings and the idle timeout.
     pub last_seen: Instant,
     pub opened: Instant,
+    /// Accepted over `-max-connections` only to be told 503.
+    pub refused: bool,
 }
 
 impl Conn {
@@ -204,6 +206,7 @@ impl Conn {
             deadline,
             last_seen: now,
             opened: now,
+            refused: false,
         }
     }
 

@@ -106,6 +106,8 @@ pub struct Server {
     tick: Duration,
     next_tick: Instant,
     accept_paused: bool,
+    /// Connections kept only to deliver their 503 (at most `REFUSAL_SLOTS`).
+    refusing: usize,
     /// Set once SIGINT/SIGTERM arrived: when to give up waiting.
     shutdown: Option<Instant>,
     /// The queue has handed over everything it had when shutdown began.
@@ -169,6 +171,7 @@ impl Server {
             tick,
             next_tick: now + tick,
             accept_paused: false,
+            refusing: 0,
             shutdown: None,
             queue_drained: false,
         })
@@ -238,11 +241,13 @@ impl Server {
     }
 
     fn admit(&mut self, mut sock: TcpStream, peer: SocketAddr) {
-        let over = self.conns.len() >= self.cfg.max_connections;
+        // Connections still being refused do not count against the limit, so a
+        // refused client that lingers never keeps a freed slot from a new one.
+        let over = self.conns.len() - self.refusing >= self.cfg.max_connections;
         if over {
             self.counters.refused_connections += 1;
             debug!("refused {peer}: too many connections");
-            if self.conns.len() >= self.cfg.max_connections + REFUSAL_SLOTS {
+            if self.refusing >= REFUSAL_SLOTS {
                 return; // dropping the socket closes it
             }
         }
@@ -268,6 +273,8 @@ impl Server {
             now + self.cfg.keepalive_timeout,
         ));
         if over {
+            self.refusing += 1;
+            self.conns[key].refused = true;
             // A refused client still gets a readable 503: the reply goes out through
             // the normal draining path rather than a reset.
             let resp = Response::error(503, "too many connections");
@@ -769,6 +776,9 @@ impl Server {
         let Some(mut conn) = self.conns.try_remove(key) else {
             return;
         };
+        if conn.refused {
+            self.refusing -= 1;
+        }
         if matches!(conn.phase, Phase::Ws(_)) {
             self.hub.leave(key);
             self.counters.ws_closed += 1;
