@@ -5,7 +5,9 @@ PORT  ?= 3210
 QUEUE ?= list
 ARGS  ?=
 
-.PHONY: run build test check fmt clippy unit loadtest-ab clean
+KOSOKU := target/kosoku-venv
+
+.PHONY: run build test check fmt clippy unit autobahn loadtest-ab clean
 
 run:
 	$(CARGO) run --release -- -port=$(PORT) -queue=$(QUEUE) $(ARGS)
@@ -13,8 +15,9 @@ run:
 build:
 	$(CARGO) build --release
 
-# Every test: formatting, lints as errors, unit and integration tests.
-test: fmt clippy unit
+# Every test: formatting, lints as errors, unit and integration tests, and the
+# Autobahn WebSocket conformance cases.
+test: fmt clippy unit autobahn
 
 fmt:
 	$(CARGO) fmt --all -- --check
@@ -24,6 +27,14 @@ clippy:
 
 unit:
 	$(CARGO) test --all-targets
+
+# Autobahn|Testsuite cases 1-10 (driven by kosoku from PyPI) against `wspush -echo`,
+# compared case by case with tests/autobahn/expected-results.json.
+autobahn:
+	$(CARGO) build
+	test -x $(KOSOKU)/bin/kosoku || { python3 -m venv $(KOSOKU) && $(KOSOKU)/bin/pip install -q kosoku==0.1.0; }
+	$(KOSOKU)/bin/python tests/autobahn/run.py --bin target/debug/wspush
+
 
 # The seed's ApacheBench run against a server started with `make run`.
 loadtest-ab:
