@@ -37,7 +37,7 @@ BROWSER_DEPS := tests/browser/node_modules/.package-lock.json
 browser-test: $(BROWSER_DEPS)
 	$(CARGO) build
 	WSPUSH_BIN=$(TARGET_DIR)/debug/wspush WSPUSH_ARTIFACTS=$(TARGET_DIR)/browser-artifacts \
-		$(NODE) --test tests/browser/
+		$(NODE) --test tests/browser/*.test.js
 
 $(BROWSER_DEPS): tests/browser/package.json tests/browser/package-lock.json
 	$(NPM) ci --prefix tests/browser --no-audit --no-fund

@@ -1,7 +1,7 @@
 // Browser test of the demo page (demo/socket.html + demo/wspush.js) against the
 // real wspush binary, in headless Chromium driven by playwright-core.
 //
-//   WSPUSH_BIN=target/debug/wspush node --test tests/browser/
+//   WSPUSH_BIN=target/debug/wspush node --test tests/browser/*.test.js
 //
 // Environment: WSPUSH_BIN (the server binary, required), CHROMIUM (default
 // /usr/bin/chromium), WSPUSH_ARTIFACTS (screenshot folder, default
