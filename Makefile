@@ -1,13 +1,17 @@
 # wspush — `make run` starts the server, `make test` runs every check.
 
 CARGO ?= cargo
+NODE  ?= node
+NPM   ?= npm
 PORT  ?= 3210
 QUEUE ?= list
 ARGS  ?=
 
-KOSOKU := target/kosoku-venv
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+KOSOKU := $(TARGET_DIR)/kosoku-venv
 
-.PHONY: run build test check fmt clippy unit autobahn loadtest-ab clean
+.PHONY: run build test check fmt clippy unit autobahn browser-test loadtest-ab clean \
+	release release-linux release-windows release-darwin release-freebsd
 
 run:
 	$(CARGO) run --release -- -port=$(PORT) -queue=$(QUEUE) $(ARGS)
@@ -15,9 +19,9 @@ run:
 build:
 	$(CARGO) build --release
 
-# Every test: formatting, lints as errors, unit and integration tests, and the
-# Autobahn WebSocket conformance cases.
-test: fmt clippy unit autobahn
+# Every test: formatting, lints as errors, unit and integration tests, the Autobahn
+# WebSocket conformance cases and the browser test.
+test: fmt clippy unit autobahn browser-test
 
 fmt:
 	$(CARGO) fmt --all -- --check
@@ -33,8 +37,93 @@ unit:
 autobahn:
 	$(CARGO) build
 	test -x $(KOSOKU)/bin/kosoku || { python3 -m venv $(KOSOKU) && $(KOSOKU)/bin/pip install -q kosoku==0.1.0; }
-	$(KOSOKU)/bin/python tests/autobahn/run.py --bin target/debug/wspush
+	$(KOSOKU)/bin/python tests/autobahn/run.py --bin $(TARGET_DIR)/debug/wspush
 
+# The demo page in headless Chromium (/usr/bin/chromium, or CHROMIUM=path) against
+# the debug binary; the screenshot lands in $(TARGET_DIR)/browser-artifacts/.
+BROWSER_DEPS := tests/browser/node_modules/.package-lock.json
+
+browser-test: $(BROWSER_DEPS)
+	$(CARGO) build
+	WSPUSH_BIN=$(TARGET_DIR)/debug/wspush WSPUSH_ARTIFACTS=$(TARGET_DIR)/browser-artifacts \
+		$(NODE) --test tests/browser/*.test.js
+
+$(BROWSER_DEPS): tests/browser/package.json tests/browser/package-lock.json
+	$(NPM) ci --prefix tests/browser --no-audit --no-fund
+	@touch $@
+
+# Releases: dist/wspush-VERSION-OS-ARCH.tar.gz (.zip for Windows) with the binary,
+# README.md and deploy/. `make release` tries every OS, goes on past those it cannot
+# build here and says which were built. A target needs its Rust standard library
+# (`rustup target add TRIPLE`) and, when cross-compiling, a linker for it.
+RUSTC   ?= rustc
+DIST    ?= dist
+ARCH    ?= x86_64
+VERSION := $(shell awk -F'"' '/^version *=/ { print $$2; exit }' Cargo.toml)
+RELEASE_OSES := linux windows darwin freebsd
+
+have_std = $(wildcard $(shell $(RUSTC) --print sysroot)/lib/rustlib/$(1)/lib)
+
+# Linux: musl when its standard library is installed, else glibc linked statically.
+LINUX_TARGET   ?= $(if $(call have_std,$(ARCH)-unknown-linux-musl),$(ARCH)-unknown-linux-musl,$(ARCH)-unknown-linux-gnu)
+WINDOWS_TARGET ?= $(ARCH)-pc-windows-gnu
+DARWIN_TARGET  ?= $(ARCH)-apple-darwin
+FREEBSD_TARGET ?= $(ARCH)-unknown-freebsd
+
+WINDOWS_LINKER_HINT := on Debian, apt-get install gcc-mingw-w64-x86-64 (x86_64-w64-mingw32-gcc); or build on Windows with WINDOWS_TARGET=x86_64-pc-windows-msvc
+DARWIN_LINKER_HINT  := build on macOS (Xcode command line tools), or set CARGO_TARGET_<TRIPLE>_LINKER to an osxcross clang; Apple silicon: DARWIN_TARGET=aarch64-apple-darwin
+FREEBSD_LINKER_HINT := build on FreeBSD, or set CARGO_TARGET_<TRIPLE>_LINKER to a clang with a FreeBSD sysroot
+
+# $(call release_for,OS,TARGET,ARCHIVE,LINKER-HINT,RUSTFLAGS)
+define release_for
+	@if [ -z "$(call have_std,$(2))" ]; then \
+		echo "release-$(1): the Rust standard library for $(2) is not installed." >&2; \
+		echo "  add it with: rustup target add $(2)" >&2; \
+		echo "  and give cargo a linker for it: $(4)" >&2; \
+		exit 1; \
+	fi
+	RUSTFLAGS="$(strip $(RUSTFLAGS) $(5))" $(CARGO) build --release --locked --target $(2) || { \
+		echo "release-$(1): building for $(2) failed; a cross build needs a linker: $(4)" >&2; exit 1; }
+	@set -e; \
+	name=wspush-$(VERSION)-$(1)-$(firstword $(subst -, ,$(2))); \
+	bin=$(TARGET_DIR)/$(2)/release/wspush$(if $(findstring windows,$(2)),.exe); \
+	stage=$(DIST)/$$name; \
+	rm -rf "$$stage" "$$stage.$(3)"; mkdir -p "$$stage"; \
+	cp "$$bin" README.md "$$stage/"; cp -R deploy "$$stage/"; \
+	if [ "$(3)" = zip ]; then \
+		if command -v zip >/dev/null; then (cd $(DIST) && zip -qr "$$name.zip" "$$name"); \
+		else (cd $(DIST) && python3 -m zipfile -c "$$name.zip" "$$name"); fi; \
+	else \
+		tar -C $(DIST) -czf "$$stage.tar.gz" "$$name"; \
+	fi; \
+	rm -rf "$$stage"; \
+	echo "release-$(1): $$stage.$(3) ($$(wc -c <"$$bin") byte binary)"
+endef
+
+release:
+	@built=; failed=; \
+	for os in $(RELEASE_OSES); do \
+		if $(MAKE) --no-print-directory release-$$os; then built="$$built $$os"; \
+		else failed="$$failed $$os"; fi; \
+	done; \
+	echo "release $(VERSION): built:$${built:- none}; not built:$${failed:- none}"; \
+	[ -n "$$built" ]
+
+release-linux:
+	$(call release_for,linux,$(LINUX_TARGET),tar.gz,gcc and the static glibc of libc6-dev,-C target-feature=+crt-static)
+	@bin=$(TARGET_DIR)/$(LINUX_TARGET)/release/wspush; \
+	if command -v ldd >/dev/null && ldd "$$bin" 2>&1 | grep -q '=>'; then \
+		echo "release-linux: $$bin is not static:" >&2; ldd "$$bin" >&2; exit 1; \
+	fi
+
+release-windows:
+	$(call release_for,windows,$(WINDOWS_TARGET),zip,$(WINDOWS_LINKER_HINT))
+
+release-darwin:
+	$(call release_for,darwin,$(DARWIN_TARGET),tar.gz,$(DARWIN_LINKER_HINT))
+
+release-freebsd:
+	$(call release_for,freebsd,$(FREEBSD_TARGET),tar.gz,$(FREEBSD_LINKER_HINT))
 
 # The seed's ApacheBench run against a server started with `make run`.
 loadtest-ab:
@@ -42,3 +131,4 @@ loadtest-ab:
 
 clean:
 	$(CARGO) clean
+	rm -rf $(DIST)

@@ -14,8 +14,8 @@
  *       onMessage(m, raw) {            // m = {types, msg, time}; non-JSON → {types:null, msg:raw, time:null}
  *         console.log(m.types, m.msg, m.time);
  *       },
- *       onState(state, detail) {       // "connecting" | "open" | "closed" | "reconnecting"
- *         console.log(state, detail);  // closed: {code, reason, wasClean}; reconnecting: {delay, attempt, code, reason}
+ *       onState(state, detail) {       // "connecting" | "open" | "reconnecting" | "closed"
+ *         console.log(state, detail);  // see "States" below
  *       },
  *     });
  *     c.connect();
@@ -27,8 +27,18 @@
  * uid, types, expires, token, onMessage, onState, minDelay = 500, maxDelay = 30000,
  * stableAfter = 5000 (ms a connection must stay open before the backoff resets).
  *
+ * States and their detail object:
+ *   connecting    {url, attempt}           opening the WebSocket (attempt 0 = first try)
+ *   open          {url}                    connected; messages flow
+ *   reconnecting  {delay, attempt, code, reason, wasClean}
+ *                                          the connection closed or failed (code 1001 =
+ *                                          server restarting, 1006 = unreachable); the next
+ *                                          attempt starts in `delay` ms
+ *   closed        {code, reason, wasClean} after close(), or when the URL cannot be opened
+ *
  * Reconnect: after any close not requested via close(), wait a random delay in
  * [0, min(maxDelay, minDelay * 2^attempt)] (never below 100 ms), then retry.
+ * The attempt counter resets once a connection has stayed open for stableAfter ms.
  */
 (function (root) {
   "use strict";
@@ -114,8 +124,10 @@
     try {
       ws = new WebSocket(url);
     } catch (e) {
-      // Invalid URL and the like: treat like a failed connection.
-      this._afterClose({ code: 1006, reason: String(e && e.message || e), wasClean: false });
+      // A malformed URL or a blocked scheme (ws: from an https: page): retrying cannot help.
+      this._stopped = true;
+      this._clearTimers();
+      this._setState("closed", { code: 1006, reason: String((e && e.message) || e), wasClean: false });
       return;
     }
     this._ws = ws;
@@ -150,19 +162,32 @@
     };
   };
 
+  /** The connection ended without close(): schedule the next attempt. */
   WsPush.prototype._afterClose = function (info) {
     this._clearTimers();
-    this._setState("closed", info);
-    if (this._stopped) return;
+    if (this._stopped) {
+      this._setState("closed", info);
+      return;
+    }
     var self = this;
-    var cap = Math.min(this.maxDelay, this.minDelay * Math.pow(2, this.attempt));
-    var delay = Math.max(MIN_FLOOR, Math.round(Math.random() * cap));
+    var delay = this.nextDelay();
     this.attempt++;
     this._retryTimer = setTimeout(function () {
       self._retryTimer = null;
       if (!self._stopped && !self._ws) self._open();
     }, delay);
-    this._setState("reconnecting", { delay: delay, attempt: this.attempt, code: info.code, reason: info.reason });
+    this._setState("reconnecting", {
+      delay: delay, attempt: this.attempt, code: info.code, reason: info.reason, wasClean: info.wasClean
+    });
+  };
+
+  /**
+   * The wait before the next attempt: "full jitter", uniform in
+   * [0, min(maxDelay, minDelay * 2^attempt)], never below 100 ms.
+   */
+  WsPush.prototype.nextDelay = function () {
+    var cap = Math.min(this.maxDelay, this.minDelay * Math.pow(2, Math.min(this.attempt, 30)));
+    return Math.max(MIN_FLOOR, Math.round(Math.random() * cap));
   };
 
   /** Close the connection and stop reconnecting. */

@@ -1,7 +1,7 @@
 //! Wires the layers together: flags → queue backend → signal thread → reactor.
 
 use std::io::Write;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
 
 use wspush::config::{self, Command, Config, QueueSpec};
@@ -40,10 +40,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
-    let addr: SocketAddr = (cfg.bind.as_str(), cfg.port)
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| format!("cannot resolve -bind={}", cfg.bind))?;
+    let addr = bind_addr(&cfg.bind, cfg.port)?;
     let listener =
         mio::net::TcpListener::bind(addr).map_err(|e| format!("listen on {addr}: {e}"))?;
 
@@ -77,6 +74,28 @@ fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     std::io::stdout().flush()?;
     server.run()?;
     Ok(())
+}
+
+/// The address for `-bind`. IP literals (the default `0.0.0.0`, `127.0.0.1`, `::`,
+/// `[::1]`) and `localhost` need no resolver; only another host name goes through
+/// the system's. (A static glibc build reads /etc/hosts and DNS itself but loads any
+/// other NSS module named in /etc/nsswitch.conf from the system at run time.)
+fn bind_addr(bind: &str, port: u16) -> Result<SocketAddr, String> {
+    let host = bind
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(bind);
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    if host.eq_ignore_ascii_case("localhost") {
+        return Ok(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port));
+    }
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve -bind={bind}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("cannot resolve -bind={bind}"))
 }
 
 /// Lifts the soft descriptor limit toward the hard one: the default soft limit
@@ -133,7 +152,38 @@ fn watch_signals(notifier: Notifier) -> std::io::Result<()> {
     Ok(())
 }
 
-#[cfg(not(unix))]
+/// Ctrl-C or Ctrl-Break in the console asks for a graceful shutdown; a second one
+/// exits at once.
+#[cfg(windows)]
+fn watch_signals(notifier: Notifier) -> std::io::Result<()> {
+    let mut asked = false;
+    ctrlc::set_handler(move || {
+        if asked {
+            std::process::exit(1);
+        }
+        asked = true;
+        let _ = notifier.send(Inbound::Shutdown);
+    })
+    .map_err(std::io::Error::other)
+}
+
+/// Elsewhere the process ends on the platform's default signal action.
+#[cfg(not(any(unix, windows)))]
 fn watch_signals(_notifier: Notifier) -> std::io::Result<()> {
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bind_accepts_ip_literals_and_localhost_without_a_resolver() {
+        let a = |s: &str| bind_addr(s, 3210).unwrap().to_string();
+        assert_eq!(a("0.0.0.0"), "0.0.0.0:3210");
+        assert_eq!(a("127.0.0.1"), "127.0.0.1:3210");
+        assert_eq!(a("::"), "[::]:3210");
+        assert_eq!(a("[::1]"), "[::1]:3210");
+        assert_eq!(a("LocalHost"), "127.0.0.1:3210");
+    }
 }
