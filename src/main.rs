@@ -5,6 +5,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
 
 use wspush::config::{self, Command, Config, QueueSpec};
+use wspush::queue::redis::RedisQueue;
 use wspush::queue::{Inbound, Notifier, Queue, list::ListQueue};
 use wspush::server::{self, Parts, Server};
 
@@ -14,7 +15,7 @@ const INBOUND_CAPACITY: usize = 1024;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let cfg = match config::parse(&args) {
-        Ok(Command::Run(cfg)) => cfg,
+        Ok(Command::Run(cfg)) => *cfg,
         Ok(Command::Help(text)) => {
             print!("{text}");
             return ExitCode::SUCCESS;
@@ -52,8 +53,9 @@ fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     let notifier = Notifier::new(tx, waker);
     let queue: Box<dyn Queue> = match &cfg.queue {
         QueueSpec::List => Box::new(ListQueue::start(cfg.queue_size, notifier.clone())?),
-        other => {
-            return Err(format!("queue backend {other:?} is not available in this build").into());
+        QueueSpec::Redis(url) => Box::new(RedisQueue::start(url, &cfg, notifier.clone())?),
+        QueueSpec::Disque(_) => {
+            return Err("the Disque backend is not available in this build".into());
         }
     };
     watch_signals(notifier.clone())?;
