@@ -5,6 +5,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
 
 use wspush::config::{self, Command, Config, QueueSpec};
+use wspush::queue::disque::DisqueQueue;
 use wspush::queue::redis::RedisQueue;
 use wspush::queue::{Inbound, Notifier, Queue, list::ListQueue};
 use wspush::server::{self, Parts, Server};
@@ -54,9 +55,7 @@ fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     let queue: Box<dyn Queue> = match &cfg.queue {
         QueueSpec::List => Box::new(ListQueue::start(cfg.queue_size, notifier.clone())?),
         QueueSpec::Redis(url) => Box::new(RedisQueue::start(url, &cfg, notifier.clone())?),
-        QueueSpec::Disque(_) => {
-            return Err("the Disque backend is not available in this build".into());
-        }
+        QueueSpec::Disque(addr) => Box::new(DisqueQueue::start(addr, &cfg, notifier.clone())?),
     };
     watch_signals(notifier.clone())?;
 

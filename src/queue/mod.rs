@@ -5,6 +5,7 @@
 //! Every backend runs its own thread(s) that feed [`Inbound`] events into one
 //! crossbeam channel and wake the reactor through the shared [`Notifier`].
 
+pub mod disque;
 pub mod list;
 pub mod publisher;
 pub mod redis;

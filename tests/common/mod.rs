@@ -616,3 +616,91 @@ pub fn wait_stats(server: &Server, what: &str, pred: impl Fn(&Value) -> bool) ->
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A real `disque-server` (from `DISQUE_SERVER` or PATH) on a free loopback port.
+/// No package registry ships one, so tests that need it skip when it is absent,
+/// and say so loudly.
+pub struct DisqueServer {
+    child: Option<Child>,
+    pub port: u16,
+    bin: PathBuf,
+    dir: TempDir,
+}
+
+impl DisqueServer {
+    /// None (after a SKIPPED line on stderr) when no disque-server is available.
+    pub fn start_or_skip(test: &str) -> Option<DisqueServer> {
+        let Some(bin) = find_program("disque-server", "DISQUE_SERVER") else {
+            report(&format!(
+                "SKIPPED: no disque-server on PATH and DISQUE_SERVER unset: Disque test `{test}` did not run"
+            ));
+            return None;
+        };
+        let mut d = DisqueServer {
+            child: None,
+            port: free_port(),
+            bin,
+            dir: TempDir::new("disque"),
+        };
+        d.spawn();
+        Some(d)
+    }
+
+    pub fn queue_flag(&self) -> String {
+        format!("-queue=disque/127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let port = self.port.to_string();
+        // Disque writes its cluster config into the working directory.
+        let mut child = Command::new(&self.bin)
+            .args(["--port", &port, "--bind", "127.0.0.1", "--appendonly", "no"])
+            .current_dir(&self.dir.0)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start disque-server");
+        wait_for_ping(self.port, &mut child, "disque-server");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL; jobs it held are gone with it (no AOF).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir.0);
+        std::fs::create_dir_all(&self.dir.0).unwrap();
+        self.spawn();
+    }
+
+    pub fn client(&self) -> RespClient {
+        RespClient::connect(self.port).expect("connect to disque-server")
+    }
+}
+
+impl Drop for DisqueServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Sends a signal by name (`STOP`, `CONT`, `KILL`) to a process.
+pub fn signal(pid: u32, name: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "kill -{name} {pid}");
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
