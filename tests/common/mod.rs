@@ -704,3 +704,80 @@ pub fn unix_now() -> u64 {
         .unwrap()
         .as_secs()
 }
+
+/// A real nginx running `deploy/nginx.conf` with the node addresses and its own
+/// port substituted, as a foreground child process with every path under a temp dir.
+pub struct Nginx {
+    child: Child,
+    pub addr: SocketAddr,
+    dir: TempDir,
+}
+
+impl Nginx {
+    /// `edits` are further (from, to) replacements in the site config.
+    pub fn start(primary: SocketAddr, backup: SocketAddr, edits: &[(&str, &str)]) -> Nginx {
+        let bin = require_program("nginx", "NGINX", "nginx");
+        let dir = TempDir::new("nginx");
+        let port = free_port();
+        let mut site =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/nginx.conf"))
+                .expect("read deploy/nginx.conf");
+        let listen = format!("listen 127.0.0.1:{port};");
+        let (primary, backup) = (primary.to_string(), backup.to_string());
+        let mut all = vec![
+            ("server 127.0.0.1:3210 ", primary.as_str()),
+            ("server 127.0.0.1:3211 ", backup.as_str()),
+            ("listen 3220;", listen.as_str()),
+        ];
+        all.extend_from_slice(edits);
+        for (from, to) in all {
+            assert!(site.contains(from), "deploy/nginx.conf has no {from:?}");
+            // Keep the separator after an upstream address.
+            let to = if from.ends_with(' ') {
+                format!("server {to} ")
+            } else {
+                to.to_string()
+            };
+            site = site.replace(from, &to);
+        }
+        let d = dir.0.display();
+        std::fs::write(dir.0.join("wspush.conf"), site).unwrap();
+        // One process in the foreground, every file under the temp dir: no root
+        // paths touched, nothing left behind.
+        let main = format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+             error_log {d}/error.log warn;\nevents {{ worker_connections 256; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             include {d}/wspush.conf;\n}}\n"
+        );
+        std::fs::write(dir.0.join("nginx.conf"), main).unwrap();
+        let mut child = Command::new(bin)
+            .arg("-p")
+            .arg(&dir.0)
+            .arg("-e")
+            .arg(dir.0.join("error.log"))
+            .arg("-c")
+            .arg(dir.0.join("nginx.conf"))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start nginx");
+        wait_for_port(port, &mut child, "nginx");
+        Nginx {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            dir,
+        }
+    }
+
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.0.join("error.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
