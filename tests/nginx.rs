@@ -160,3 +160,19 @@ fn the_shipped_config_outlasts_the_ping_interval() {
     assert!(conf.contains(" backup;"), "a backup node");
     assert!(conf.contains("proxy_connect_timeout"), "a bounded connect");
 }
+
+#[test]
+fn the_readme_shows_the_shipped_config() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let conf = std::fs::read_to_string(format!("{root}/deploy/nginx.conf")).unwrap();
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    for line in conf.lines() {
+        let directive = line.split('#').next().unwrap().trim_end();
+        if !directive.trim().is_empty() {
+            assert!(
+                readme.contains(&format!("{directive}\n")),
+                "README.md's nginx config lacks {directive:?} from deploy/nginx.conf"
+            );
+        }
+    }
+}

@@ -269,3 +269,45 @@ fn a_bad_redis_url_is_refused_at_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("queue address"), "{err}");
 }
+
+/// Figures for the README, with default flags and a 10 s outage (the reconnect
+/// backoff has reached its cap by then). Not part of `make test`:
+/// `cargo test --release --test redis -- --ignored --nocapture`.
+#[test]
+#[ignore = "measurement, run by hand"]
+fn measure_recovery_after_a_long_outage() {
+    let mut redis = RedisServer::start();
+    let (a, b) = two_nodes(&redis, &[]);
+    let mut ws = b.ws("uid=5");
+    redis.kill();
+    let killed = Instant::now();
+    wait_health(&b, 503);
+    let unhealthy = killed.elapsed();
+    let mut refused = None;
+    while refused.is_none() {
+        if a.send(r#"{"topic":"all","msg":0}"#).status == 503 {
+            refused = Some(killed.elapsed());
+        }
+    }
+    // A fixed outage is the scenario being measured, not a wait for an event.
+    std::thread::sleep(Duration::from_secs(10));
+    redis.restart();
+    let restarted = Instant::now();
+    let mut n = 0;
+    let resumed = loop {
+        assert!(restarted.elapsed() < Duration::from_secs(10));
+        n += 1;
+        let r = a.send(&format!(r#"{{"topic":"uids","topic_ids":[5],"msg":{n}}}"#));
+        if r.status == 200 && recv_json_within(&mut ws, Duration::from_millis(50)).is_some() {
+            break restarted.elapsed();
+        }
+    };
+    wait_health(&a, 200);
+    wait_health(&b, 200);
+    report(&format!(
+        "measured (defaults, 10 s outage): /healthz 503 after {unhealthy:?}, /send 503 after {:?}; \
+         delivery resumed {resumed:?} after the restart, both nodes healthy after {:?}",
+        refused.unwrap(),
+        restarted.elapsed()
+    ));
+}

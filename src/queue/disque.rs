@@ -3,9 +3,10 @@
 //! the reactor has delivered them. A node that dies in between leaves its jobs
 //! unacknowledged, and Disque queues them again after `-queue-retry`.
 //!
-//! Each job goes to one consumer, so this backend suits the active/backup layout:
-//! the node that holds the clients consumes. (Two consuming nodes would split the
-//! messages between their clients; use Redis pub/sub for active/active.)
+//! Each job goes to one consumer, so this backend suits the active/backup layout
+//! with one running consumer: every running node consumes, whether it has clients
+//! or not, so a second running node would take a share of the jobs. The backup's
+//! process is started when the active one fails; Redis pub/sub is for active/active.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
