@@ -434,6 +434,13 @@ pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Command, ConfigError> {
             "-idle-timeout must be longer than -ping-interval".into(),
         ));
     }
+    // The reactor gives up on a pending /send after -request-timeout; a publish
+    // still under way then could succeed after its 503 was sent.
+    if c.queue_timeout >= c.request_timeout {
+        return Err(ConfigError::Conflict(
+            "-queue-timeout must be shorter than -request-timeout".into(),
+        ));
+    }
     // Disque counts TTL and RETRY in whole seconds and refuses a TTL of 0.
     if c.queue_ttl < Duration::from_secs(1) || c.queue_retry < Duration::from_secs(1) {
         return Err(ConfigError::Conflict(
@@ -521,6 +528,10 @@ mod tests {
         assert!(parse(&["-queue=redis/"]).is_err());
         assert!(parse(&["-queue-name="]).is_err());
         assert!(parse(&["-queue-ttl=500ms"]).is_err());
+        assert!(
+            parse(&["-queue-timeout=10s"]).is_err(),
+            "not below -request-timeout"
+        );
     }
 
     #[test]

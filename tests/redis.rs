@@ -184,6 +184,39 @@ fn redis_restart_recovers_without_node_restart() {
 }
 
 #[test]
+fn a_hung_redis_is_noticed_by_timeouts() {
+    let redis = RedisServer::start();
+    let (a, b) = two_nodes(&redis, &["-queue-timeout=1s"]);
+    let mut ws = b.ws("uid=4");
+    // SIGSTOP: connections stay open but nothing answers, unlike a killed server.
+    signal(redis.pid(), "STOP");
+    let stopped = Instant::now();
+    let r = a.send(r#"{"topic":"all","msg":"into the void"}"#);
+    let answered = stopped.elapsed();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.error().contains("Redis"), "{}", r.text());
+    assert!(answered < Duration::from_secs(3), "503 after {answered:?}");
+    // The quiet subscriber PINGs and gives up too: both nodes report down.
+    wait_health(&a, 503);
+    wait_health(&b, 503);
+    report(&format!(
+        "measured: redis stopped (SIGSTOP) -> /send 503 after {answered:?} with -queue-timeout=1s, both /healthz 503 after {:?}",
+        stopped.elapsed()
+    ));
+    signal(redis.pid(), "CONT");
+    wait_health(&a, 200);
+    wait_health(&b, 200);
+    a.send_ok(r#"{"topic":"uids","topic_ids":[4],"msg":"awake"}"#);
+    // The 503 meant "not known to be taken": the PUBLISH sat in the stopped server's
+    // socket buffer and may still run once it resumes. Nothing else may arrive.
+    let mut m = recv_json(&mut ws);
+    if m["msg"] == "into the void" {
+        m = recv_json(&mut ws);
+    }
+    assert_eq!(m["msg"], "awake");
+}
+
+#[test]
 fn malformed_channel_messages_are_skipped() {
     let redis = RedisServer::start();
     let name = unique_name("bad");

@@ -552,6 +552,10 @@ impl RedisServer {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("redis-server running").id()
+    }
+
     /// Starts it again on the same port.
     pub fn restart(&mut self) {
         self.kill();
