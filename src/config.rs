@@ -11,7 +11,8 @@ use getopts::Options;
 pub enum QueueSpec {
     /// In-process list: one node, nothing else needed.
     List,
-    /// Redis pub/sub at the given address (`HOST:PORT` or a `redis://` URL).
+    /// Redis pub/sub: a `redis://[:PASS@]HOST:PORT[/DB]` URL (`redis/HOST:PORT`
+    /// on the command line becomes `redis://HOST:PORT`).
     Redis(String),
     /// Disque job queue at `HOST:PORT`.
     Disque(String),
@@ -24,9 +25,9 @@ impl QueueSpec {
             Ok(QueueSpec::List)
         } else if let Some(addr) = s.strip_prefix("redis/") {
             (!addr.is_empty())
-                .then(|| QueueSpec::Redis(addr.to_string()))
+                .then(|| QueueSpec::Redis(format!("redis://{addr}")))
                 .ok_or_else(bad)
-        } else if s.starts_with("redis://") {
+        } else if s.len() > "redis://".len() && s.starts_with("redis://") {
             Ok(QueueSpec::Redis(s.to_string()))
         } else if let Some(addr) = s.strip_prefix("disque/") {
             (!addr.is_empty())
@@ -50,8 +51,22 @@ pub struct Config {
     pub bind: String,
     pub port: u16,
     pub queue: QueueSpec,
-    /// Messages the in-process list holds before `/send` answers 503.
+    /// Messages the in-process list holds before `/send` answers 503; with Redis or
+    /// Disque, the batches that may wait for the publisher thread.
     pub queue_size: usize,
+    /// The Redis channel or Disque queue every node shares.
+    pub queue_name: String,
+    /// Bound on one Redis/Disque operation (connect, PUBLISH, ADDJOB, a health
+    /// PING): `/send` gets its 503 within about this long when the server is gone.
+    pub queue_timeout: Duration,
+    /// Longest wait between reconnect attempts (the backoff doubles up to it).
+    pub queue_backoff: Duration,
+    /// Disque job TTL for messages without `timeout`.
+    pub queue_ttl: Duration,
+    /// Disque RETRY: a job taken but not acknowledged is queued again after this.
+    pub queue_retry: Duration,
+    /// Disque jobs taken by one GETJOB, i.e. delivered but not yet acknowledged.
+    pub queue_prefetch: usize,
     pub echo: bool,
     pub log: LogLevel,
     /// Open TCP connections of every kind (push and HTTP).
@@ -79,6 +94,12 @@ impl Default for Config {
             port: 3210,
             queue: QueueSpec::List,
             queue_size: 100_000,
+            queue_name: "wspush".into(),
+            queue_timeout: Duration::from_secs(2),
+            queue_backoff: Duration::from_secs(2),
+            queue_ttl: Duration::from_secs(3600),
+            queue_retry: Duration::from_secs(10),
+            queue_prefetch: 64,
             echo: false,
             log: LogLevel::Info,
             max_connections: 100_000,
@@ -119,7 +140,8 @@ impl std::error::Error for ConfigError {}
 
 /// What the command line asked for.
 pub enum Command {
-    Run(Config),
+    // Boxed: the config is large and built once.
+    Run(Box<Config>),
     Help(String),
     Version,
 }
@@ -151,7 +173,64 @@ fn options() -> Options {
     o.optopt(
         "",
         "queue-size",
-        &format!("messages the list queue holds (default {})", d.queue_size),
+        &format!(
+            "messages the list queue holds; batches waiting to be published to Redis/Disque (default {})",
+            d.queue_size
+        ),
+        "N",
+    );
+    o.optopt(
+        "",
+        "queue-name",
+        &format!(
+            "Redis channel / Disque queue shared by the nodes (default {})",
+            d.queue_name
+        ),
+        "NAME",
+    );
+    o.optopt(
+        "",
+        "queue-timeout",
+        &format!(
+            "bound on a Redis/Disque connect, publish or health check; /send answers 503 after it (default {})",
+            secs(d.queue_timeout)
+        ),
+        "DUR",
+    );
+    o.optopt(
+        "",
+        "queue-backoff",
+        &format!(
+            "longest wait between reconnect attempts to Redis/Disque (default {})",
+            secs(d.queue_backoff)
+        ),
+        "DUR",
+    );
+    o.optopt(
+        "",
+        "queue-ttl",
+        &format!(
+            "Disque job TTL for messages without timeout (default {})",
+            secs(d.queue_ttl)
+        ),
+        "DUR",
+    );
+    o.optopt(
+        "",
+        "queue-retry",
+        &format!(
+            "Disque redelivers a job not acknowledged within (default {})",
+            secs(d.queue_retry)
+        ),
+        "DUR",
+    );
+    o.optopt(
+        "",
+        "queue-prefetch",
+        &format!(
+            "Disque jobs taken per GETJOB (default {})",
+            d.queue_prefetch
+        ),
         "N",
     );
     o.optflag(
@@ -300,6 +379,7 @@ pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Command, ConfigError> {
         Ok(())
     };
     num("queue-size", &mut c.queue_size)?;
+    num("queue-prefetch", &mut c.queue_prefetch)?;
     num("max-connections", &mut c.max_connections)?;
     num("max-frame", &mut c.max_frame)?;
     num("max-message", &mut c.max_message)?;
@@ -321,6 +401,16 @@ pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Command, ConfigError> {
     dur("keepalive-timeout", &mut c.keepalive_timeout)?;
     dur("close-timeout", &mut c.close_timeout)?;
     dur("shutdown-timeout", &mut c.shutdown_timeout)?;
+    dur("queue-timeout", &mut c.queue_timeout)?;
+    dur("queue-backoff", &mut c.queue_backoff)?;
+    dur("queue-ttl", &mut c.queue_ttl)?;
+    dur("queue-retry", &mut c.queue_retry)?;
+    if let Some(s) = m.opt_str("queue-name") {
+        if s.is_empty() {
+            return Err(ConfigError::Invalid("queue-name", s));
+        }
+        c.queue_name = s;
+    }
     if let Some(s) = m.opt_str("port") {
         c.port = s.parse().map_err(|_| ConfigError::Invalid("port", s))?;
     }
@@ -344,12 +434,26 @@ pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Command, ConfigError> {
             "-idle-timeout must be longer than -ping-interval".into(),
         ));
     }
+    // The reactor gives up on a pending /send after -request-timeout; a publish
+    // still under way then could succeed after its 503 was sent. The list queue
+    // answers at once and has no such timeout.
+    if c.queue != QueueSpec::List && c.queue_timeout >= c.request_timeout {
+        return Err(ConfigError::Conflict(
+            "-queue-timeout must be shorter than -request-timeout".into(),
+        ));
+    }
+    // Disque counts TTL and RETRY in whole seconds and refuses a TTL of 0.
+    if c.queue_ttl < Duration::from_secs(1) || c.queue_retry < Duration::from_secs(1) {
+        return Err(ConfigError::Conflict(
+            "-queue-ttl and -queue-retry must be at least 1s".into(),
+        ));
+    }
     if c.max_message < c.max_frame {
         return Err(ConfigError::Conflict(
             "-max-message must be at least -max-frame".into(),
         ));
     }
-    Ok(Command::Run(c))
+    Ok(Command::Run(Box::new(c)))
 }
 
 /// `30`, `30s`, `500ms`, `2m`: a bare number means seconds, as the timeouts are mostly seconds.
@@ -372,7 +476,7 @@ mod tests {
 
     fn run(args: &[&str]) -> Config {
         match parse(args) {
-            Ok(Command::Run(c)) => c,
+            Ok(Command::Run(c)) => *c,
             Ok(_) => panic!("not a run command"),
             Err(e) => panic!("{e}"),
         }
@@ -387,12 +491,52 @@ mod tests {
             "-ping-interval=500ms",
         ]);
         assert_eq!(c.port, 4000);
-        assert_eq!(c.queue, QueueSpec::Redis("localhost:6379".into()));
+        assert_eq!(c.queue, QueueSpec::Redis("redis://localhost:6379".into()));
         assert!(c.echo);
         assert_eq!(c.ping_interval, Duration::from_millis(500));
         let c = run(&["--port", "4001", "-queue", "disque/127.0.0.1:7711"]);
         assert_eq!(c.port, 4001);
         assert_eq!(c.queue, QueueSpec::Disque("127.0.0.1:7711".into()));
+    }
+
+    #[test]
+    fn queue_flags() {
+        let c = run(&[
+            "-queue=redis://:pw@10.0.0.1:6380/2",
+            "-queue-name=push",
+            "-queue-timeout=500ms",
+            "-queue-backoff=1s",
+            "-queue-ttl=2m",
+            "-queue-retry=5",
+            "-queue-prefetch=8",
+        ]);
+        assert_eq!(
+            c.queue,
+            QueueSpec::Redis("redis://:pw@10.0.0.1:6380/2".into())
+        );
+        assert_eq!(c.queue_name, "push");
+        assert_eq!(c.queue_timeout, Duration::from_millis(500));
+        assert_eq!(c.queue_backoff, Duration::from_secs(1));
+        assert_eq!(c.queue_ttl, Duration::from_secs(120));
+        assert_eq!(c.queue_retry, Duration::from_secs(5));
+        assert_eq!(c.queue_prefetch, 8);
+        let d = run(&[]);
+        assert_eq!(
+            (d.queue_name.as_str(), d.queue_timeout),
+            ("wspush", Duration::from_secs(2))
+        );
+        assert!(parse(&["-queue=redis://"]).is_err());
+        assert!(parse(&["-queue=redis/"]).is_err());
+        assert!(parse(&["-queue-name="]).is_err());
+        assert!(parse(&["-queue-ttl=500ms"]).is_err());
+        assert!(
+            parse(&["-queue=redis/h:1", "-queue-timeout=10s"]).is_err(),
+            "not below -request-timeout"
+        );
+        assert!(
+            parse(&["-request-timeout=1s"]).is_ok(),
+            "the list has no queue timeout"
+        );
     }
 
     #[test]
@@ -426,7 +570,16 @@ mod tests {
         let Ok(Command::Help(h)) = parse(&["-h"]) else {
             panic!("no help")
         };
-        for flag in ["-port", "-queue", "-max-backlog", "-idle-timeout", "-echo"] {
+        for flag in [
+            "-port",
+            "-queue",
+            "-queue-name",
+            "-queue-timeout",
+            "-queue-ttl",
+            "-max-backlog",
+            "-idle-timeout",
+            "-echo",
+        ] {
             assert!(h.contains(flag), "{flag} missing from help");
         }
     }

@@ -5,6 +5,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
 
 use wspush::config::{self, Command, Config, QueueSpec};
+use wspush::queue::disque::DisqueQueue;
+use wspush::queue::redis::RedisQueue;
 use wspush::queue::{Inbound, Notifier, Queue, list::ListQueue};
 use wspush::server::{self, Parts, Server};
 
@@ -14,7 +16,7 @@ const INBOUND_CAPACITY: usize = 1024;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let cfg = match config::parse(&args) {
-        Ok(Command::Run(cfg)) => cfg,
+        Ok(Command::Run(cfg)) => *cfg,
         Ok(Command::Help(text)) => {
             print!("{text}");
             return ExitCode::SUCCESS;
@@ -49,9 +51,8 @@ fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     let notifier = Notifier::new(tx, waker);
     let queue: Box<dyn Queue> = match &cfg.queue {
         QueueSpec::List => Box::new(ListQueue::start(cfg.queue_size, notifier.clone())?),
-        other => {
-            return Err(format!("queue backend {other:?} is not available in this build").into());
-        }
+        QueueSpec::Redis(url) => Box::new(RedisQueue::start(url, &cfg, notifier.clone())?),
+        QueueSpec::Disque(addr) => Box::new(DisqueQueue::start(addr, &cfg, notifier.clone())?),
     };
     watch_signals(notifier.clone())?;
 

@@ -3,6 +3,8 @@
 //! A `/send` body is validated whole (one bad element rejects the batch) and turned
 //! into [`Envelope`]s. Each envelope carries its WebSocket frame already encoded, so
 //! the hub writes the same shared bytes to every receiver and never touches JSON.
+//! Between nodes (Redis, Disque) a batch travels as [`encode_wire`] JSON and is
+//! turned back into envelopes by [`decode_wire`] on the backend's own thread.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -40,6 +42,22 @@ pub struct Envelope {
 impl Envelope {
     pub fn is_expired(&self, now_unix: u64) -> bool {
         self.expires != 0 && now_unix >= self.expires
+    }
+
+    /// The push JSON inside the frame. The frame is the one stored representation;
+    /// the payload is a view of it, so nothing is kept twice.
+    pub fn push_json(&self) -> &[u8] {
+        &self.frame[frame_header_len(&self.frame)..]
+    }
+}
+
+/// The header length of an unmasked server frame built by [`frame::encode_header`].
+fn frame_header_len(f: &[u8]) -> usize {
+    match f.get(1).map(|b| b & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        Some(_) => 2,
+        None => f.len(),
     }
 }
 
@@ -245,11 +263,115 @@ pub fn push_json(types: &str, msg: &str, time: &str) -> Vec<u8> {
 
 /// The push JSON wrapped in one WebSocket text frame, encoded once for every receiver.
 pub fn push_frame(types: &str, msg: &str, time: &str) -> Arc<[u8]> {
-    let payload = push_json(types, msg, time);
+    text_frame(&push_json(types, msg, time))
+}
+
+/// One unmasked, final text frame around `payload`.
+fn text_frame(payload: &[u8]) -> Arc<[u8]> {
     let mut framed = Vec::with_capacity(payload.len() + 10);
     frame::encode_header(true, OpCode::Text, payload.len(), &mut framed);
-    framed.extend_from_slice(&payload);
+    framed.extend_from_slice(payload);
     framed.into()
+}
+
+// ---- between nodes --------------------------------------------------------------
+
+/// A batch as it travels through Redis or Disque: a JSON array of
+/// `{"target":"all"|["uid",…],"types":"…","expires":N,"push":<push JSON>}`.
+/// `push` is the exact payload clients receive, so `msg` stays byte for byte.
+pub fn encode_wire(batch: &[Envelope]) -> Vec<u8> {
+    let size: usize = batch.iter().map(|e| e.frame.len() + 64).sum();
+    let mut out = Vec::with_capacity(size + 2);
+    out.push(b'[');
+    for (i, env) in batch.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"target\":");
+        match &env.target {
+            Target::All => out.extend_from_slice(b"\"all\""),
+            Target::Uids(uids) => {
+                out.push(b'[');
+                for (j, uid) in uids.iter().enumerate() {
+                    if j > 0 {
+                        out.push(b',');
+                    }
+                    write_json_string(&mut out, uid);
+                }
+                out.push(b']');
+            }
+        }
+        out.extend_from_slice(b",\"types\":");
+        write_json_string(&mut out, &env.types);
+        out.extend_from_slice(format!(",\"expires\":{},\"push\":", env.expires).as_bytes());
+        out.extend_from_slice(env.push_json());
+        out.push(b'}');
+    }
+    out.push(b']');
+    out
+}
+
+/// A wire message that is not a batch this server encodes; it is logged and skipped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WireError(pub String);
+
+impl fmt::Display for WireError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "malformed batch from the queue backend: {}", self.0)
+    }
+}
+
+impl std::error::Error for WireError {}
+
+/// Parses an [`encode_wire`] batch and builds each frame once. Other nodes are
+/// trusted no more than `/send`: the same bounds on uids and types apply.
+pub fn decode_wire(bytes: &[u8]) -> Result<Vec<Envelope>, WireError> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum WireTarget {
+        All(String),
+        Uids(Vec<String>),
+    }
+    #[derive(serde::Deserialize)]
+    struct WireEnvelope<'a> {
+        target: WireTarget,
+        types: String,
+        expires: u64,
+        #[serde(borrow)]
+        push: &'a RawValue,
+    }
+    let items: Vec<WireEnvelope> =
+        serde_json::from_slice(bytes).map_err(|e| WireError(e.to_string()))?;
+    let bad = |what: &str| Err(WireError(what.to_string()));
+    let mut batch = Vec::with_capacity(items.len());
+    for item in items {
+        let target = match item.target {
+            WireTarget::All(s) if s == "all" => Target::All,
+            WireTarget::All(_) => return bad("target must be \"all\" or a list of uids"),
+            WireTarget::Uids(uids) => {
+                if uids.is_empty() || uids.iter().any(|u| u.is_empty() || u.len() > MAX_UID_LEN) {
+                    return bad("bad uid list");
+                }
+                Target::Uids(uids.into_iter().map(String::into_boxed_str).collect())
+            }
+        };
+        if item.types.is_empty() || item.types.len() > MAX_TYPES_LEN {
+            return bad("bad types");
+        }
+        if !item.push.get().starts_with('{') {
+            return bad("push must be a JSON object");
+        }
+        batch.push(Envelope {
+            target,
+            types: item.types.into(),
+            expires: item.expires,
+            frame: text_frame(item.push.get().as_bytes()),
+        });
+    }
+    if batch.is_empty() {
+        return bad("empty batch");
+    }
+    Ok(batch)
 }
 
 fn write_json_string(out: &mut Vec<u8>, s: &str) {
@@ -392,6 +514,65 @@ mod tests {
             (p["types"].as_str(), p["time"].as_str()),
             (Some("a\"b"), Some("t\n"))
         );
+    }
+
+    #[test]
+    fn wire_round_trip_keeps_everything() {
+        let body = r#"[{"topic":"uids","topic_ids":["u\"1",2],"types":"chat","msg":{"a": [1, 2.50]},"timeout":1893456000,"time":"t"},{"topic":"all","msg":"x"}]"#;
+        let batch = parse(body).unwrap();
+        let wire = encode_wire(&batch);
+        let back = decode_wire(&wire).unwrap();
+        assert_eq!(back.len(), 2);
+        for (a, b) in batch.iter().zip(&back) {
+            assert_eq!(a.target, b.target);
+            assert_eq!(a.types, b.types);
+            assert_eq!(a.expires, b.expires);
+            assert_eq!(a.frame, b.frame, "the frame is rebuilt byte for byte");
+        }
+        assert_eq!(
+            std::str::from_utf8(back[0].push_json()).unwrap(),
+            r#"{"types":"chat","msg":{"a": [1, 2.50]},"time":"t"}"#
+        );
+        let v: serde_json::Value = serde_json::from_slice(&wire).unwrap();
+        assert_eq!(v[0]["target"], serde_json::json!(["2", "u\"1"]));
+        assert_eq!(v[1]["target"], "all");
+    }
+
+    #[test]
+    fn wire_keeps_large_frames_intact() {
+        let big = format!(r#"{{"topic":"all","msg":"{}"}}"#, "x".repeat(70_000));
+        let batch = parse(&big).unwrap();
+        let back = decode_wire(&encode_wire(&batch)).unwrap();
+        assert_eq!(batch[0].frame, back[0].frame);
+        let mid = format!(r#"{{"topic":"all","msg":"{}"}}"#, "x".repeat(300));
+        let batch = parse(&mid).unwrap();
+        assert_eq!(
+            batch[0].frame,
+            decode_wire(&encode_wire(&batch)).unwrap()[0].frame
+        );
+    }
+
+    #[test]
+    fn malformed_wire_is_an_error_not_a_panic() {
+        for bad in [
+            &b""[..],
+            b"not json",
+            b"{}",
+            b"[]",
+            b"[{\"target\":\"some\",\"types\":\"t\",\"expires\":0,\"push\":{}}]",
+            b"[{\"target\":[],\"types\":\"t\",\"expires\":0,\"push\":{}}]",
+            b"[{\"target\":\"all\",\"types\":\"\",\"expires\":0,\"push\":{}}]",
+            b"[{\"target\":\"all\",\"types\":\"t\",\"expires\":-1,\"push\":{}}]",
+            b"[{\"target\":\"all\",\"types\":\"t\",\"expires\":0,\"push\":5}]",
+            b"[{\"target\":\"all\",\"types\":\"t\",\"expires\":0}]",
+            b"\xff\xfe",
+        ] {
+            assert!(
+                decode_wire(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]

@@ -5,7 +5,10 @@
 //! Every backend runs its own thread(s) that feed [`Inbound`] events into one
 //! crossbeam channel and wake the reactor through the shared [`Notifier`].
 
+pub mod disque;
 pub mod list;
+pub mod publisher;
+pub mod redis;
 
 use std::fmt;
 use std::sync::Arc;
@@ -28,6 +31,9 @@ pub struct Ticket {
 pub enum Inbound {
     /// Messages to push to this node's connections.
     Deliver(Vec<Envelope>),
+    /// Like `Deliver`, for a backend that must hear when the reactor has taken the
+    /// messages: the reactor delivers, then hands `job` back through [`Queue::ack`].
+    DeliverJob { batch: Vec<Envelope>, job: String },
     /// The outcome of a publish that answered `Submit::Pending`.
     Published {
         ticket: Ticket,
@@ -122,6 +128,85 @@ pub trait Queue: Send {
     /// Stops taking messages (publish answers `Closed`); the backend sends
     /// [`Inbound::Drained`] once what it had accepted is handed over.
     fn close(&mut self);
+    /// The reactor has delivered an [`Inbound::DeliverJob`]; runs on the reactor
+    /// thread, so it only passes the id on. Backends without jobs ignore it.
+    fn ack(&mut self, _job: String) {}
+    /// How often the backend has re-established a lost connection.
+    fn reconnects(&self) -> u64 {
+        0
+    }
+}
+
+/// Capped exponential backoff between reconnect attempts, with jitter so that
+/// many nodes do not hammer a restarted server in lockstep.
+#[derive(Debug)]
+pub struct Backoff {
+    first: std::time::Duration,
+    max: std::time::Duration,
+    next: std::time::Duration,
+}
+
+impl Backoff {
+    pub fn new(first: std::time::Duration, max: std::time::Duration) -> Self {
+        let first = first.min(max);
+        Backoff {
+            first,
+            max,
+            next: first,
+        }
+    }
+
+    /// The wait before the next attempt: between half and all of the current
+    /// step, which then doubles up to the cap.
+    pub fn next_delay(&mut self) -> std::time::Duration {
+        let step = self.next;
+        self.next = (self.next * 2).min(self.max);
+        // Sub-second clock noise is jitter enough here; no random generator needed.
+        let noise = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let half = step / 2;
+        half + half.mul_f64(f64::from(noise % 1000) / 1000.0)
+    }
+
+    /// A connection succeeded: start again from the shortest wait.
+    pub fn reset(&mut self) {
+        self.next = self.first;
+    }
+}
+
+/// One connection's health, written by a backend thread, read by the reactor.
+#[derive(Debug, Default)]
+pub struct Link {
+    /// Connected and working.
+    up: AtomicBool,
+    /// At least one attempt has finished, so "not up" means down, not "still starting".
+    tried: AtomicBool,
+}
+
+impl Link {
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::Release);
+        self.tried.store(true, Ordering::Release);
+    }
+    pub fn state(&self) -> QueueState {
+        if self.up.load(Ordering::Acquire) {
+            QueueState::Up
+        } else if self.tried.load(Ordering::Acquire) {
+            QueueState::Down
+        } else {
+            QueueState::Connecting
+        }
+    }
+    /// The worse of two links: a backend is up only when all its connections are.
+    pub fn combined(a: &Link, b: &Link) -> QueueState {
+        match (a.state(), b.state()) {
+            (QueueState::Down, _) | (_, QueueState::Down) => QueueState::Down,
+            (QueueState::Up, QueueState::Up) => QueueState::Up,
+            _ => QueueState::Connecting,
+        }
+    }
 }
 
 /// The reactor has stopped; backend threads should end.

@@ -799,6 +799,11 @@ impl Server {
         while let Ok(event) = self.inbound.try_recv() {
             match event {
                 Inbound::Deliver(batch) => self.deliver(batch),
+                Inbound::DeliverJob { batch, job } => {
+                    // Acknowledged only once every frame sits in its receivers' queues.
+                    self.deliver(batch);
+                    self.queue.ack(job);
+                }
                 Inbound::Published { ticket, result } => self.on_published(ticket, result),
                 Inbound::Drained => self.queue_drained = true,
                 Inbound::Shutdown => self.begin_shutdown(),

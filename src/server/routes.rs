@@ -109,6 +109,7 @@ impl Server {
             users: self.hub.users(),
             queue_backend: self.queue.name(),
             queue_state: self.queue.state().as_str(),
+            queue_reconnects: self.queue.reconnects(),
             uptime_seconds: self.started.elapsed().as_secs(),
             rss_bytes: stats::rss_bytes(),
         })

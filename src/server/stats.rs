@@ -30,6 +30,8 @@ pub struct Snapshot<'a> {
     pub users: usize,
     pub queue_backend: &'a str,
     pub queue_state: &'a str,
+    /// Connections to the queue backend re-established after a loss.
+    pub queue_reconnects: u64,
     pub uptime_seconds: u64,
     pub rss_bytes: Option<u64>,
 }
@@ -52,7 +54,11 @@ impl Snapshot<'_> {
             "ws_closed": c.ws_closed,
             "uptime_seconds": self.uptime_seconds,
             "rss_bytes": self.rss_bytes,
-            "queue": { "backend": self.queue_backend, "state": self.queue_state },
+            "queue": {
+                "backend": self.queue_backend,
+                "state": self.queue_state,
+                "reconnects": self.queue_reconnects,
+            },
         });
         v.to_string().into_bytes()
     }
@@ -142,6 +148,12 @@ impl Snapshot<'_> {
         if let Some(rss) = self.rss_bytes {
             metric("resident_memory_bytes", "gauge", "Resident set size.", rss);
         }
+        metric(
+            "queue_reconnects_total",
+            "counter",
+            "Connections to the queue backend re-established after a loss.",
+            self.queue_reconnects,
+        );
         let up = u64::from(self.queue_state == "up");
         let _ = writeln!(
             s,
@@ -172,6 +184,7 @@ mod tests {
             users: 2,
             queue_backend: "list",
             queue_state: "up",
+            queue_reconnects: 2,
             uptime_seconds: 9,
             rss_bytes: Some(4096),
         }
@@ -201,6 +214,7 @@ mod tests {
         );
         assert_eq!(v["queue"]["backend"], "list");
         assert_eq!(v["queue"]["state"], "up");
+        assert_eq!(v["queue"]["reconnects"], 2);
     }
 
     #[test]
@@ -211,6 +225,7 @@ mod tests {
         };
         let text = String::from_utf8(snap(&c).to_prometheus()).unwrap();
         assert!(text.contains("\nwspush_dropped_total 7\n"));
+        assert!(text.contains("\nwspush_queue_reconnects_total 2\n"));
         assert!(text.contains("wspush_queue_up{backend=\"list\",state=\"up\"} 1"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, value) = line.rsplit_once(' ').unwrap();

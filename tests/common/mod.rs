@@ -4,7 +4,9 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -55,28 +57,17 @@ impl Server {
 
     /// A raw TCP connection with read/write timeouts.
     pub fn tcp(&self) -> TcpStream {
-        let s = TcpStream::connect(self.addr).expect("connect");
-        s.set_read_timeout(Some(WAIT)).unwrap();
-        s.set_write_timeout(Some(WAIT)).unwrap();
-        s
+        tcp_to(self.addr)
     }
 
     /// Sends raw bytes on a fresh connection and reads one response.
     pub fn raw(&self, request: &[u8]) -> Response {
-        let mut s = self.tcp();
-        s.write_all(request).unwrap();
-        read_response(&mut s)
+        raw_to(self.addr, request)
     }
 
     /// `POST /send` with a JSON body.
     pub fn send(&self, body: &str) -> Response {
-        self.raw(
-            format!(
-                "POST /send HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            )
-            .as_bytes(),
-        )
+        send_to(self.addr, body)
     }
 
     /// `POST /send` that must succeed.
@@ -86,7 +77,7 @@ impl Server {
     }
 
     pub fn get(&self, path: &str) -> Response {
-        self.raw(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        get_from(self.addr, path)
     }
 
     pub fn stats(&self) -> Value {
@@ -97,12 +88,13 @@ impl Server {
 
     /// Opens a push connection with the given query (e.g. `uid=1&types=chat`).
     pub fn ws(&self, query: &str) -> Ws {
-        let url = format!("ws://{}/ws?{query}", self.addr);
-        let stream = self.tcp();
-        let (ws, resp) =
-            tungstenite::client(url.into_client_request().unwrap(), stream).expect("handshake");
-        assert_eq!(resp.status(), 101);
-        ws
+        ws_to(self.addr, query).expect("handshake")
+    }
+
+    /// Kills the process at once (SIGKILL): no graceful shutdown.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends SIGTERM and waits for the process to exit.
@@ -132,6 +124,54 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A raw TCP connection with read/write timeouts.
+pub fn tcp_to(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.set_write_timeout(Some(WAIT)).unwrap();
+    s
+}
+
+/// Sends raw bytes on a fresh connection and reads one response.
+pub fn raw_to(addr: SocketAddr, request: &[u8]) -> Response {
+    let mut s = tcp_to(addr);
+    s.write_all(request).unwrap();
+    read_response(&mut s)
+}
+
+/// `POST /send` with a JSON body to any HTTP server (a node, or nginx in front).
+pub fn send_to(addr: SocketAddr, body: &str) -> Response {
+    raw_to(
+        addr,
+        format!(
+            "POST /send HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+}
+
+pub fn get_from(addr: SocketAddr, path: &str) -> Response {
+    raw_to(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+}
+
+/// Opens a push connection; Err when the connection or the handshake fails.
+pub fn ws_to(addr: SocketAddr, query: &str) -> Result<Ws, String> {
+    let url = format!("ws://{addr}/ws?{query}");
+    let stream = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream.set_write_timeout(Some(WAIT)).unwrap();
+    let (ws, resp) = tungstenite::client(url.into_client_request().unwrap(), stream)
+        .map_err(|e| e.to_string())?;
+    if resp.status() != 101 {
+        return Err(format!("handshake answered {}", resp.status()));
+    }
+    Ok(ws)
 }
 
 #[derive(Debug)]
@@ -213,6 +253,345 @@ pub fn recv_json(ws: &mut Ws) -> Value {
     }
 }
 
+/// The next text message within `within`, or None when none came (the connection
+/// stays usable). Pings and pongs are skipped.
+pub fn recv_json_within(ws: &mut Ws, within: Duration) -> Option<Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        ws.get_ref().set_read_timeout(Some(left)).unwrap();
+        let got = ws.read();
+        ws.get_ref().set_read_timeout(Some(WAIT)).unwrap();
+        match got {
+            Ok(Message::Text(t)) => {
+                return Some(serde_json::from_str(&t).unwrap_or_else(|e| panic!("{e}: {t}")));
+            }
+            Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+            Ok(other) => panic!("expected a text message, got {other:?}"),
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return None;
+            }
+            Err(e) => panic!("read push: {e}"),
+        }
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds; panics after `within`.
+pub fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A program named by `env` or found on PATH (or in the sbin directories, where
+/// Debian puts daemons). None when it is nowhere.
+pub fn find_program(name: &str, env: &str) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(env).filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// A program the test cannot run without: its absence fails the test.
+pub fn require_program(name: &str, env: &str, package: &str) -> PathBuf {
+    find_program(name, env).unwrap_or_else(|| {
+        panic!("{name} not found on PATH (nor ${env}): install it, e.g. apt-get install {package}")
+    })
+}
+
+/// A fresh directory for one test's files, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "wspush-{tag}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A RESP value, as far as the tests need to read replies.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resp {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(Vec<u8>),
+    Nil,
+    Array(Vec<Resp>),
+}
+
+impl Resp {
+    pub fn text(&self) -> String {
+        match self {
+            Resp::Simple(s) | Resp::Error(s) => s.clone(),
+            Resp::Bulk(b) => String::from_utf8_lossy(b).into_owned(),
+            Resp::Int(i) => i.to_string(),
+            other => panic!("not a text reply: {other:?}"),
+        }
+    }
+    pub fn array(&self) -> &[Resp] {
+        match self {
+            Resp::Array(a) => a,
+            other => panic!("not an array reply: {other:?}"),
+        }
+    }
+    /// The value after `key` in a flat `[key, value, …]` reply (Disque's SHOW).
+    pub fn field(&self, key: &str) -> Option<&Resp> {
+        let a = self.array();
+        a.chunks(2)
+            .find(|kv| kv[0].text() == key)
+            .and_then(|kv| kv.get(1))
+    }
+}
+
+/// A minimal RESP client written for the tests, independent of the server's own.
+pub struct RespClient {
+    reader: BufReader<TcpStream>,
+}
+
+impl RespClient {
+    pub fn connect(port: u16) -> std::io::Result<RespClient> {
+        let s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(WAIT))?;
+        s.set_write_timeout(Some(WAIT))?;
+        Ok(RespClient {
+            reader: BufReader::new(s),
+        })
+    }
+
+    pub fn call(&mut self, args: &[&[u8]]) -> Resp {
+        let mut out = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            out.extend_from_slice(a);
+            out.extend_from_slice(b"\r\n");
+        }
+        self.reader
+            .get_mut()
+            .write_all(&out)
+            .expect("send RESP command");
+        self.read()
+    }
+
+    /// Shorthand for commands whose arguments are all text.
+    pub fn cmd(&mut self, args: &[&str]) -> Resp {
+        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        self.call(&args)
+    }
+
+    fn read(&mut self) -> Resp {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("read RESP reply");
+        assert!(line.ends_with("\r\n"), "truncated RESP line {line:?}");
+        let (kind, rest) = line.trim_end().split_at(1);
+        match kind {
+            "+" => Resp::Simple(rest.into()),
+            "-" => Resp::Error(rest.into()),
+            ":" => Resp::Int(rest.parse().unwrap()),
+            "$" => {
+                let n: i64 = rest.parse().unwrap();
+                if n < 0 {
+                    return Resp::Nil;
+                }
+                let mut b = vec![0; n as usize + 2];
+                self.reader.read_exact(&mut b).unwrap();
+                b.truncate(n as usize);
+                Resp::Bulk(b)
+            }
+            "*" => {
+                let n: i64 = rest.parse().unwrap();
+                if n < 0 {
+                    return Resp::Nil;
+                }
+                Resp::Array((0..n).map(|_| self.read()).collect())
+            }
+            _ => panic!("bad RESP line {line:?}"),
+        }
+    }
+}
+
+/// Waits until a RESP server on `port` answers PING.
+pub fn wait_for_ping(port: u16, child: &mut Child, name: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok(mut c) = RespClient::connect(port)
+            && c.cmd(&["PING"]) == Resp::Simple("PONG".into())
+        {
+            return;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("{name} exited at start: {status}");
+        }
+        assert!(Instant::now() < deadline, "{name} did not answer PING");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until something listens on the loopback `port`.
+pub fn wait_for_port(port: u16, child: &mut Child, name: &str) {
+    let deadline = Instant::now() + WAIT;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("{name} exited at start: {status}");
+        }
+        assert!(Instant::now() < deadline, "{name} did not start listening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A line for the test log that is shown even when the test passes (measured
+/// figures, skips): written to stderr directly, past the harness's capture.
+pub fn report(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// A real `redis-server` on a free loopback port, without persistence.
+pub struct RedisServer {
+    child: Option<Child>,
+    pub port: u16,
+    bin: PathBuf,
+    args: Vec<String>,
+    dir: TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        Self::start_with(&[])
+    }
+
+    /// On a given port (one a node is already trying to reach).
+    pub fn start_on(port: u16) -> RedisServer {
+        let mut r = RedisServer {
+            child: None,
+            port,
+            bin: require_program("redis-server", "REDIS_SERVER", "redis-server"),
+            args: Vec::new(),
+            dir: TempDir::new("redis"),
+        };
+        r.spawn();
+        r
+    }
+
+    /// With extra `redis-server` arguments, e.g. `["--requirepass", "pw"]`.
+    pub fn start_with(args: &[&str]) -> RedisServer {
+        let mut r = RedisServer {
+            child: None,
+            port: free_port(),
+            bin: require_program("redis-server", "REDIS_SERVER", "redis-server"),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            dir: TempDir::new("redis"),
+        };
+        r.spawn();
+        r
+    }
+
+    /// The `-queue=` value for wspush.
+    pub fn queue_flag(&self) -> String {
+        format!("-queue=redis/127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let port = self.port.to_string();
+        let mut child = Command::new(&self.bin)
+            .args(["--port", &port, "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "no", "--dir"])
+            .arg(&self.dir.0)
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        if self.args.iter().any(|a| a == "--requirepass") {
+            wait_for_port(self.port, &mut child, "redis-server");
+        } else {
+            wait_for_ping(self.port, &mut child, "redis-server");
+        }
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: the server vanishes without closing anything gracefully.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("redis-server running").id()
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn client(&self) -> RespClient {
+        RespClient::connect(self.port).expect("connect to redis-server")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A unique channel or queue name, so tests sharing a server never see each other.
+pub fn unique_name(tag: &str) -> String {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "wspush-test-{tag}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Waits until the node's `/healthz` answers `status`.
+pub fn wait_health(server: &Server, status: u16) {
+    wait_until(
+        &format!("/healthz {status} on {}", server.addr),
+        WAIT,
+        || server.get("/healthz").status == status,
+    );
+}
+
 /// Waits until everything sent on `ws` before this call has been processed by the
 /// server: frames on one connection are handled in order, so a pong answers for them.
 pub fn sync(ws: &mut Ws) {
@@ -239,5 +618,170 @@ pub fn wait_stats(server: &Server, what: &str, pred: impl Fn(&Value) -> bool) ->
             "timed out waiting for {what}: {s}"
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A real `disque-server` (from `DISQUE_SERVER` or PATH) on a free loopback port.
+/// No package registry ships one, so tests that need it skip when it is absent,
+/// and say so loudly.
+pub struct DisqueServer {
+    child: Option<Child>,
+    pub port: u16,
+    bin: PathBuf,
+    dir: TempDir,
+}
+
+impl DisqueServer {
+    /// None (after a SKIPPED line on stderr) when no disque-server is available.
+    pub fn start_or_skip(test: &str) -> Option<DisqueServer> {
+        let Some(bin) = find_program("disque-server", "DISQUE_SERVER") else {
+            report(&format!(
+                "SKIPPED: no disque-server on PATH and DISQUE_SERVER unset: Disque test `{test}` did not run"
+            ));
+            return None;
+        };
+        let mut d = DisqueServer {
+            child: None,
+            port: free_port(),
+            bin,
+            dir: TempDir::new("disque"),
+        };
+        d.spawn();
+        Some(d)
+    }
+
+    pub fn queue_flag(&self) -> String {
+        format!("-queue=disque/127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let port = self.port.to_string();
+        // Disque writes its cluster config into the working directory.
+        let mut child = Command::new(&self.bin)
+            .args(["--port", &port, "--bind", "127.0.0.1", "--appendonly", "no"])
+            .current_dir(&self.dir.0)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start disque-server");
+        wait_for_ping(self.port, &mut child, "disque-server");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL; jobs it held are gone with it (no AOF).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir.0);
+        std::fs::create_dir_all(&self.dir.0).unwrap();
+        self.spawn();
+    }
+
+    pub fn client(&self) -> RespClient {
+        RespClient::connect(self.port).expect("connect to disque-server")
+    }
+}
+
+impl Drop for DisqueServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Sends a signal by name (`STOP`, `CONT`, `KILL`) to a process.
+pub fn signal(pid: u32, name: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "kill -{name} {pid}");
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A real nginx running `deploy/nginx.conf` with the node addresses and its own
+/// port substituted, as a foreground child process with every path under a temp dir.
+pub struct Nginx {
+    child: Child,
+    pub addr: SocketAddr,
+    dir: TempDir,
+}
+
+impl Nginx {
+    /// `edits` are further (from, to) replacements in the site config.
+    pub fn start(primary: SocketAddr, backup: SocketAddr, edits: &[(&str, &str)]) -> Nginx {
+        let bin = require_program("nginx", "NGINX", "nginx");
+        let dir = TempDir::new("nginx");
+        let port = free_port();
+        let mut site =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/nginx.conf"))
+                .expect("read deploy/nginx.conf");
+        let listen = format!("listen 127.0.0.1:{port};");
+        let (primary, backup) = (primary.to_string(), backup.to_string());
+        let mut all = vec![
+            ("server 127.0.0.1:3210 ", primary.as_str()),
+            ("server 127.0.0.1:3211 ", backup.as_str()),
+            ("listen 3220;", listen.as_str()),
+        ];
+        all.extend_from_slice(edits);
+        for (from, to) in all {
+            assert!(site.contains(from), "deploy/nginx.conf has no {from:?}");
+            // Keep the separator after an upstream address.
+            let to = if from.ends_with(' ') {
+                format!("server {to} ")
+            } else {
+                to.to_string()
+            };
+            site = site.replace(from, &to);
+        }
+        let d = dir.0.display();
+        std::fs::write(dir.0.join("wspush.conf"), site).unwrap();
+        // One process in the foreground, every file under the temp dir: no root
+        // paths touched, nothing left behind.
+        let main = format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+             error_log {d}/error.log warn;\nevents {{ worker_connections 256; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             include {d}/wspush.conf;\n}}\n"
+        );
+        std::fs::write(dir.0.join("nginx.conf"), main).unwrap();
+        let mut child = Command::new(bin)
+            .arg("-p")
+            .arg(&dir.0)
+            .arg("-e")
+            .arg(dir.0.join("error.log"))
+            .arg("-c")
+            .arg(dir.0.join("nginx.conf"))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start nginx");
+        wait_for_port(port, &mut child, "nginx");
+        Nginx {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            dir,
+        }
+    }
+
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.0.join("error.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
