@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use getopts::Options;
 
+use crate::auth::IpNet;
+
 /// Where `/send` hands messages to and where pushes come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum QueueSpec {
@@ -85,6 +87,16 @@ pub struct Config {
     pub keepalive_timeout: Duration,
     pub close_timeout: Duration,
     pub shutdown_timeout: Duration,
+    /// `/send`, `/stats` and `/metrics` need `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+    /// `/ws` needs a token signed with this secret.
+    pub secret: Option<String>,
+    /// Allowed `Origin`s for `/ws`; empty allows any.
+    pub origins: Vec<String>,
+    /// Connections per client address; 0 means no limit.
+    pub max_per_ip: usize,
+    /// Peers whose `X-Forwarded-For` / `X-Real-IP` name the client.
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 impl Default for Config {
@@ -115,6 +127,11 @@ impl Default for Config {
             keepalive_timeout: Duration::from_secs(60),
             close_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
+            api_key: None,
+            secret: None,
+            origins: Vec::new(),
+            max_per_ip: 1000,
+            trusted_proxies: vec![LOOPBACK_V4, LOOPBACK_V6],
         }
     }
 }
@@ -343,13 +360,57 @@ fn options() -> Options {
         ),
         "DUR",
     );
+    o.optopt(
+        "",
+        "api-key",
+        "key that /send, /stats and /metrics require as `Authorization: Bearer KEY` (or env WSPUSH_API_KEY)",
+        "KEY",
+    );
+    o.optopt(
+        "",
+        "secret",
+        "require /ws tokens: hex HMAC-SHA256(SECRET, \"uid:expires\") (or env WSPUSH_SECRET)",
+        "SECRET",
+    );
+    o.optopt(
+        "",
+        "origins",
+        "comma list of Origins allowed on /ws (default any)",
+        "LIST",
+    );
+    o.optopt(
+        "",
+        "max-per-ip",
+        &format!(
+            "connections per client address, 0 = no limit (default {})",
+            d.max_per_ip
+        ),
+        "N",
+    );
+    o.optopt(
+        "",
+        "trusted-proxies",
+        "comma list of proxy addresses/CIDRs whose X-Forwarded-For / X-Real-IP are believed (default 127.0.0.0/8,::1; empty = none)",
+        "LIST",
+    );
     o.optflag("h", "help", "print this help");
     o.optflag("", "version", "print the version");
     o
 }
 
-/// Parses the arguments after the program name.
+const LOOPBACK_V4: IpNet = IpNet::new_v4([127, 0, 0, 0], 8);
+const LOOPBACK_V6: IpNet = IpNet::new_v6_host([0, 0, 0, 0, 0, 0, 0, 1]);
+
+/// Parses the arguments after the program name; secrets may also come from the
+/// environment (`WSPUSH_API_KEY`, `WSPUSH_SECRET`) so they stay out of `ps`.
 pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Command, ConfigError> {
+    parse_with_env(args, |name| std::env::var(name).ok())
+}
+
+pub fn parse_with_env<S: AsRef<str>>(
+    args: &[S],
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Command, ConfigError> {
     let opts = options();
     let m = opts
         .parse(args.iter().map(|a| a.as_ref()))
@@ -429,6 +490,30 @@ pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Command, ConfigError> {
         };
     }
     c.echo = m.opt_present("echo");
+    let secret = |flag: &'static str, var: &str| -> Result<Option<String>, ConfigError> {
+        match m.opt_str(flag).or_else(|| env(var)) {
+            Some(s) if s.is_empty() => Err(ConfigError::Invalid(flag, "(empty)".into())),
+            other => Ok(other),
+        }
+    };
+    c.api_key = secret("api-key", "WSPUSH_API_KEY")?;
+    c.secret = secret("secret", "WSPUSH_SECRET")?;
+    if let Some(s) = m.opt_str("origins") {
+        c.origins = list(&s).map(str::to_string).collect();
+    }
+    if let Some(s) = m.opt_str("max-per-ip") {
+        c.max_per_ip = s
+            .parse()
+            .map_err(|_| ConfigError::Invalid("max-per-ip", s))?;
+    }
+    if let Some(s) = m.opt_str("trusted-proxies") {
+        c.trusted_proxies = list(&s)
+            .map(|p| {
+                IpNet::parse(p).ok_or_else(|| ConfigError::Invalid("trusted-proxies", p.into()))
+            })
+            .collect::<Result<_, _>>()?;
+    }
+
     if c.idle_timeout <= c.ping_interval {
         return Err(ConfigError::Conflict(
             "-idle-timeout must be longer than -ping-interval".into(),
@@ -454,6 +539,10 @@ pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Command, ConfigError> {
         ));
     }
     Ok(Command::Run(Box::new(c)))
+}
+
+fn list(s: &str) -> impl Iterator<Item = &str> {
+    s.split(',').map(str::trim).filter(|p| !p.is_empty())
 }
 
 /// `30`, `30s`, `500ms`, `2m`: a bare number means seconds, as the timeouts are mostly seconds.

@@ -7,7 +7,9 @@
 
 #[macro_use]
 pub mod log;
+pub mod auth;
 pub mod config;
+
 pub mod http;
 pub mod hub;
 pub mod message;

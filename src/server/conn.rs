@@ -181,8 +181,10 @@ pub struct Conn {
     /// Last time the peer sent anything; drives pings and the idle timeout.
     pub last_seen: Instant,
     pub opened: Instant,
-    /// Accepted over `-max-connections` only to be told 503.
+    /// Accepted over a limit only to be told so.
     pub refused: bool,
+    /// The client address this connection counts against for `-max-per-ip`.
+    pub client_ip: Option<std::net::IpAddr>,
 }
 
 impl Conn {
@@ -207,6 +209,7 @@ impl Conn {
             last_seen: now,
             opened: now,
             refused: false,
+            client_ip: None,
         }
     }
 

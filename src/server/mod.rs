@@ -9,8 +9,9 @@ mod conn;
 mod routes;
 pub mod stats;
 
+use std::collections::HashMap;
 use std::io::{self, Read};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
+use crate::auth::{self, Refusal};
 use crate::config::Config;
 use crate::http::chunked::ChunkedDecoder;
 use crate::http::request::{BodyKind, Head, Limits};
@@ -78,10 +80,14 @@ enum Step {
 /// A handled HTTP request's outcome.
 pub(crate) enum Action {
     Respond(Response),
+    /// Answer, then close: a refused client gets nothing more on this connection.
+    Refuse(Response),
     Upgrade {
         accept: String,
         uid: Option<String>,
         types: hub::TypeSet,
+        /// The client behind a trusted proxy, to count against `-max-per-ip`.
+        client_ip: Option<IpAddr>,
     },
     Publish(Vec<Envelope>),
 }
@@ -106,8 +112,10 @@ pub struct Server {
     tick: Duration,
     next_tick: Instant,
     accept_paused: bool,
-    /// Connections kept only to deliver their 503 (at most `REFUSAL_SLOTS`).
+    /// Connections kept only to deliver their refusal (at most `REFUSAL_SLOTS`).
     refusing: usize,
+    /// Open connections per client address, for `-max-per-ip`.
+    per_ip: HashMap<IpAddr, u32>,
     /// Set once SIGINT/SIGTERM arrived: when to give up waiting.
     shutdown: Option<Instant>,
     /// The queue has handed over everything it had when shutdown began.
@@ -172,6 +180,7 @@ impl Server {
             next_tick: now + tick,
             accept_paused: false,
             refusing: 0,
+            per_ip: HashMap::new(),
             shutdown: None,
             queue_drained: false,
         })
@@ -241,12 +250,23 @@ impl Server {
     }
 
     fn admit(&mut self, mut sock: TcpStream, peer: SocketAddr) {
+        // A trusted proxy's connections are counted per client once the handshake
+        // names the client; every other peer is counted by its own address now.
+        let ip = auth::canonical(peer.ip());
+        let counted_ip = (self.cfg.max_per_ip > 0
+            && !auth::is_trusted(&self.cfg.trusted_proxies, ip))
+        .then_some(ip);
         // Connections still being refused do not count against the limit, so a
         // refused client that lingers never keeps a freed slot from a new one.
-        let over = self.conns.len() - self.refusing >= self.cfg.max_connections;
-        if over {
-            self.counters.refused_connections += 1;
-            debug!("refused {peer}: too many connections");
+        let refusal = if self.conns.len() - self.refusing >= self.cfg.max_connections {
+            Some(Refusal::Capacity)
+        } else if counted_ip.is_some_and(|ip| !self.ip_has_room(ip)) {
+            Some(Refusal::PerIp)
+        } else {
+            None
+        };
+        if let Some(r) = refusal {
+            self.count_refusal(r, peer, "connect");
             if self.refusing >= REFUSAL_SLOTS {
                 return; // dropping the socket closes it
             }
@@ -272,13 +292,14 @@ impl Server {
             now,
             now + self.cfg.keepalive_timeout,
         ));
-        if over {
+        if let Some(r) = refusal {
             self.refusing += 1;
             self.conns[key].refused = true;
-            // A refused client still gets a readable 503: the reply goes out through
-            // the normal draining path rather than a reset.
-            let resp = Response::error(503, "too many connections");
-            self.reply(key, &resp, false, false);
+            // A refused client still gets a readable answer: the reply goes out
+            // through the normal draining path rather than a reset.
+            self.reply(key, &refusal_response(r), false, false);
+        } else if let Some(ip) = counted_ip {
+            self.count_ip(key, ip);
         }
         // Data may already be waiting; edge-triggered readiness reports it anyway,
         // but reading now saves a round through the poll.
@@ -468,6 +489,17 @@ impl Server {
                 }
                 Ok(None) => Step::NeedMore,
                 Ok(Some((head, n))) => {
+                    // Refused before the body is read: an unauthorized client never
+                    // gets to make the server buffer a megabyte.
+                    if let Some(r) = self.precheck(&head) {
+                        let peer = self.conns[key].peer;
+                        self.count_refusal(r, peer, &head.path);
+                        self.http_fail(key, refusal_response(r));
+                        return Step::Stop;
+                    }
+                    let Phase::Http { pending, .. } = &mut self.conns[key].phase else {
+                        return Step::Stop;
+                    };
                     let chunked = (head.body == BodyKind::Chunked)
                         .then(|| ChunkedDecoder::new(limits.max_body));
                     *pending = Some(Box::new(PendingRequest {
@@ -544,9 +576,21 @@ impl Server {
         self.counters.http_requests += 1;
         let keep_alive = head.keep_alive && self.shutdown.is_none();
         let head_only = head.method == crate::http::request::Method::Head;
-        match self.route(&head, &body) {
+        match self.route(key, &head, &body) {
             Action::Respond(resp) => self.reply(key, &resp, keep_alive, head_only),
-            Action::Upgrade { accept, uid, types } => self.upgrade(key, &accept, uid, types),
+            Action::Refuse(resp) => self.reply(key, &resp, false, head_only),
+
+            Action::Upgrade {
+                accept,
+                uid,
+                types,
+                client_ip,
+            } => {
+                if let Some(ip) = client_ip {
+                    self.count_ip(key, ip);
+                }
+                self.upgrade(key, &accept, uid, types)
+            }
             Action::Publish(batch) => self.publish(key, batch, keep_alive),
         }
     }
@@ -631,7 +675,13 @@ impl Server {
             ping_sent: false,
         });
         conn.last_seen = Instant::now();
-        debug!("{}: open uid={:?}", conn.peer, uid);
+        info!(
+            "ws open uid={} peer={} ip={}",
+            uid.as_deref().unwrap_or("-"),
+            conn.peer,
+            conn.client_ip
+                .map_or_else(|| "-".to_string(), |ip| ip.to_string())
+        );
         self.hub.join(key, uid.as_deref(), types);
         self.counters.ws_opened += 1;
         self.send(key, Chunk::Owned(crate::ws::handshake::response(accept)));
@@ -703,7 +753,7 @@ impl Server {
                     Some(c) => frame::close_frame(c.code, ""),
                     None => frame::encode(OpCode::Close, &[]),
                 };
-                self.leave_ws(key, Phase::Draining { fin_sent: false });
+                self.leave_ws(key, Phase::Draining { fin_sent: false }, "client closed");
                 self.send(key, Chunk::Owned(reply));
                 self.flush(key);
             }
@@ -714,24 +764,23 @@ impl Server {
     fn ws_fail(&mut self, key: usize, e: ProtocolError) {
         debug!("{}: {e}", self.conns[key].peer);
         let code = e.close_code();
-        self.leave_ws(key, Phase::Draining { fin_sent: false });
+        self.leave_ws(key, Phase::Draining { fin_sent: false }, &e.to_string());
         self.send(key, Chunk::Owned(frame::close_frame(code, &e.to_string())));
         self.flush(key);
     }
 
     /// Starts a server-initiated close handshake.
     fn ws_close(&mut self, key: usize, code: u16, reason: &str) {
-        self.leave_ws(key, Phase::Closing);
+        self.leave_ws(key, Phase::Closing, reason);
         self.send(key, Chunk::Owned(frame::close_frame(code, reason)));
     }
 
     /// Leaves the push phase: no more pushes reach this connection.
-    fn leave_ws(&mut self, key: usize, next: Phase) {
-        let conn = &mut self.conns[key];
-        if matches!(conn.phase, Phase::Ws(_)) {
-            self.hub.leave(key);
-            self.counters.ws_closed += 1;
+    fn leave_ws(&mut self, key: usize, next: Phase, why: &str) {
+        if matches!(self.conns[key].phase, Phase::Ws(_)) {
+            self.ws_closed(key, why);
         }
+        let conn = &mut self.conns[key];
         conn.phase = next;
         conn.deadline = Instant::now() + self.cfg.close_timeout;
     }
@@ -767,7 +816,7 @@ impl Server {
             "{}: evicted, backlog over {} bytes",
             conn.peer, self.cfg.max_backlog
         );
-        self.leave_ws(key, Phase::Draining { fin_sent: false });
+        self.leave_ws(key, Phase::Draining { fin_sent: false }, "too slow");
         self.send(key, Chunk::Owned(frame::close_frame(1008, "too slow")));
         self.flush(key);
     }
@@ -776,12 +825,17 @@ impl Server {
         let Some(mut conn) = self.conns.try_remove(key) else {
             return;
         };
+        if matches!(conn.phase, Phase::Ws(_)) {
+            self.ws_closed_line(key, &conn, &reason.to_string());
+            self.hub.leave(key);
+            self.counters.ws_closed += 1;
+        }
+
         if conn.refused {
             self.refusing -= 1;
         }
-        if matches!(conn.phase, Phase::Ws(_)) {
-            self.hub.leave(key);
-            self.counters.ws_closed += 1;
+        if let Some(ip) = conn.client_ip {
+            self.uncount_ip(ip);
         }
         self.counters.dropped += conn.out.unsent_pushes();
         let _ = self.poll.registry().deregister(&mut conn.sock);
@@ -790,6 +844,50 @@ impl Server {
             conn.peer,
             conn.opened.elapsed()
         );
+    }
+
+    /// The end of a push connection: out of the hub, counted, one log line.
+    fn ws_closed(&mut self, key: usize, why: &str) {
+        let conn = &self.conns[key];
+        self.ws_closed_line(key, conn, why);
+        self.hub.leave(key);
+        self.counters.ws_closed += 1;
+    }
+
+    fn ws_closed_line(&self, key: usize, conn: &Conn, why: &str) {
+        info!(
+            "ws close uid={} peer={} reason={why} duration={:.1}s",
+            self.hub.uid(key).unwrap_or("-"),
+            conn.peer,
+            conn.opened.elapsed().as_secs_f64()
+        );
+    }
+
+    // ---- who may connect -------------------------------------------------------
+
+    fn ip_has_room(&self, ip: IpAddr) -> bool {
+        self.per_ip
+            .get(&ip)
+            .is_none_or(|n| (*n as usize) < self.cfg.max_per_ip)
+    }
+
+    fn count_ip(&mut self, key: usize, ip: IpAddr) {
+        *self.per_ip.entry(ip).or_default() += 1;
+        self.conns[key].client_ip = Some(ip);
+    }
+
+    fn uncount_ip(&mut self, ip: IpAddr) {
+        if let Some(n) = self.per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&ip);
+            }
+        }
+    }
+
+    fn count_refusal(&mut self, r: Refusal, peer: SocketAddr, what: &str) {
+        self.counters.refused[r.index()] += 1;
+        info!("refused {peer} {what}: {r}");
     }
 
     // ---- the queue side --------------------------------------------------------
@@ -943,6 +1041,15 @@ impl Server {
         for key in ws {
             self.ws_close(key, 1001, "server shutting down");
         }
+    }
+}
+
+/// The one answer every refusal gets: its status and a JSON error.
+pub(crate) fn refusal_response(r: Refusal) -> Response {
+    let resp = Response::error(r.status(), &r.to_string());
+    match r {
+        Refusal::ApiKey => resp.with_header("WWW-Authenticate", "Bearer"),
+        _ => resp,
     }
 }
 

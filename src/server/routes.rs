@@ -6,23 +6,35 @@
 use serde::Deserialize;
 
 use super::stats::{self, Snapshot};
-use super::{Action, Server};
+use super::{Action, Server, refusal_response};
+use crate::auth::{self, Refusal};
 use crate::http::query;
 use crate::http::request::{Head, HttpError, Method};
 use crate::http::response::Response;
 use crate::hub::{self, TypeSet};
-use crate::message::{self, MAX_UID_LEN};
+use crate::message::{self, MAX_UID_LEN, unix_now};
 use crate::ws::handshake::{self, UpgradeHeaders};
 
 const DEMO_PAGE: &[u8] = include_bytes!("../../demo/socket.html");
 const DEMO_CLIENT: &[u8] = include_bytes!("../../demo/wspush.js");
 
 impl Server {
-    pub(super) fn route(&mut self, head: &Head, body: &[u8]) -> Action {
+    /// Checks that need only the head, made before any body is read: the API key
+    /// guards publishing and the figures.
+    pub(super) fn precheck(&self, head: &Head) -> Option<Refusal> {
+        let key = self.cfg.api_key.as_ref()?;
+        let guarded = matches!(head.path.as_str(), "/send" | "/stats" | "/metrics");
+        if !guarded {
+            return None;
+        }
+        auth::check_api_key(key.as_bytes(), head.header("authorization")).err()
+    }
+
+    pub(super) fn route(&mut self, key: usize, head: &Head, body: &[u8]) -> Action {
         let get = matches!(head.method, Method::Get | Method::Head);
         let respond = Action::Respond;
         match head.path.as_str() {
-            "/ws" if head.method == Method::Get => self.handshake(head),
+            "/ws" if head.method == Method::Get => self.handshake(key, head),
             "/ws" => respond(not_allowed("GET")),
             "/send" if head.method == Method::Post => self.send_request(body),
             "/send" => respond(not_allowed("POST")),
@@ -50,7 +62,7 @@ impl Server {
         }
     }
 
-    fn handshake(&mut self, head: &Head) -> Action {
+    fn handshake(&mut self, key: usize, head: &Head) -> Action {
         if self.shutdown.is_some() {
             return Action::Respond(Response::error(503, "server is shutting down"));
         }
@@ -73,9 +85,64 @@ impl Server {
                 });
             }
         };
-        match ws_params(&head.query) {
-            Ok((uid, types)) => Action::Upgrade { accept, uid, types },
-            Err(e) => Action::Respond(e.response()),
+        let (uid, types) = match ws_params(&head.query) {
+            Ok(params) => params,
+            Err(e) => return Action::Respond(e.response()),
+        };
+        match self.admit_listener(key, head, uid.as_deref()) {
+            Ok(client_ip) => Action::Upgrade {
+                accept,
+                uid,
+                types,
+                client_ip,
+            },
+            Err(r) => {
+                let peer = self.conns[key].peer;
+                self.count_refusal(r, peer, "/ws");
+                Action::Refuse(refusal_response(r))
+            }
+        }
+    }
+
+    /// Origin, token and per-address checks for a push connection, in that order.
+    /// Returns the forwarded client address to count, when a trusted proxy named one.
+    fn admit_listener(
+        &self,
+        key: usize,
+        head: &Head,
+        uid: Option<&str>,
+    ) -> Result<Option<std::net::IpAddr>, Refusal> {
+        if !self.cfg.origins.is_empty()
+            && !auth::origin_allowed(&self.cfg.origins, head.header("origin"))
+        {
+            return Err(Refusal::Origin);
+        }
+        if let Some(secret) = &self.cfg.secret {
+            let param = |name| query::get(&head.query, name).ok().flatten();
+            auth::verify_token(
+                secret.as_bytes(),
+                uid,
+                param("expires").as_deref(),
+                param("token").as_deref(),
+                unix_now(),
+            )?;
+        }
+        let conn = &self.conns[key];
+        if self.cfg.max_per_ip == 0 || conn.client_ip.is_some() {
+            return Ok(None); // no limit, or already counted by its own address
+        }
+        // Here the peer is a trusted proxy (or a local tool): only a client it names
+        // is counted.
+        let (forwarded, real) = (head.header("x-forwarded-for"), head.header("x-real-ip"));
+        if forwarded.is_none() && real.is_none() {
+            return Ok(None);
+        }
+        let ip = auth::client_ip(conn.peer.ip(), &self.cfg.trusted_proxies, forwarded, real);
+
+        if self.ip_has_room(ip) {
+            Ok(Some(ip))
+        } else {
+            Err(Refusal::PerIp)
         }
     }
 

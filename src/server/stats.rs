@@ -2,6 +2,8 @@
 
 use std::fmt::Write;
 
+use crate::auth::Refusal;
+
 /// Monotonic counters kept by the reactor thread.
 #[derive(Default, Debug, Clone)]
 pub struct Counters {
@@ -15,8 +17,8 @@ pub struct Counters {
     pub dropped: u64,
     /// Connections closed because their backlog passed `-max-backlog`.
     pub evicted_slow: u64,
-    /// Connections refused at `-max-connections`.
-    pub refused_connections: u64,
+    /// Requests and connections turned away, by [`Refusal::index`].
+    pub refused: [u64; Refusal::LABELS.len()],
     pub http_requests: u64,
     pub ws_opened: u64,
     pub ws_closed: u64,
@@ -48,7 +50,7 @@ impl Snapshot<'_> {
             "expired": c.expired,
             "dropped": c.dropped,
             "evicted_slow": c.evicted_slow,
-            "refused_connections": c.refused_connections,
+            "refused": Refusal::LABELS.iter().zip(c.refused).map(|(l, n)| (l.to_string(), n.into())).collect::<serde_json::Map<String, serde_json::Value>>(),
             "http_requests": c.http_requests,
             "ws_opened": c.ws_opened,
             "ws_closed": c.ws_closed,
@@ -116,12 +118,6 @@ impl Snapshot<'_> {
             c.evicted_slow,
         );
         metric(
-            "refused_connections_total",
-            "counter",
-            "Connections refused at the limit.",
-            c.refused_connections,
-        );
-        metric(
             "http_requests_total",
             "counter",
             "HTTP requests answered.",
@@ -154,6 +150,13 @@ impl Snapshot<'_> {
             "Connections to the queue backend re-established after a loss.",
             self.queue_reconnects,
         );
+        let _ = writeln!(
+            s,
+            "# HELP wspush_refused_total Requests and connections turned away, by reason.\n# TYPE wspush_refused_total counter"
+        );
+        for (label, n) in Refusal::LABELS.iter().zip(c.refused) {
+            let _ = writeln!(s, "wspush_refused_total{{reason=\"{label}\"}} {n}");
+        }
         let up = u64::from(self.queue_state == "up");
         let _ = writeln!(
             s,

@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -28,13 +28,26 @@ impl Server {
     /// Starts wspush with `-port=0 -bind=127.0.0.1` plus `args`, and waits for the
     /// line in which it reports its address.
     pub fn start(args: &[&str]) -> Server {
+        Server::start_with(args, &[], None)
+    }
+
+    /// Like `start`, with extra environment variables, and stderr (the log) written
+    /// to `log` when given. The log level is `warn` unless `args` has a `-log=`.
+    pub fn start_with(args: &[&str], env: &[(&str, &str)], log: Option<&Path>) -> Server {
+        let stderr = match log {
+            Some(path) => Stdio::from(std::fs::File::create(path).expect("create log file")),
+            None => Stdio::inherit(),
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_wspush"))
-            .args(["-port=0", "-bind=127.0.0.1", "-log=warn"])
+            .args(["-port=0", "-bind=127.0.0.1"])
+            .args((!args.iter().any(|a| a.starts_with("-log="))).then_some("-log=warn"))
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start wspush");
+
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         stdout
