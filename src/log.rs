@@ -14,12 +14,22 @@ pub fn enabled(level: LogLevel) -> bool {
     level as u8 >= LEVEL.load(Ordering::Relaxed)
 }
 
+/// UTC, so lines from nodes in different zones sort together.
+pub fn timestamp() -> impl std::fmt::Display {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ")
+}
+
 #[macro_export]
 macro_rules! log_at {
     ($level:expr, $tag:literal, $($arg:tt)*) => {
         if $crate::log::enabled($level) {
-            eprintln!(concat!("wspush ", $tag, " ", "{}"), format_args!($($arg)*));
+            eprintln!(
+                concat!("{} wspush ", $tag, " {}"),
+                $crate::log::timestamp(),
+                format_args!($($arg)*)
+            );
         }
+
     };
 }
 
