@@ -134,19 +134,6 @@ fn read_head(s: &mut TcpStream) -> (u16, Vec<(String, String)>) {
     (status, headers)
 }
 
-/// One `GET` on a fresh connection that tolerates being refused: the status, or None
-/// if the connection failed before a complete status line arrived.
-fn try_get_status(server: &Server, path: &str) -> Option<u16> {
-    let mut s = TcpStream::connect(server.addr).ok()?;
-    s.set_read_timeout(Some(WAIT)).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut all = Vec::new();
-    s.read_to_end(&mut all).ok()?;
-    let text = String::from_utf8_lossy(&all);
-    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
-}
-
 /// Closes a push connection with the close handshake and waits for the server's side.
 fn close_ws(mut ws: Ws) {
     ws.close(None).expect("send close");

@@ -305,7 +305,7 @@ fn the_per_address_cap_counts_direct_clients_by_their_own_address() {
     drop((_b, _c));
     // /stats needs a slot of its own too.
     wait_until("a slot for /stats", WAIT, || {
-        std::panic::catch_unwind(|| server.get("/healthz").status == 200).unwrap_or(false)
+        try_get_status(&server, "/healthz") == Some(200)
     });
     assert!(server.stats()["refused"]["per_ip"].as_u64() >= Some(1));
 }
@@ -367,5 +367,59 @@ fn keys_and_tokens_never_reach_the_log() {
     assert!(text.contains("refused"), "refusals are logged: {text}");
     for secret in [KEY, SECRET, "guess-key", &good, &bad] {
         assert!(!text.contains(secret), "{secret} is in the log:\n{text}");
+    }
+}
+
+#[test]
+fn every_limit_hit_is_counted_by_reason() {
+    let server = Server::start(&["-max-body=100", "-request-timeout=1s", "-max-connections=3"]);
+    // Over -max-connections.
+    let held: Vec<Ws> = (0..3).map(|i| server.ws(&format!("uid={i}"))).collect();
+    assert_eq!(server.get("/healthz").status, 503);
+    drop(held);
+    wait_until("the held connections to close", WAIT, || {
+        try_get_status(&server, "/healthz") == Some(200)
+    });
+    let big_header = format!(
+        "GET /healthz HTTP/1.1\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(9000)
+    );
+    assert_eq!(server.raw(big_header.as_bytes()).status, 431);
+    let big_body = format!("{{\"topic\":\"all\",\"msg\":\"{}\"}}", "b".repeat(200));
+    assert_eq!(server.send(&big_body).status, 413);
+    // A request that never completes: the 408 is the event to wait for.
+    let mut slow = server.tcp();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+    assert_eq!(read_response(&mut slow).status, 408);
+    // A client frame over 64 KiB: its masked header alone declares the size.
+    let mut ws = server.tcp();
+    write!(
+        ws,
+        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    assert_eq!(read_response(&mut ws).status, 101);
+    ws.write_all(&[0x82, 0xFF, 0, 0, 0, 0, 0, 1, 0, 1, 1, 2, 3, 4])
+        .unwrap();
+    let mut close = [0u8; 4];
+    ws.read_exact(&mut close).unwrap();
+    assert_eq!(
+        (close[0], u16::from_be_bytes([close[2], close[3]])),
+        (0x88, 1009)
+    );
+    drop((slow, ws));
+    wait_until("a slot for /stats", WAIT, || {
+        try_get_status(&server, "/healthz") == Some(200)
+    });
+    let refused = &server.stats()["refused"];
+    for (reason, n) in [
+        ("header_size", 1),
+        ("body_size", 1),
+        ("request_timeout", 1),
+        ("frame_size", 1),
+        ("max_connections", 1),
+        ("api_key", 0),
+    ] {
+        assert_eq!(refused[reason], n, "{reason}: {refused}");
     }
 }

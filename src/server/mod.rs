@@ -23,7 +23,7 @@ use slab::Slab;
 use crate::auth::{self, Refusal};
 use crate::config::Config;
 use crate::http::chunked::ChunkedDecoder;
-use crate::http::request::{BodyKind, Head, Limits};
+use crate::http::request::{BodyKind, Head, HttpError, Limits};
 use crate::http::response::{self, Response};
 use crate::hub::{self, Hub};
 use crate::message::{Clock, Envelope, unix_now};
@@ -32,7 +32,7 @@ use crate::ws::assembler::{Assembler, Message};
 use crate::ws::frame::{self, OpCode, ProtocolError};
 
 use conn::{Chunk, Conn, PendingRequest, Phase, WsState};
-use stats::Counters;
+use stats::{Counters, Limit};
 
 pub const LISTENER: Token = Token(usize::MAX - 1);
 pub const WAKER: Token = Token(usize::MAX - 2);
@@ -484,6 +484,7 @@ impl Server {
             }
             return match crate::http::request::parse_head(buf, &limits) {
                 Err(e) => {
+                    self.count_http_limit(&e);
                     self.http_fail(key, e.response());
                     Step::Stop
                 }
@@ -531,6 +532,7 @@ impl Server {
             }
             (BodyKind::Chunked, Some(decoder)) => match decoder.feed(buf) {
                 Err(e) => {
+                    self.count_http_limit(&e);
                     self.http_fail(key, e.response());
                     Step::Stop
                 }
@@ -762,6 +764,9 @@ impl Server {
 
     /// Fails the connection with the error's close code.
     fn ws_fail(&mut self, key: usize, e: ProtocolError) {
+        if matches!(e, ProtocolError::FrameTooBig | ProtocolError::MessageTooBig) {
+            self.counters.limited[Limit::FrameSize.index()] += 1;
+        }
         debug!("{}: {e}", self.conns[key].peer);
         let code = e.close_code();
         self.leave_ws(key, Phase::Draining { fin_sent: false }, &e.to_string());
@@ -810,6 +815,7 @@ impl Server {
     /// A receiver that does not keep up is cut off so it never holds back the others.
     fn evict(&mut self, key: usize) {
         self.counters.evicted_slow += 1;
+        self.counters.limited[Limit::Backlog.index()] += 1;
         let conn = &mut self.conns[key];
         self.counters.dropped += conn.out.discard_unstarted();
         info!(
@@ -883,6 +889,15 @@ impl Server {
                 self.per_ip.remove(&ip);
             }
         }
+    }
+
+    fn count_http_limit(&mut self, e: &HttpError) {
+        let limit = match e {
+            HttpError::HeadTooLarge => Limit::HeaderSize,
+            HttpError::BodyTooLarge => Limit::BodySize,
+            _ => return,
+        };
+        self.counters.limited[limit.index()] += 1;
     }
 
     fn count_refusal(&mut self, r: Refusal, peer: SocketAddr, what: &str) {
@@ -996,6 +1011,7 @@ impl Server {
                 }
             }
             Phase::Http { busy: true, .. } => {
+                self.counters.limited[Limit::RequestTimeout.index()] += 1;
                 self.reply(key, &Response::error(408, "request timeout"), false, false)
             }
             Phase::Publishing { .. } => {

@@ -4,6 +4,35 @@ use std::fmt::Write;
 
 use crate::auth::Refusal;
 
+/// Limits a request or connection ran into, counted beside the [`Refusal`]s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    /// `-request-timeout`: 408.
+    RequestTimeout,
+    /// `-max-header`: 431.
+    HeaderSize,
+    /// `-max-body`: 413.
+    BodySize,
+    /// `-max-frame` / `-max-message`: close 1009.
+    FrameSize,
+    /// `-max-backlog`: close 1008.
+    Backlog,
+}
+
+impl Limit {
+    pub const LABELS: [&'static str; 5] = [
+        "request_timeout",
+        "header_size",
+        "body_size",
+        "frame_size",
+        "backlog",
+    ];
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// Monotonic counters kept by the reactor thread.
 #[derive(Default, Debug, Clone)]
 pub struct Counters {
@@ -19,9 +48,19 @@ pub struct Counters {
     pub evicted_slow: u64,
     /// Requests and connections turned away, by [`Refusal::index`].
     pub refused: [u64; Refusal::LABELS.len()],
+    /// Requests and connections cut off at a limit, by [`Limit::index`].
+    pub limited: [u64; Limit::LABELS.len()],
     pub http_requests: u64,
     pub ws_opened: u64,
     pub ws_closed: u64,
+}
+
+impl Counters {
+    /// Every refusal and limit with its label, for both renderings.
+    fn refusals(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        let refused = Refusal::LABELS.iter().copied().zip(self.refused);
+        refused.chain(Limit::LABELS.iter().copied().zip(self.limited))
+    }
 }
 
 /// Gauges read at the moment of the request.
@@ -50,7 +89,7 @@ impl Snapshot<'_> {
             "expired": c.expired,
             "dropped": c.dropped,
             "evicted_slow": c.evicted_slow,
-            "refused": Refusal::LABELS.iter().zip(c.refused).map(|(l, n)| (l.to_string(), n.into())).collect::<serde_json::Map<String, serde_json::Value>>(),
+            "refused": c.refusals().map(|(l, n)| (l.to_string(), n.into())).collect::<serde_json::Map<String, serde_json::Value>>(),
             "http_requests": c.http_requests,
             "ws_opened": c.ws_opened,
             "ws_closed": c.ws_closed,
@@ -154,7 +193,7 @@ impl Snapshot<'_> {
             s,
             "# HELP wspush_refused_total Requests and connections turned away, by reason.\n# TYPE wspush_refused_total counter"
         );
-        for (label, n) in Refusal::LABELS.iter().zip(c.refused) {
+        for (label, n) in c.refusals() {
             let _ = writeln!(s, "wspush_refused_total{{reason=\"{label}\"}} {n}");
         }
         let up = u64::from(self.queue_state == "up");

@@ -798,3 +798,16 @@ impl Drop for Nginx {
         let _ = self.child.wait();
     }
 }
+
+/// One `GET` on a fresh connection that tolerates being refused: the status, or None
+/// if the connection failed before a complete status line arrived.
+pub fn try_get_status(server: &Server, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(server.addr).ok()?;
+    s.set_read_timeout(Some(WAIT)).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).ok()?;
+    let text = String::from_utf8_lossy(&all);
+    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
