@@ -122,7 +122,12 @@ fn a_job_taken_by_a_node_that_dies_is_redelivered() {
     };
     let queue = unique_name("redeliver");
     let mut first = node(&disque, &queue, &[]);
+    // A node consumes only while it has push connections.
+    let _listener = first.ws("uid=1");
     let mut c = disque.client();
+    wait_until("the node's consumer to block in GETJOB", WAIT, || {
+        c.cmd(&["CLIENT", "LIST"]).text().contains("cmd=getjob")
+    });
     // Freeze the first node while its GETJOB is blocked: Disque hands it the job,
     // but it can never deliver or acknowledge it.
     signal(first.pid(), "STOP");
@@ -195,4 +200,37 @@ fn disque_restart_recovers_without_node_restart() {
     assert!(a.stats()["queue"]["reconnects"].as_u64().unwrap() >= 1);
     let status = a.terminate();
     assert!(status.success(), "{status}");
+}
+
+#[test]
+fn a_running_backup_without_clients_leaves_every_job_to_the_active_node() {
+    let Some(disque) = DisqueServer::start_or_skip(
+        "a_running_backup_without_clients_leaves_every_job_to_the_active_node",
+    ) else {
+        return;
+    };
+    let queue = unique_name("backup");
+    let active = node(&disque, &queue, &[]);
+    let backup = node(&disque, &queue, &[]);
+    let mut ws = active.ws("uid=1");
+    // Published on either node, every message reaches the active node's client.
+    for i in 0..20 {
+        let via = if i % 2 == 0 { &active } else { &backup };
+        via.send_ok(&format!(r#"{{"topic":"uids","topic_ids":[1],"msg":{i}}}"#));
+    }
+    let got: Vec<i64> = (0..20)
+        .map(|_| recv_json(&mut ws)["msg"].as_i64().unwrap())
+        .collect();
+    let mut sorted = got.clone();
+    sorted.sort();
+    assert_eq!(sorted, (0..20).collect::<Vec<_>>(), "{got:?}");
+    assert_eq!(backup.stats()["messages_out"], 0);
+
+    // Failover: the active node goes away, its client reconnects to the backup,
+    // which now takes the jobs, including one sent while nobody was connected.
+    drop(ws);
+    drop(active);
+    backup.send_ok(r#"{"topic":"uids","topic_ids":[1],"msg":"while away"}"#);
+    let mut ws = backup.ws("uid=1");
+    assert_eq!(recv_json(&mut ws)["msg"], "while away");
 }

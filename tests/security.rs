@@ -417,9 +417,10 @@ fn every_limit_hit_is_counted_by_reason() {
         ("body_size", 1),
         ("request_timeout", 1),
         ("frame_size", 1),
-        ("max_connections", 1),
         ("api_key", 0),
     ] {
         assert_eq!(refused[reason], n, "{reason}: {refused}");
     }
+    // The polls that waited for a free slot may have been refused too.
+    assert!(refused["max_connections"].as_u64() >= Some(1), "{refused}");
 }

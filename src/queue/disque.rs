@@ -3,13 +3,15 @@
 //! the reactor has delivered them. A node that dies in between leaves its jobs
 //! unacknowledged, and Disque queues them again after `-queue-retry`.
 //!
-//! Each job goes to one consumer, so this backend suits the active/backup layout
-//! with one running consumer: every running node consumes, whether it has clients
-//! or not, so a second running node would take a share of the jobs. The backup's
-//! process is started when the active one fails; Redis pub/sub is for active/active.
+//! Each job goes to one consumer, so this backend suits the active/backup layout:
+//! a node takes jobs only while it has push connections, so an idle backup behind
+//! nginx leaves every job to the active node and starts consuming when clients fail
+//! over to it. Jobs published while no node has clients wait in Disque (up to their
+//! TTL). Two nodes that both hold clients would split the jobs between them; Redis
+//! pub/sub is for active/active.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -29,6 +31,8 @@ pub struct DisqueQueue {
     consumer: Arc<Link>,
     /// Job ids the reactor has delivered, on their way to ACKJOB.
     acks: Sender<String>,
+    /// Push connections on this node; the consumer takes jobs only while non-zero.
+    listeners: Arc<AtomicUsize>,
     reconnects: Arc<AtomicU64>,
 }
 
@@ -105,7 +109,9 @@ impl DisqueQueue {
         // The consumer waits for every job it handed out before it takes more, so
         // at most `prefetch` ids are ever in this channel.
         let (acks, ack_rx) = crossbeam_channel::bounded(cfg.queue_prefetch);
+        let listeners = Arc::new(AtomicUsize::new(0));
         let consumer = Consumer {
+            listeners: listeners.clone(),
             endpoint: endpoint.clone(),
             queue: cfg.queue_name.clone(),
             prefetch: cfg.queue_prefetch,
@@ -148,6 +154,7 @@ impl DisqueQueue {
             publisher,
             consumer: consumer_link,
             acks,
+            listeners,
             reconnects,
         })
     }
@@ -168,6 +175,10 @@ impl Queue for DisqueQueue {
 
     fn close(&mut self) {
         self.publisher.close();
+    }
+
+    fn set_listeners(&mut self, n: usize) {
+        self.listeners.store(n, Ordering::Release);
     }
 
     fn ack(&mut self, job: String) {
@@ -200,6 +211,7 @@ struct Consumer {
     notifier: Notifier,
     acks: Receiver<String>,
     stop: Arc<AtomicBool>,
+    listeners: Arc<AtomicUsize>,
     timeout: Duration,
     backoff: Backoff,
     /// Jobs handed to the reactor whose ids have not come back yet.
@@ -257,6 +269,12 @@ impl Consumer {
             }
             if self.stop.load(Ordering::Acquire) {
                 return Ended::Stopped;
+            }
+            if self.listeners.load(Ordering::Acquire) == 0 {
+                // Nobody here to push to: leave the jobs to a node with clients.
+                // The connection stays open, so consuming resumes within POLL.
+                thread::sleep(POLL);
+                continue;
             }
             let reply = ::redis::cmd("GETJOB")
                 .arg("TIMEOUT")

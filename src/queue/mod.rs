@@ -131,6 +131,11 @@ pub trait Queue: Send {
     /// The reactor has delivered an [`Inbound::DeliverJob`]; runs on the reactor
     /// thread, so it only passes the id on. Backends without jobs ignore it.
     fn ack(&mut self, _job: String) {}
+    /// How many push connections this node holds, told when one opens and on
+    /// every timer tick. Runs on the reactor thread: must not block.
+    /// A job queue uses it to consume only where someone is listening.
+    fn set_listeners(&mut self, _n: usize) {}
+
     /// How often the backend has re-established a lost connection.
     fn reconnects(&self) -> u64 {
         0

@@ -685,6 +685,7 @@ impl Server {
                 .map_or_else(|| "-".to_string(), |ip| ip.to_string())
         );
         self.hub.join(key, uid.as_deref(), types);
+        self.queue.set_listeners(self.hub.connections());
         self.counters.ws_opened += 1;
         self.send(key, Chunk::Owned(crate::ws::handshake::response(accept)));
     }
@@ -966,6 +967,7 @@ impl Server {
     // ---- timers and shutdown -------------------------------------------------
 
     fn on_tick(&mut self, now: Instant) {
+        self.queue.set_listeners(self.hub.connections());
         if self.accept_paused {
             self.accept_paused = false;
             self.accept();
