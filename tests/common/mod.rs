@@ -2,6 +2,8 @@
 //! it over raw TCP and through an independent WebSocket client (tungstenite).
 #![allow(dead_code)]
 
+pub mod raw_ws;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
@@ -26,9 +28,27 @@ impl Server {
     /// Starts wspush with `-port=0 -bind=127.0.0.1` plus `args`, and waits for the
     /// line in which it reports its address.
     pub fn start(args: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wspush"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wspush"));
+        cmd.args(["-port=0", "-bind=127.0.0.1", "-log=warn"])
+            .args(args);
+        Server::spawn(cmd)
+    }
+
+    /// Like `start`, with the descriptor limit (soft and hard, so the server cannot
+    /// raise it) lowered to `nofile` by the shell that then becomes the server.
+    #[cfg(unix)]
+    pub fn start_with_nofile(nofile: u32, args: &[&str]) -> Server {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
+            .arg(env!("CARGO_BIN_EXE_wspush"))
             .args(["-port=0", "-bind=127.0.0.1", "-log=warn"])
-            .args(args)
+            .args(args);
+        Server::spawn(cmd)
+    }
+
+    fn spawn(mut cmd: Command) -> Server {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
