@@ -468,6 +468,11 @@ impl Server {
             match step {
                 Step::Progress(n) => {
                     pos += n;
+                    // Pipelined requests whose replies are not being read wait here,
+                    // unparsed: one read must not queue a reply for each of them.
+                    if !self.takes_input(key) {
+                        return pos;
+                    }
                     if pos == buf.len()
                         && !self
                             .conns
