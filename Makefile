@@ -10,7 +10,7 @@ ARGS  ?=
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 KOSOKU := $(TARGET_DIR)/kosoku-venv
 
-.PHONY: run build test check fmt clippy unit autobahn browser-test loadtest-ab clean \
+.PHONY: run build test check fmt clippy unit autobahn browser-test fuzz loadtest-ab clean \
 	release release-linux release-windows release-darwin release-freebsd
 
 run:
@@ -51,6 +51,23 @@ browser-test: $(BROWSER_DEPS)
 $(BROWSER_DEPS): tests/browser/package.json tests/browser/package-lock.json
 	$(NPM) ci --prefix tests/browser --no-audit --no-fund
 	@touch $@
+
+# Fuzzing (not part of `make test`): each cargo-fuzz target in fuzz/ runs for
+# FUZZ_SECONDS on the nightly toolchain, starting from the seeds in fuzz/corpus/TARGET/.
+# What libFuzzer learns goes to fuzz/target/corpus/TARGET/, crashes to fuzz/artifacts/.
+# `make fuzz FUZZ_TARGETS=ws_frames FUZZ_SECONDS=600` runs one target for ten minutes.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= http_request ws_frames send_body
+CARGO_NIGHTLY ?= cargo +nightly
+
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/target/corpus/$$t; \
+		echo "fuzz: $$t for $(FUZZ_SECONDS)s"; \
+		$(CARGO_NIGHTLY) fuzz run $$t fuzz/target/corpus/$$t fuzz/corpus/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -print_final_stats=1; \
+	done
 
 # Releases: dist/wspush-VERSION-OS-ARCH.tar.gz (.zip for Windows) with the binary,
 # README.md and deploy/. `make release` tries every OS, goes on past those it cannot

@@ -10,7 +10,7 @@ mod routes;
 pub mod stats;
 
 use std::collections::HashMap;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -112,6 +112,8 @@ pub struct Server {
     tick: Duration,
     next_tick: Instant,
     accept_paused: bool,
+    /// A descriptor held in reserve (see `refuse_with_spare`).
+    spare: Option<std::fs::File>,
     /// Connections kept only to deliver their refusal (at most `REFUSAL_SLOTS`).
     refusing: usize,
     /// Open connections per client address, for `-max-per-ip`.
@@ -179,6 +181,7 @@ impl Server {
             tick,
             next_tick: now + tick,
             accept_paused: false,
+            spare: reserve_descriptor(),
             refusing: 0,
             per_ip: HashMap::new(),
             shutdown: None,
@@ -238,13 +241,52 @@ impl Server {
                 Ok((sock, peer)) => self.admit(sock, peer),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if out_of_descriptors(&e) && self.spare.is_some() => {
+                    if !self.refuse_with_spare() {
+                        return;
+                    }
+                }
                 Err(e) => {
-                    // Out of descriptors (EMFILE/ENFILE) and the like: retrying at once
-                    // would spin, so pause accepting until the next tick.
+                    // Out of descriptors without a spare, and the like: retrying at
+                    // once would spin, so pause accepting until the next tick.
                     warn!("accept failed, pausing until the next tick: {e}");
                     self.accept_paused = true;
                     return;
                 }
+            }
+        }
+    }
+
+    /// Out of descriptors: gives up the spare one for a moment to accept a waiting
+    /// client, tell it 503 and close it, then takes the spare back. So a client is
+    /// refused rather than left waiting in the listen queue, and the listener does
+    /// not stay readable. Returns whether to go on accepting: false once nobody is
+    /// waiting any more, or when the spare could not be taken back (then accepting
+    /// pauses until the next tick, which retries the spare).
+    fn refuse_with_spare(&mut self) -> bool {
+        let Some(listener) = &self.listener else {
+            return false;
+        };
+        drop(self.spare.take());
+        let accepted = listener.accept().map(|(sock, peer)| {
+            debug!("refused {peer}: out of descriptors");
+            refuse_at_once(sock);
+        });
+        if accepted.is_ok() {
+            self.counters.refused[Refusal::Capacity.index()] += 1;
+        }
+        self.spare = reserve_descriptor();
+        match (accepted, &self.spare) {
+            (Ok(_), Some(_)) => true,
+            (Err(e), Some(_)) if e.kind() == io::ErrorKind::WouldBlock => false,
+            (Err(e), Some(_)) if e.kind() == io::ErrorKind::Interrupted => true,
+            (result, _) => {
+                let e = result
+                    .err()
+                    .map_or("no spare descriptor".into(), |e| e.to_string());
+                warn!("out of descriptors, pausing accept until the next tick: {e}");
+                self.accept_paused = true;
+                false
             }
         }
     }
@@ -447,6 +489,11 @@ impl Server {
             match step {
                 Step::Progress(n) => {
                     pos += n;
+                    // Pipelined requests whose replies are not being read wait here,
+                    // unparsed: one read must not queue a reply for each of them.
+                    if !self.takes_input(key) {
+                        return pos;
+                    }
                     if pos == buf.len()
                         && !self
                             .conns
@@ -968,6 +1015,9 @@ impl Server {
 
     fn on_tick(&mut self, now: Instant) {
         self.queue.set_listeners(self.hub.connections());
+        if self.spare.is_none() {
+            self.spare = reserve_descriptor();
+        }
         if self.accept_paused {
             self.accept_paused = false;
             self.accept();
@@ -1069,6 +1119,51 @@ pub(crate) fn refusal_response(r: Refusal) -> Response {
         Refusal::ApiKey => resp.with_header("WWW-Authenticate", "Bearer"),
         _ => resp,
     }
+}
+
+/// Opens the descriptor kept in reserve for `refuse_with_spare`.
+#[cfg(unix)]
+fn reserve_descriptor() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
+}
+
+/// Elsewhere running out of sockets does not show as a per-process descriptor
+/// limit, so there is nothing to reserve.
+#[cfg(not(unix))]
+fn reserve_descriptor() -> Option<std::fs::File> {
+    None
+}
+
+/// EMFILE or ENFILE: the process or the system has no descriptor left.
+#[cfg(unix)]
+fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+#[cfg(not(unix))]
+fn out_of_descriptors(_e: &io::Error) -> bool {
+    false
+}
+
+/// Answers a client accepted on the spare descriptor with a 503 and closes it:
+/// there is no descriptor to keep it open with. What the client already sent is
+/// read first, since closing with unread input would reset the connection and
+/// could destroy the reply before the client reads it.
+fn refuse_at_once(mut sock: TcpStream) {
+    /// Reads taken at most: a fresh connection has sent one request, if any.
+    const DRAIN_READS: usize = 4;
+    let mut sink = [0u8; 1024];
+    for _ in 0..DRAIN_READS {
+        match sock.read(&mut sink) {
+            Ok(n) if n > 0 => continue,
+            _ => break,
+        }
+    }
+    let mut out = Vec::with_capacity(160);
+    Response::error(503, "server out of descriptors").encode(false, false, &mut out);
+    // A fresh socket's send buffer takes this much at once.
+    let _ = sock.write(&out);
+    let _ = sock.shutdown(std::net::Shutdown::Write);
 }
 
 impl Phase {

@@ -2,6 +2,8 @@
 //! it over raw TCP and through an independent WebSocket client (tungstenite).
 #![allow(dead_code)]
 
+pub mod raw_ws;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -34,15 +36,41 @@ impl Server {
     /// Like `start`, with extra environment variables, and stderr (the log) written
     /// to `log` when given. The log level is `warn` unless `args` has a `-log=`.
     pub fn start_with(args: &[&str], env: &[(&str, &str)], log: Option<&Path>) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wspush"));
+        cmd.args(Server::default_args(args))
+            .args(args)
+            .envs(env.iter().copied());
+        Server::spawn(cmd, log)
+    }
+
+    /// Like `start`, with the descriptor limit (soft and hard, so the server cannot
+    /// raise it) lowered to `nofile` by the shell that then becomes the server.
+    #[cfg(unix)]
+    pub fn start_with_nofile(nofile: u32, args: &[&str]) -> Server {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
+            .arg(env!("CARGO_BIN_EXE_wspush"))
+            .args(Server::default_args(args))
+            .args(args);
+        Server::spawn(cmd, None)
+    }
+
+    /// A loopback address on a free port, and `warn` logging unless `args` set a level.
+    fn default_args(args: &[&str]) -> Vec<&'static str> {
+        let mut v = vec!["-port=0", "-bind=127.0.0.1"];
+        if !args.iter().any(|a| a.starts_with("-log=")) {
+            v.push("-log=warn");
+        }
+        v
+    }
+
+    fn spawn(mut cmd: Command, log: Option<&Path>) -> Server {
         let stderr = match log {
             Some(path) => Stdio::from(std::fs::File::create(path).expect("create log file")),
             None => Stdio::inherit(),
         };
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wspush"))
-            .args(["-port=0", "-bind=127.0.0.1"])
-            .args((!args.iter().any(|a| a.starts_with("-log="))).then_some("-log=warn"))
-            .args(args)
-            .envs(env.iter().copied())
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
