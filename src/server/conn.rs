@@ -230,6 +230,11 @@ impl Conn {
         Ok(())
     }
 
+    /// Queues `chunk` behind any unsent output without writing; `flush` sends it.
+    pub fn queue(&mut self, chunk: Chunk) {
+        self.out.push(chunk, 0);
+    }
+
     /// Writes queued output until done or `WouldBlock`.
     pub fn flush(&mut self) -> Result<(), Broken> {
         match self.out.flush(&mut self.sock) {

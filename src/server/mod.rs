@@ -101,6 +101,8 @@ pub struct Server {
     scratch: Vec<u8>,
     /// Reused list of fan-out receivers.
     receivers: Vec<usize>,
+    /// Reused list of receivers with frames queued by a batch, to flush after it.
+    ready: Vec<usize>,
     serial: u64,
     started: Instant,
     tick: Duration,
@@ -166,6 +168,7 @@ impl Server {
             clock: Clock::default(),
             scratch: vec![0; READ_CHUNK],
             receivers: Vec::new(),
+            ready: Vec::new(),
             serial: 0,
             started: now,
             tick,
@@ -809,9 +812,14 @@ impl Server {
         }
     }
 
+    /// Pushes a batch. One message is written to each receiver at once; several are
+    /// queued first and each receiver then gets them all in one vectored write, so
+    /// the cost in syscalls is per receiver and batch, not per message.
     fn deliver(&mut self, batch: Vec<Envelope>) {
         let now = unix_now();
         let mut receivers = std::mem::take(&mut self.receivers);
+        let mut ready = std::mem::take(&mut self.ready);
+        let several = batch.len() > 1;
         for env in &batch {
             if env.is_expired(now) {
                 self.counters.expired += 1;
@@ -820,11 +828,36 @@ impl Server {
             receivers.clear();
             self.hub.for_each_receiver(env, |k| receivers.push(k));
             for &key in &receivers {
-                self.push(key, &env.frame);
+                if several {
+                    self.enqueue(key, &env.frame, &mut ready);
+                } else {
+                    self.push(key, &env.frame);
+                }
             }
+        }
+        for key in ready.drain(..) {
+            self.flush(key);
         }
         receivers.clear();
         self.receivers = receivers;
+        self.ready = ready;
+    }
+
+    /// Queues a push frame without writing; a receiver whose queue was empty is
+    /// listed in `ready` to be flushed once the whole batch is queued. (One with a
+    /// backlog is already waiting for its socket to become writable.)
+    fn enqueue(&mut self, key: usize, frame: &Arc<[u8]>, ready: &mut Vec<usize>) {
+        self.counters.messages_out += 1;
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if conn.out.is_empty() {
+            ready.push(key);
+        }
+        conn.queue(Chunk::Shared(frame.clone()));
+        if conn.out.bytes() > self.cfg.max_backlog && matches!(conn.phase, Phase::Ws(_)) {
+            self.evict(key);
+        }
     }
 
     fn on_published(&mut self, ticket: Ticket, result: Result<(), QueueError>) {
