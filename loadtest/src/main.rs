@@ -67,6 +67,7 @@ usage: loadgen push|memory [flags]
   --pids PID,PID          server processes to read CPU and RSS from (/proc)
   --threads T             client runtime threads (default 1)
   --quiet SECS            give up waiting after this long without a delivery (default 5)
+  --read-buffer BYTES     bytes tungstenite reads at a time per connection (default 4096)
 ";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -91,6 +92,7 @@ struct Opts {
     pids: Vec<u32>,
     threads: usize,
     quiet: Duration,
+    read_buffer: usize,
 }
 
 impl Default for Opts {
@@ -110,6 +112,7 @@ impl Default for Opts {
             pids: Vec::new(),
             threads: 1,
             quiet: Duration::from_secs(5),
+            read_buffer: 4096,
         }
     }
 }
@@ -132,7 +135,10 @@ fn parse_args(args: &[String]) -> Result<(String, Opts), String> {
                 .or_else(|| it.next().cloned())
                 .ok_or(format!("{name} needs a value"))
         };
-        let num = |v: String| v.parse::<usize>().map_err(|_| format!("{name}: not a number"));
+        let num = |v: String| {
+            v.parse::<usize>()
+                .map_err(|_| format!("{name}: not a number"))
+        };
         match name {
             "--target" => {
                 o.target = match value()?.as_str() {
@@ -152,6 +158,7 @@ fn parse_args(args: &[String]) -> Result<(String, Opts), String> {
             "--sources" => o.sources = num(value()?)?.min(254),
             "--connect-concurrency" => o.connect_concurrency = num(value()?)?.max(1),
             "--threads" => o.threads = num(value()?)?.max(1),
+            "--read-buffer" => o.read_buffer = num(value()?)?.max(64),
             "--quiet" => o.quiet = Duration::from_secs(num(value()?)? as u64),
             "--pids" => {
                 o.pids = value()?
@@ -182,7 +189,10 @@ fn main() {
     now_us();
     let nofile = sys::raise_nofile();
     if (nofile as usize) < opts.n + 64 {
-        eprintln!("loadgen: descriptor limit {nofile} is too low for --n {}", opts.n);
+        eprintln!(
+            "loadgen: descriptor limit {nofile} is too low for --n {}",
+            opts.n
+        );
         std::process::exit(1);
     }
     let rt = if opts.threads == 1 {
@@ -348,7 +358,8 @@ async fn open(opts: &Opts, slot: usize) -> Result<Ws, String> {
         .map_err(|e| format!("connect: {e}"))?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
     let url = format!("ws://{}/ws?uid={slot}", opts.addr);
-    let cfg = WebSocketConfig::default().read_buffer_size(16 * 1024);
+    // tungstenite zero-fills this much before every read: small keeps it cheap.
+    let cfg = WebSocketConfig::default().read_buffer_size(opts.read_buffer);
     let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(cfg))
         .await
         .map_err(|e| format!("handshake: {e}"))?;
@@ -420,7 +431,7 @@ async fn connect_all(opts: &Opts, shared: &Arc<Shared>, idle: bool) -> Connected
             }
         }
         let done = c.slots.len() + c.failures;
-        if done % 5000 == 0 {
+        if done.is_multiple_of(5000) {
             eprintln!("loadgen: {done}/{} connections", opts.n);
         }
     }
@@ -443,7 +454,13 @@ async fn hold(mut ws: Ws) {
 const TIME: &str = "2019-12-12 12:12:12";
 
 /// The request that publishes message (p, s, t[, u]): (path, body).
-fn publish_request(target: Target, p: u64, s: u64, t: u64, uid: Option<usize>) -> (String, Vec<u8>) {
+fn publish_request(
+    target: Target,
+    p: u64,
+    s: u64,
+    t: u64,
+    uid: Option<usize>,
+) -> (String, Vec<u8>) {
     let msg = match uid {
         None => format!(r#"{{"p":{p},"s":{s},"t":{t}}}"#),
         Some(u) => format!(r#"{{"p":{p},"s":{s},"t":{t},"u":{u}}}"#),
@@ -490,7 +507,11 @@ impl Publisher {
     async fn post(&mut self, path: &str, body: &[u8]) -> bool {
         let res = async {
             if self.conn.is_none() {
-                self.conn = Some(HttpConn::connect(self.addr).await.map_err(|e| e.to_string())?);
+                self.conn = Some(
+                    HttpConn::connect(self.addr)
+                        .await
+                        .map_err(|e| e.to_string())?,
+                );
             }
             let conn = self.conn.as_mut().expect("connected");
             let (status, reply) = conn
@@ -636,7 +657,8 @@ async fn broadcast_phase(
 ) -> Value {
     let ph = Arc::new(Phase::new(id, Kind::Broadcast { b }, opts.n * b));
     begin(shared, &ph);
-    let published: Arc<Vec<AtomicBool>> = Arc::new((0..b).map(|_| AtomicBool::new(false)).collect());
+    let published: Arc<Vec<AtomicBool>> =
+        Arc::new((0..b).map(|_| AtomicBool::new(false)).collect());
     let n = conns.slots.len();
     let interval_us = rate.map(|r| (n as f64 / r * 1e6) as u64);
     let publishers = opts.publishers;
@@ -708,7 +730,8 @@ async fn unicast_phase(opts: &Opts, shared: &Arc<Shared>, conns: &Connected, id:
     let u = opts.unicast;
     let ph = Arc::new(Phase::new(id, Kind::Unicast, u));
     begin(shared, &ph);
-    let published: Arc<Vec<AtomicBool>> = Arc::new((0..u).map(|_| AtomicBool::new(false)).collect());
+    let published: Arc<Vec<AtomicBool>> =
+        Arc::new((0..u).map(|_| AtomicBool::new(false)).collect());
     let next = Arc::new(AtomicUsize::new(0));
     let slots = Arc::new(conns.slots.clone());
     let meter = Meter::start(&opts.pids);
@@ -829,8 +852,12 @@ async fn push(opts: Opts) -> Result<Value, String> {
     settle(&opts, conns.slots.len()).await;
     let mut out = header(&opts, &conns);
     if opts.broadcasts > 0 {
-        eprintln!("loadgen: fan-out, {} broadcasts at full speed", opts.broadcasts);
-        out["fanout_full"] = broadcast_phase(&opts, &shared, &conns, 1, opts.broadcasts, None).await;
+        eprintln!(
+            "loadgen: fan-out, {} broadcasts at full speed",
+            opts.broadcasts
+        );
+        out["fanout_full"] =
+            broadcast_phase(&opts, &shared, &conns, 1, opts.broadcasts, None).await;
     }
     if opts.paced_rate > 0.0 && opts.paced_broadcasts > 0 {
         eprintln!(
@@ -899,7 +926,8 @@ mod tests {
 
     #[test]
     fn fields_from_both_servers_frames() {
-        let w = br#"{"types":"notice","msg":{"p":1,"s":42,"t":123456},"time":"2019-12-12 12:12:12"}"#;
+        let w =
+            br#"{"types":"notice","msg":{"p":1,"s":42,"t":123456},"time":"2019-12-12 12:12:12"}"#;
         assert_eq!(
             parse_fields(w),
             Some(Fields {

@@ -3,9 +3,7 @@
 use serde_json::{Value, json};
 
 /// Percentiles the plot draws, as fractions.
-pub const CURVE: [f64; 10] = [
-    0.0, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9999, 1.0,
-];
+pub const CURVE: [f64; 10] = [0.0, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9999, 1.0];
 
 /// The sample at quantile `q` of sorted `v` (nearest rank; q = 0 is the minimum).
 pub fn quantile(v: &[u32], q: f64) -> u32 {

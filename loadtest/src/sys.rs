@@ -21,7 +21,7 @@ pub fn raise_nofile() -> u64 {
             }
         }
     }
-    lim.rlim_cur as u64
+    lim.rlim_cur
 }
 
 /// CPU seconds (user + system) this process has used so far.
