@@ -799,13 +799,30 @@ impl Server {
 
     fn drain_inbound(&mut self) {
         self.notifier.clear();
+        // Batches waiting one behind the other are delivered as one, so that each
+        // receiver gets all of them in as few writes as possible.
+        let mut merged: Vec<Envelope> = Vec::new();
         while let Ok(event) = self.inbound.try_recv() {
+            if let Inbound::Deliver(batch) = event {
+                if merged.is_empty() {
+                    merged = batch;
+                } else {
+                    merged.extend(batch);
+                }
+                continue;
+            }
+            if !merged.is_empty() {
+                self.deliver(std::mem::take(&mut merged));
+            }
             match event {
-                Inbound::Deliver(batch) => self.deliver(batch),
+                Inbound::Deliver(_) => unreachable!("merged above"),
                 Inbound::Published { ticket, result } => self.on_published(ticket, result),
                 Inbound::Drained => self.queue_drained = true,
                 Inbound::Shutdown => self.begin_shutdown(),
             }
+        }
+        if !merged.is_empty() {
+            self.deliver(merged);
         }
         if self.shutdown.is_some() && self.queue_drained {
             self.close_push_connections();
