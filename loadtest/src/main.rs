@@ -18,24 +18,20 @@
 //! idle connections. Both print one JSON object on stdout; progress goes to stderr.
 
 mod http;
+mod recv;
 mod stats;
 mod sys;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use serde_json::{Value, json};
-use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use http::HttpConn;
+use recv::Connected;
 
 const RELAXED: Ordering = Ordering::Relaxed;
 
@@ -59,13 +55,15 @@ usage: loadgen push|memory [flags]
   --broadcasts B          broadcasts at full speed (default 200; 0 skips)
   --paced-rate R          deliveries/s of the paced fan-out (default 100000; 0 skips)
   --paced-broadcasts B    broadcasts of the paced fan-out (default 100)
-  --publishers P          publisher connections of each fan-out (default 4)
+  --publishers P          publisher connections of the paced fan-out (default 4)
+  --full-publishers P     publisher connections of the full-speed fan-out (default 16)
+  --repeat R              full-speed fan-out runs; the median is reported (default 3)
   --unicast U             unicast sends to random uids (default 20000; 0 skips)
   --concurrency C         unicast publisher connections (default 64)
   --sources K             spread connections over source addresses 127.0.0.1..K (default 4; 0 = any)
   --connect-concurrency M handshakes in flight (default 256)
   --pids PID,PID          server processes to read CPU and RSS from (/proc)
-  --threads T             client runtime threads (default 1)
+  --threads T             receiver threads (default 1)
   --quiet SECS            give up waiting after this long without a delivery (default 5)
   --read-buffer BYTES     bytes tungstenite reads at a time per connection (default 4096)
 ";
@@ -85,6 +83,8 @@ struct Opts {
     paced_rate: f64,
     paced_broadcasts: usize,
     publishers: usize,
+    full_publishers: usize,
+    repeat: usize,
     unicast: usize,
     concurrency: usize,
     sources: usize,
@@ -105,6 +105,8 @@ impl Default for Opts {
             paced_rate: 100_000.0,
             paced_broadcasts: 100,
             publishers: 4,
+            full_publishers: 16,
+            repeat: 3,
             unicast: 20_000,
             concurrency: 64,
             sources: 4,
@@ -153,6 +155,8 @@ fn parse_args(args: &[String]) -> Result<(String, Opts), String> {
             "--paced-rate" => o.paced_rate = num(value()?)? as f64,
             "--paced-broadcasts" => o.paced_broadcasts = num(value()?)?,
             "--publishers" => o.publishers = num(value()?)?.max(1),
+            "--full-publishers" => o.full_publishers = num(value()?)?.max(1),
+            "--repeat" => o.repeat = num(value()?)?.max(1),
             "--unicast" => o.unicast = num(value()?)?,
             "--concurrency" => o.concurrency = num(value()?)?.max(1),
             "--sources" => o.sources = num(value()?)?.min(254),
@@ -195,16 +199,10 @@ fn main() {
         );
         std::process::exit(1);
     }
-    let rt = if opts.threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(opts.threads);
-        b
-    }
-    .enable_all()
-    .build()
-    .expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let result = rt.block_on(async {
         match cmd.as_str() {
             "push" => push(opts).await,
@@ -218,7 +216,7 @@ fn main() {
             std::process::exit(1);
         }
     }
-    // Tasks still reading would otherwise keep the runtime's drop waiting on nothing.
+    // The receiver threads run until the process ends.
     std::process::exit(0);
 }
 
@@ -337,115 +335,6 @@ fn record(shared: &Shared, cur: &mut Option<Arc<Phase>>, slot: usize, data: &[u8
         ph.last_us.fetch_max(now, RELAXED);
     } else {
         ph.duplicated.fetch_add(1, RELAXED);
-    }
-}
-
-// ---- connections -----------------------------------------------------------------
-
-type Ws = WebSocketStream<TcpStream>;
-
-async fn open(opts: &Opts, slot: usize) -> Result<Ws, String> {
-    let sock = TcpSocket::new_v4().map_err(|e| e.to_string())?;
-    if opts.sources > 0 {
-        // Each source address has its own ephemeral port range, so N can pass ~28k.
-        let src = Ipv4Addr::new(127, 0, 0, 1 + (slot % opts.sources) as u8);
-        sock.bind(SocketAddr::new(IpAddr::V4(src), 0))
-            .map_err(|e| format!("bind {src}: {e}"))?;
-    }
-    let stream = sock
-        .connect(opts.addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    let url = format!("ws://{}/ws?uid={slot}", opts.addr);
-    // tungstenite zero-fills this much before every read: small keeps it cheap.
-    let cfg = WebSocketConfig::default().read_buffer_size(opts.read_buffer);
-    let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(cfg))
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    Ok(ws)
-}
-
-async fn read_loop(slot: usize, mut ws: Ws, shared: Arc<Shared>) {
-    let mut cur = None;
-    while let Some(m) = ws.next().await {
-        match m {
-            Ok(Message::Text(t)) => record(&shared, &mut cur, slot, t.as_bytes()),
-            Ok(Message::Binary(b)) => record(&shared, &mut cur, slot, &b),
-            Ok(Message::Close(_)) => break,
-            Ok(_) => {}
-            Err(_) => {
-                shared.ws_errors.fetch_add(1, RELAXED);
-                break;
-            }
-        }
-    }
-    shared.closed.fetch_add(1, RELAXED);
-}
-
-struct Connected {
-    slots: Vec<usize>,
-    failures: usize,
-    first_error: Option<String>,
-    seconds: f64,
-}
-
-/// Opens `n` push connections, each with a reader task; returns the connected slots.
-async fn connect_all(opts: &Opts, shared: &Arc<Shared>, idle: bool) -> Connected {
-    let started = Instant::now();
-    let permits = Arc::new(Semaphore::new(opts.connect_concurrency));
-    let mut set = JoinSet::new();
-    for slot in 0..opts.n {
-        let permits = permits.clone();
-        let opts = opts.clone();
-        let shared = shared.clone();
-        set.spawn(async move {
-            let permit = permits.acquire_owned().await.expect("semaphore");
-            let ws = open(&opts, slot).await;
-            drop(permit);
-            match ws {
-                Ok(ws) => {
-                    if idle {
-                        tokio::spawn(hold(ws));
-                    } else {
-                        tokio::spawn(read_loop(slot, ws, shared));
-                    }
-                    Ok(slot)
-                }
-                Err(e) => Err(e),
-            }
-        });
-    }
-    let mut c = Connected {
-        slots: Vec::with_capacity(opts.n),
-        failures: 0,
-        first_error: None,
-        seconds: 0.0,
-    };
-    while let Some(r) = set.join_next().await {
-        match r.expect("connect task") {
-            Ok(slot) => c.slots.push(slot),
-            Err(e) => {
-                c.failures += 1;
-                c.first_error.get_or_insert(e);
-            }
-        }
-        let done = c.slots.len() + c.failures;
-        if done.is_multiple_of(5000) {
-            eprintln!("loadgen: {done}/{} connections", opts.n);
-        }
-    }
-    c.slots.sort_unstable();
-    c.seconds = started.elapsed().as_secs_f64();
-    c
-}
-
-/// An idle connection: reads only to answer pings and notice the close.
-async fn hold(mut ws: Ws) {
-    while let Some(Ok(m)) = ws.next().await {
-        if matches!(m, Message::Close(_)) {
-            break;
-        }
     }
 }
 
@@ -654,6 +543,7 @@ async fn broadcast_phase(
     id: u64,
     b: usize,
     rate: Option<f64>,
+    publishers: usize,
 ) -> Value {
     let ph = Arc::new(Phase::new(id, Kind::Broadcast { b }, opts.n * b));
     begin(shared, &ph);
@@ -661,7 +551,6 @@ async fn broadcast_phase(
         Arc::new((0..b).map(|_| AtomicBool::new(false)).collect());
     let n = conns.slots.len();
     let interval_us = rate.map(|r| (n as f64 / r * 1e6) as u64);
-    let publishers = opts.publishers;
     let meter = Meter::start(&opts.pids);
     let first_us = now_us() + 10_000;
     let (target, addr) = (opts.target, opts.addr);
@@ -711,6 +600,7 @@ async fn broadcast_phase(
         "connections": n,
         "broadcasts": b,
         "paced_deliveries_per_s": rate,
+        "publishers": publishers,
         "publish_errors": publish_errors,
         "first_publish_error": first_error,
         "expected": expected,
@@ -790,6 +680,23 @@ async fn unicast_phase(opts: &Opts, shared: &Arc<Shared>, conns: &Connected, id:
     })
 }
 
+/// The run with the median deliveries/s, with every run's rate and the losses and
+/// duplicates of all runs together.
+fn median_run(runs: Vec<Value>) -> Value {
+    let rate = |v: &Value| v["deliveries_per_s"].as_f64().unwrap_or(0.0);
+    let mut order: Vec<usize> = (0..runs.len()).collect();
+    order.sort_by(|&a, &b| rate(&runs[a]).total_cmp(&rate(&runs[b])));
+    let sum = |k: &str| runs.iter().map(|r| r[k].as_u64().unwrap_or(0)).sum::<u64>();
+    let mut out = runs[order[runs.len() / 2]].clone();
+    out["runs_deliveries_per_s"] = json!(runs.iter().map(rate).collect::<Vec<_>>());
+    out["lost"] = json!(sum("lost"));
+    out["duplicated"] = json!(sum("duplicated"));
+    out["publish_errors"] = json!(sum("publish_errors"));
+    out["expected_all_runs"] = json!(sum("expected"));
+    out["delivered_all_runs"] = json!(sum("delivered"));
+    out
+}
+
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
@@ -842,7 +749,7 @@ async fn settle(opts: &Opts, n: usize) {
 async fn push(opts: Opts) -> Result<Value, String> {
     let shared = Arc::new(Shared::default());
     eprintln!("loadgen: opening {} connections to {}", opts.n, opts.addr);
-    let conns = connect_all(&opts, &shared, false).await;
+    let conns = recv::connect_all(&opts, &shared);
     if conns.slots.is_empty() {
         return Err(format!(
             "no connection succeeded: {}",
@@ -853,11 +760,18 @@ async fn push(opts: Opts) -> Result<Value, String> {
     let mut out = header(&opts, &conns);
     if opts.broadcasts > 0 {
         eprintln!(
-            "loadgen: fan-out, {} broadcasts at full speed",
-            opts.broadcasts
+            "loadgen: fan-out, {} broadcasts at full speed from {} publishers, {} runs",
+            opts.broadcasts, opts.full_publishers, opts.repeat
         );
-        out["fanout_full"] =
-            broadcast_phase(&opts, &shared, &conns, 1, opts.broadcasts, None).await;
+        let mut runs = Vec::new();
+        for r in 0..opts.repeat {
+            let id = 10 + r as u64;
+            let b = opts.broadcasts;
+            runs.push(
+                broadcast_phase(&opts, &shared, &conns, id, b, None, opts.full_publishers).await,
+            );
+        }
+        out["fanout_full"] = median_run(runs);
     }
     if opts.paced_rate > 0.0 && opts.paced_broadcasts > 0 {
         eprintln!(
@@ -871,6 +785,7 @@ async fn push(opts: Opts) -> Result<Value, String> {
             2,
             opts.paced_broadcasts,
             Some(opts.paced_rate),
+            opts.publishers,
         )
         .await;
     }
@@ -899,7 +814,7 @@ async fn memory(opts: Opts) -> Result<Value, String> {
         opts.n
     );
     let shared = Arc::new(Shared::default());
-    let conns = connect_all(&opts, &shared, true).await;
+    let conns = recv::connect_all(&opts, &shared);
     settle(&opts, conns.slots.len()).await;
     let seen = if opts.target == Target::Wspush {
         server_connections(opts.addr).await
