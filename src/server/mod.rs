@@ -203,7 +203,7 @@ impl Server {
                 match event.token() {
                     LISTENER => self.accept(),
                     WAKER => self.drain_inbound(),
-                    Token(key) => self.on_event(key),
+                    Token(key) => self.on_event(key, event.is_read_closed()),
                 }
             }
             let now = Instant::now();
@@ -285,16 +285,16 @@ impl Server {
         }
         // Data may already be waiting; edge-triggered readiness reports it anyway,
         // but reading now saves a round through the poll.
-        self.on_event(key);
+        self.on_event(key, false);
     }
 
     // ---- socket events ---------------------------------------------------------
 
-    fn on_event(&mut self, key: usize) {
+    fn on_event(&mut self, key: usize, read_closed: bool) {
         if !self.flush(key) {
             return;
         }
-        self.read(key);
+        self.read(key, read_closed);
     }
 
     /// Writes what is queued. Returns false when the connection was closed.
@@ -324,8 +324,13 @@ impl Server {
         self.conns.contains(key)
     }
 
-    /// Reads until `WouldBlock`, handing each chunk to the phase's parser.
-    fn read(&mut self, key: usize) {
+    /// Reads, handing each chunk to the phase's parser, until `WouldBlock` or, unless
+    /// `drain`, a read that did not fill the buffer: that one emptied the socket, and
+    /// edge-triggered readiness reports any later data, so the `WouldBlock` read
+    /// would only cost a syscall. `drain` reads on to `WouldBlock` (and so to EOF)
+    /// when the peer has closed or input was paused, as no new edge may come then;
+    /// so does a connection that is closing, to free its slot as soon as it can.
+    fn read(&mut self, key: usize, drain: bool) {
         let mut scratch = std::mem::take(&mut self.scratch);
         loop {
             if !self.takes_input(key) {
@@ -339,6 +344,14 @@ impl Server {
                 Ok(n) => {
                     self.conns[key].last_seen = Instant::now();
                     self.ingest(key, &mut scratch[..n]);
+                    // A closing connection reads on: its peer's EOF may be there already.
+                    let closing = matches!(
+                        self.conns.get(key).map(|c| &c.phase),
+                        Some(Phase::Draining { .. } | Phase::Closing)
+                    );
+                    if n < scratch.len() && !drain && !closing {
+                        break;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -368,7 +381,7 @@ impl Server {
     fn resume(&mut self, key: usize) {
         if self.takes_input(key) {
             self.ingest(key, &mut []);
-            self.read(key);
+            self.read(key, true);
         }
     }
 
