@@ -274,7 +274,9 @@ def run(args):
             "concurrency": args.concurrency, "memory_n": args.memory_n,
             "ab": {"c": args.ab_c, "n": args.ab_n},
             "wrk": {"c": args.wrk_c, "seconds": args.wrk_seconds, "threads": args.wrk_threads},
-            "sweep": args.sweep, "client_threads": 1, "wspush_flags": WSPUSH_FLAGS,
+            "sweep": args.sweep, "sweep_broadcasts": args.sweep_broadcasts,
+            "full_publishers": args.full_publishers, "paced_publishers": args.publishers,
+            "repeat": args.repeat, "client_threads": 1, "wspush_flags": WSPUSH_FLAGS,
             "nginx_workers": 1,
         },
         "binary": {"path": os.path.relpath(binary, ROOT), "bytes": os.path.getsize(binary)},
@@ -283,7 +285,9 @@ def run(args):
     targets = [t for t in ("wspush", "nchan") if t in args.only]
     push_flags = ["--n", str(args.n), "--broadcasts", str(args.broadcasts),
                   "--paced-rate", str(args.paced_rate), "--paced-broadcasts", str(args.paced_broadcasts),
-                  "--unicast", str(args.unicast), "--concurrency", str(args.concurrency)]
+                  "--unicast", str(args.unicast), "--concurrency", str(args.concurrency),
+                  "--full-publishers", str(args.full_publishers), "--publishers", str(args.publishers),
+                  "--repeat", str(args.repeat)]
 
     def start(target):
         return start_wspush(binary) if target == "wspush" else start_nginx("nchan.conf", "nchan")
@@ -305,7 +309,7 @@ def run(args):
         for n in args.sweep:
             flags = ["--n", str(n), "--broadcasts", "0", "--unicast", "0",
                      "--paced-rate", str(args.paced_rate),
-                     "--paced-broadcasts", str(args.sweep_broadcasts)]
+                     "--paced-broadcasts", str(args.sweep_broadcasts), "--publishers", str(args.publishers)]
             protect(sweep, str(n), lambda: with_server(
                 t, lambda s: run_loadgen(loadgen, "push", s, t, flags)))
         out["sweep"] = sweep
@@ -381,11 +385,11 @@ def rows(res):
     w = dig(ws, *full, "deliveries_per_s")
     n = dig(nc, *full, "deliveries_per_s")
     r = ratio(w, n)
-    add(f"fan-out full speed: deliveries/s (N={p['n']:,}, B={p['broadcasts']})",
+    add(f"fan-out full speed: deliveries/s (N={p['n']:,}, B={p['broadcasts']}; median of {p.get('repeat', 1)})",
         fmt(w), fmt(n), "", fmt(r, "×"), "≥ 4× nchan", None if r is None else r >= 4)
     wl, nl = dig(ws, *full, "lost"), dig(nc, *full, "lost")
     wd, nd = dig(ws, *full, "duplicated"), dig(nc, *full, "duplicated")
-    add("fan-out full speed: lost / duplicated", f"{fmt(wl)} / {fmt(wd)}", f"{fmt(nl)} / {fmt(nd)}",
+    add("fan-out full speed: lost / duplicated (all runs)", f"{fmt(wl)} / {fmt(wd)}", f"{fmt(nl)} / {fmt(nd)}",
         "", "", "0 / 0", None if wl is None else (wl == 0 and wd == 0))
     for q in ("p50", "p99", "max"):
         w, n = lat(ws, "fanout_full", q), lat(nc, "fanout_full", q)
@@ -396,7 +400,7 @@ def rows(res):
         w, n = lat(ws, "fanout_paced", q), lat(nc, "fanout_paced", q)
         target = "≤ 50 ms" if q == "p99" else ""
         ok = (w is not None and w <= 50) if q == "p99" else None
-        add(f"fan-out paced at {rate:,} deliveries/s: latency {q}", fmt(w, " ms"), fmt(n, " ms"), "",
+        add(f"fan-out paced, N={p['n']:,} at {rate:,} deliveries/s: latency {q}", fmt(w, " ms"), fmt(n, " ms"), "",
             fmt(ratio(n, w), "× lower"), target, ok)
     wl, nl = dig(ws, "push", "fanout_paced", "lost"), dig(nc, "push", "fanout_paced", "lost")
     wd, nd = dig(ws, "push", "fanout_paced", "duplicated"), dig(nc, "push", "fanout_paced", "duplicated")
@@ -495,7 +499,7 @@ def machine_text(res):
     return (f"{m.get('cores')} cores ({m.get('cpu')}), {m.get('memory_gib')} GiB, Linux {m.get('kernel')}; "
             f"descriptor hard limit {m.get('nofile_hard')}; load average {m.get('loadavg_at_start', 0):.2f} at start. "
             f"{m.get('nginx')}, nchan {m.get('nchan')}, {m.get('wrk') or 'wrk'}, {m.get('rustc')}. "
-            f"Client: `loadgen` with one receiving thread and one publishing thread; "
+            f"Client: `loadgen`, one receiving thread (epoll + tungstenite) and one publishing thread; "
             f"nginx with {p['nginx_workers']} worker process; wspush `{' '.join(p['wspush_flags'])}`.")
 
 
@@ -619,8 +623,9 @@ def svg_plot(res):
 
 
 def report(res, args):
-    os.makedirs(RESULTS, exist_ok=True)
-    svg_path = os.path.join(RESULTS, "latency.svg")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)
+    svg_path = os.path.join(out_dir, "latency.svg")
     with open(svg_path, "w") as f:
         f.write(svg_plot(res))
     text = table(res)
@@ -665,7 +670,10 @@ def main():
     ap.add_argument("--broadcasts", type=int, default=200, help="broadcasts at full speed")
     ap.add_argument("--paced-rate", type=int, default=100000, help="deliveries/s of the paced fan-out")
     ap.add_argument("--paced-broadcasts", type=int, default=100)
-    ap.add_argument("--unicast", type=int, default=20000, help="unicast sends")
+    ap.add_argument("--publishers", type=int, default=4, help="publisher connections of the paced fan-out")
+    ap.add_argument("--full-publishers", type=int, default=16, help="publisher connections at full speed")
+    ap.add_argument("--repeat", type=int, default=3, help="full-speed runs (the median is reported)")
+    ap.add_argument("--unicast", type=int, default=50000, help="unicast sends")
     ap.add_argument("--concurrency", type=int, default=64, help="unicast publisher connections")
     ap.add_argument("--memory-n", type=int, default=19000, help="idle connections for the memory figure")
     ap.add_argument("--sweep", default="1000,2500,5000", help="extra N for the latency-against-N plot ('' for none)")
@@ -686,7 +694,7 @@ def main():
     if args.quick:
         args.n, args.broadcasts, args.paced_broadcasts = 2000, 50, 20
         args.unicast, args.memory_n, args.sweep_broadcasts = 5000, 2000, 10
-        args.ab_n, args.wrk_seconds = 20000, 3
+        args.ab_n, args.wrk_seconds, args.repeat = 20000, 3, 1
         args.sweep = args.sweep if "--sweep" in sys.argv else "500"
     args.sweep = [int(x) for x in args.sweep.split(",") if x.strip()]
     args.only = [x.strip() for x in args.only.split(",") if x.strip()]
