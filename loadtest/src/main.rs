@@ -66,6 +66,7 @@ usage: loadgen push|memory [flags]
   --threads T             receiver threads (default 1)
   --quiet SECS            give up waiting after this long without a delivery (default 5)
   --read-buffer BYTES     bytes tungstenite reads at a time per connection (default 4096)
+  --no-paced-sleeping     skip the paced fan-out's second run with sleeping receivers
 ";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -93,6 +94,7 @@ struct Opts {
     threads: usize,
     quiet: Duration,
     read_buffer: usize,
+    paced_sleeping: bool,
 }
 
 impl Default for Opts {
@@ -115,6 +117,7 @@ impl Default for Opts {
             threads: 1,
             quiet: Duration::from_secs(5),
             read_buffer: 4096,
+            paced_sleeping: true,
         }
     }
 }
@@ -171,6 +174,7 @@ fn parse_args(args: &[String]) -> Result<(String, Opts), String> {
                     .map(|s| s.parse().map_err(|_| "--pids: want PID,PID".to_string()))
                     .collect::<Result<_, _>>()?
             }
+            "--no-paced-sleeping" => o.paced_sleeping = false,
             "-h" | "--help" => return Err(String::new()),
             _ => return Err(format!("unknown flag {name}")),
         }
@@ -263,6 +267,8 @@ struct Shared {
     stray: AtomicU64,
     ws_errors: AtomicU64,
     closed: AtomicU64,
+    /// Receivers busy-poll instead of sleeping in epoll_wait.
+    spin: AtomicBool,
 }
 
 /// The numbers a message carries in its `msg` object.
@@ -778,6 +784,9 @@ async fn push(opts: Opts) -> Result<Value, String> {
             "loadgen: fan-out, {} broadcasts paced at {} deliveries/s",
             opts.paced_broadcasts, opts.paced_rate
         );
+        // Receivers busy-poll: a sleeping receiver's wake-up runs inside the server's
+        // send() on loopback, and its wake-up latency would count as the server's.
+        shared.spin.store(true, RELAXED);
         out["fanout_paced"] = broadcast_phase(
             &opts,
             &shared,
@@ -788,6 +797,22 @@ async fn push(opts: Opts) -> Result<Value, String> {
             opts.publishers,
         )
         .await;
+        out["fanout_paced"]["receivers"] = json!("busy-polling");
+        shared.spin.store(false, RELAXED);
+        if opts.paced_sleeping {
+            eprintln!("loadgen: the same with receivers sleeping in epoll_wait");
+            out["fanout_paced_sleeping"] = broadcast_phase(
+                &opts,
+                &shared,
+                &conns,
+                4,
+                opts.paced_broadcasts,
+                Some(opts.paced_rate),
+                opts.publishers,
+            )
+            .await;
+            out["fanout_paced_sleeping"]["receivers"] = json!("sleeping in epoll_wait");
+        }
     }
     if opts.unicast > 0 {
         eprintln!(

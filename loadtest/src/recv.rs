@@ -168,7 +168,13 @@ fn receive(conns: Vec<(usize, Ws)>, shared: Arc<Shared>) {
     let mut events = Events::with_capacity(1024);
     let mut cur = None;
     loop {
-        if let Err(e) = poll.poll(&mut events, None) {
+        // Busy-polling keeps the thread awake, so waking it is not charged to the
+        // server's send() (on loopback the sender runs the receiver's wake-up).
+        let timeout = shared
+            .spin
+            .load(RELAXED)
+            .then_some(Duration::from_millis(0));
+        if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
