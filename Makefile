@@ -151,7 +151,7 @@ bench-build:
 # Debian packages; webbench is not packaged (loadtest/webbench.sh runs it if present).
 bench-deps:
 	@missing=; \
-	command -v nginx >/dev/null || missing="$$missing nginx"; \
+	{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null || missing="$$missing nginx"; \
 	test -f /usr/lib/nginx/modules/ngx_nchan_module.so || missing="$$missing libnginx-mod-nchan"; \
 	command -v ab >/dev/null || missing="$$missing apache2-utils"; \
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
