@@ -1125,3 +1125,24 @@ fn a_batch_reaches_every_receiver_whole_and_in_order() {
     }
     assert_next_broadcast_is_marker(&server, &mut anon, "after the batch");
 }
+
+#[test]
+fn a_batch_larger_than_the_socket_buffers_arrives_whole_and_in_order() {
+    // Several MiB to receivers that are not reading yet: the vectored writes come
+    // back partial, the rest is queued and flushed as the receivers read.
+    let server = Server::start(&["-max-body=16777216", "-max-backlog=33554432"]);
+    let mut one = server.ws("uid=1");
+    let mut two = server.ws("uid=2");
+    let pad = "x".repeat(60_000);
+    let items: Vec<String> = (0..100)
+        .map(|i| format!(r#"{{"topic":"all","msg":"{i} {pad}"}}"#))
+        .collect();
+    server.send_ok(&format!("[{}]", items.join(",")));
+    for ws in [&mut one, &mut two] {
+        for i in 0..100 {
+            let m = recv_json(ws);
+            assert_eq!(m["msg"], format!("{i} {pad}"), "message {i}");
+        }
+    }
+    assert_next_broadcast_is_marker(&server, &mut two, "after the big batch");
+}
