@@ -11,6 +11,7 @@ TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 KOSOKU := $(TARGET_DIR)/kosoku-venv
 
 .PHONY: run build test check fmt clippy unit autobahn browser-test fuzz loadtest-ab clean \
+	bench bench-quick bench-deps bench-build \
 	release release-linux release-windows release-darwin release-freebsd
 
 run:
@@ -144,7 +145,40 @@ release-freebsd:
 
 # The seed's ApacheBench run against a server started with `make run`.
 loadtest-ab:
-	ab -c 100 -n 100000 -T 'application/json' -p loadtest/postdata.txt http://127.0.0.1:$(PORT)/send
+	loadtest/ab.sh http://127.0.0.1:$(PORT)/send 100 100000
+
+# Benchmarks, not tests: wspush against nginx + nchan doing the same job on this
+# machine (loadtest/, BENCHMARKS.md). Installs nginx, nchan, ab and wrk when missing,
+# builds the release server and the load generator, runs every workload against
+# both, prints the table, writes loadtest/results/{latest.json,latency.svg} and
+# refreshes BENCHMARKS.md. About ten minutes; `make bench-quick` checks the kit in
+# about one. BENCH_ARGS passes flags to loadtest/bench.py (--help lists them).
+BENCH_ARGS ?=
+
+bench: bench-deps bench-build
+	python3 loadtest/bench.py --target-dir $(TARGET_DIR) $(BENCH_ARGS)
+
+bench-quick: bench-deps bench-build
+	python3 loadtest/bench.py --target-dir $(TARGET_DIR) --quick --no-update --out $(TARGET_DIR)/bench-quick.json $(BENCH_ARGS)
+
+bench-build:
+	$(CARGO) build --release
+	$(CARGO) build --release --manifest-path loadtest/Cargo.toml --target-dir loadtest/target
+
+# Debian packages; webbench is not packaged (loadtest/webbench.sh runs it if present).
+bench-deps:
+	@missing=; \
+	{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null || missing="$$missing nginx"; \
+	test -f /usr/lib/nginx/modules/ngx_nchan_module.so || missing="$$missing libnginx-mod-nchan"; \
+	command -v ab >/dev/null || missing="$$missing apache2-utils"; \
+	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	command -v python3 >/dev/null || missing="$$missing python3"; \
+	if [ -n "$$missing" ]; then \
+		sudo=; [ "$$(id -u)" -eq 0 ] || sudo=sudo; \
+		echo "bench: installing$$missing"; \
+		$$sudo apt-get update -q && \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
 
 clean:
 	$(CARGO) clean

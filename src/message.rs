@@ -6,10 +6,11 @@
 //! Between nodes (Redis, Disque) a batch travels as [`encode_wire`] JSON and is
 //! turned back into envelopes by [`decode_wire`] on the backend's own thread.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
+use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 use crate::ws::frame::{self, OpCode};
@@ -149,8 +150,93 @@ pub fn parse_send(
     }
 }
 
-fn parse_one(
-    item: &RawValue,
+/// The fields of one message, each as raw JSON text borrowed from the body; a key
+/// given twice keeps its last value, unknown keys are skipped.
+#[derive(Default)]
+struct Fields<'a> {
+    topic: Option<&'a RawValue>,
+    topic_ids: Option<&'a RawValue>,
+    types: Option<&'a RawValue>,
+    msg: Option<&'a RawValue>,
+    timeout: Option<&'a RawValue>,
+    time: Option<&'a RawValue>,
+}
+
+/// A key of a message object, recognised without allocating.
+enum Key {
+    Topic,
+    TopicIds,
+    Types,
+    Msg,
+    Timeout,
+    Time,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl Visitor<'_> for KeyVisitor {
+            type Value = Key;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<Key, E> {
+                Ok(match key {
+                    "topic" => Key::Topic,
+                    "topic_ids" => Key::TopicIds,
+                    "types" => Key::Types,
+                    "msg" => Key::Msg,
+                    "timeout" => Key::Timeout,
+                    "time" => Key::Time,
+                    _ => Key::Other,
+                })
+            }
+        }
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct FieldsVisitor;
+        impl<'de> Visitor<'de> for FieldsVisitor {
+            type Value = Fields<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<'de>, A::Error> {
+                let mut f = Fields::default();
+                while let Some(key) = map.next_key::<Key>()? {
+                    let value: &'de RawValue = map.next_value()?;
+                    let slot = match key {
+                        Key::Topic => &mut f.topic,
+                        Key::TopicIds => &mut f.topic_ids,
+                        Key::Types => &mut f.types,
+                        Key::Msg => &mut f.msg,
+                        Key::Timeout => &mut f.timeout,
+                        Key::Time => &mut f.time,
+                        Key::Other => continue,
+                    };
+                    *slot = Some(value);
+                }
+                Ok(f)
+            }
+        }
+        d.deserialize_map(FieldsVisitor)
+    }
+}
+
+/// A JSON string's value: borrowed when it has no escapes. Err if not a string.
+fn json_str(v: &RawValue) -> Result<Cow<'_, str>, serde_json::Error> {
+    match serde_json::from_str::<&str>(v.get()) {
+        Ok(s) => Ok(Cow::Borrowed(s)),
+        Err(_) => serde_json::from_str::<String>(v.get()).map(Cow::Owned),
+    }
+}
+
+fn parse_one<'a>(
+    item: &'a RawValue,
     index: Option<usize>,
     clock: &mut Clock,
 ) -> Result<Envelope, SendError> {
@@ -160,24 +246,20 @@ fn parse_one(
         problem,
     };
     // Fields stay raw so `msg` keeps its exact bytes and `null` stays distinct from absent.
-    let fields: HashMap<String, &RawValue> = serde_json::from_str(item.get())
+    let fields: Fields = serde_json::from_str(item.get())
         .map_err(|_| err("body", "each message must be a JSON object"))?;
-    let field = |name: &str| fields.get(name).copied().filter(|v| v.get() != "null");
+    let field = |v: Option<&'a RawValue>| v.filter(|v| v.get() != "null");
 
-    let topic: String = match field("topic") {
+    let target = match field(fields.topic).map(json_str) {
         None => return Err(err("topic", "is required")),
-        Some(v) => serde_json::from_str(v.get())
-            .map_err(|_| err("topic", "must be \"uids\" or \"all\""))?,
-    };
-    let target = match topic.as_str() {
-        "all" => Target::All,
-        "uids" => Target::Uids(parse_uids(field("topic_ids"), &err)?),
-        _ => return Err(err("topic", "must be \"uids\" or \"all\"")),
+        Some(Ok(t)) if t == "all" => Target::All,
+        Some(Ok(t)) if t == "uids" => Target::Uids(parse_uids(field(fields.topic_ids), &err)?),
+        Some(_) => return Err(err("topic", "must be \"uids\" or \"all\"")),
     };
 
-    let types: String = match field("types") {
-        None => "notice".into(),
-        Some(v) => serde_json::from_str(v.get()).map_err(|_| err("types", "must be a string"))?,
+    let types = match field(fields.types) {
+        None => Cow::Borrowed("notice"),
+        Some(v) => json_str(v).map_err(|_| err("types", "must be a string"))?,
     };
     if types.is_empty() || types.contains(',') || types.len() > MAX_TYPES_LEN {
         return Err(err(
@@ -186,13 +268,10 @@ fn parse_one(
         ));
     }
 
-    // `msg` may legitimately be `null`, so look it up without the null filter.
-    let msg = fields
-        .get("msg")
-        .copied()
-        .ok_or_else(|| err("msg", "is required"))?;
+    // `msg` may legitimately be `null`, so it is taken without the null filter.
+    let msg = fields.msg.ok_or_else(|| err("msg", "is required"))?;
 
-    let expires = match field("timeout") {
+    let expires = match field(fields.timeout) {
         None => 0,
         Some(v) => v
             .get()
@@ -200,9 +279,9 @@ fn parse_one(
             .map_err(|_| err("timeout", "must be a non-negative integer (Unix seconds)"))?,
     };
 
-    let time: String = match field("time") {
-        None => clock.local_time().to_string(),
-        Some(v) => serde_json::from_str(v.get()).map_err(|_| err("time", "must be a string"))?,
+    let time = match field(fields.time) {
+        None => Cow::Borrowed(clock.local_time()),
+        Some(v) => json_str(v).map_err(|_| err("time", "must be a string"))?,
     };
     if time.len() > MAX_TIME_LEN {
         return Err(err("time", "must be at most 64 bytes"));
@@ -211,7 +290,7 @@ fn parse_one(
     Ok(Envelope {
         target,
         frame: push_frame(&types, msg.get(), &time),
-        types: types.into(),
+        types: Box::from(&*types),
         expires,
     })
 }
@@ -573,6 +652,27 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn escaped_keys_and_values_repeated_and_unknown_keys() {
+        // Escapes in keys and values mean the same as the plain text.
+        let e = &parse(
+            r#"{"\u0074opic":"\u0061ll","types":"n\u006ftice","msg":1,"extra":[{"topic":"uids"}]}"#,
+        )
+        .unwrap()[0];
+        assert_eq!((&e.target, &*e.types), (&Target::All, "notice"));
+        // A key given twice keeps its last value.
+        let e = &parse(r#"{"topic":"uids","topic":"all","msg":1,"msg":2}"#).unwrap()[0];
+        assert_eq!(e.target, Target::All);
+        assert!(payload(e).contains(r#""msg":2"#));
+        // A non-string topic or types is refused and named.
+        let err = parse(r#"{"topic":1,"msg":1}"#).unwrap_err().to_string();
+        assert!(err.starts_with("topic:"), "{err}");
+        let err = parse(r#"{"topic":"all","types":["a"],"msg":1}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("types:"), "{err}");
     }
 
     #[test]

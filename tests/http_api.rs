@@ -1091,3 +1091,45 @@ fn a_garbage_request_line_is_400_and_the_server_keeps_serving() {
     assert_eq!(read_response(&mut keep).status, 200);
     assert_eq!(server.get("/healthz").status, 200);
 }
+
+#[test]
+fn a_batch_reaches_every_receiver_whole_and_in_order() {
+    let server = Server::start(&[]);
+    let mut one = server.ws("uid=1");
+    let mut anon = server.ws("");
+    let items: Vec<String> = (0..200)
+        .map(|i| match i % 3 {
+            0 => format!(r#"{{"topic":"uids","topic_ids":["1"],"msg":{i}}}"#),
+            _ => format!(r#"{{"topic":"all","msg":{i}}}"#),
+        })
+        .collect();
+    server.send_ok(&format!("[{}]", items.join(",")));
+    for i in 0..200u64 {
+        assert_eq!(recv_json(&mut one)["msg"], i);
+        if i % 3 != 0 {
+            assert_eq!(recv_json(&mut anon)["msg"], i);
+        }
+    }
+    assert_next_broadcast_is_marker(&server, &mut anon, "after the batch");
+}
+
+#[test]
+fn a_batch_larger_than_the_socket_buffers_arrives_whole_and_in_order() {
+    // Several MiB to receivers that are not reading yet: the vectored writes come
+    // back partial, the rest is queued and flushed as the receivers read.
+    let server = Server::start(&["-max-body=16777216", "-max-backlog=33554432"]);
+    let mut one = server.ws("uid=1");
+    let mut two = server.ws("uid=2");
+    let pad = "x".repeat(60_000);
+    let items: Vec<String> = (0..100)
+        .map(|i| format!(r#"{{"topic":"all","msg":"{i} {pad}"}}"#))
+        .collect();
+    server.send_ok(&format!("[{}]", items.join(",")));
+    for ws in [&mut one, &mut two] {
+        for i in 0..100 {
+            let m = recv_json(ws);
+            assert_eq!(m["msg"], format!("{i} {pad}"), "message {i}");
+        }
+    }
+    assert_next_broadcast_is_marker(&server, &mut two, "after the big batch");
+}

@@ -233,6 +233,40 @@ impl Conn {
         Ok(())
     }
 
+    /// Writes several shared frames with one vectored write if nothing is queued
+    /// (at most `IOV_MAX`), queueing what the socket did not take.
+    pub fn send_shared<'a, I>(&mut self, frames: I) -> Result<(), Broken>
+    where
+        I: Iterator<Item = &'a Arc<[u8]>> + Clone,
+    {
+        let mut written = 0;
+        if self.out.is_empty() {
+            let mut slices = [IoSlice::new(&[]); IOV_MAX];
+            let mut n = 0;
+            for (slot, f) in slices.iter_mut().zip(frames.clone()) {
+                *slot = IoSlice::new(f);
+                n += 1;
+            }
+            written = loop {
+                match self.sock.write_vectored(&slices[..n]) {
+                    Ok(w) => break w,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break 0,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(Broken(e)),
+                }
+            };
+        }
+        for f in frames {
+            if written >= f.len() {
+                written -= f.len();
+            } else {
+                self.out.push(Chunk::Shared(f.clone()), written);
+                written = 0;
+            }
+        }
+        Ok(())
+    }
+
     /// Writes queued output until done or `WouldBlock`.
     pub fn flush(&mut self) -> Result<(), Broken> {
         match self.out.flush(&mut self.sock) {

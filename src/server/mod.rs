@@ -107,6 +107,8 @@ pub struct Server {
     scratch: Vec<u8>,
     /// Reused list of fan-out receivers.
     receivers: Vec<usize>,
+    /// Per slab key, which messages of the batch slice being delivered it receives.
+    masks: Vec<u64>,
     serial: u64,
     started: Instant,
     tick: Duration,
@@ -176,6 +178,7 @@ impl Server {
             clock: Clock::default(),
             scratch: vec![0; READ_CHUNK],
             receivers: Vec::new(),
+            masks: Vec::new(),
             serial: 0,
             started: now,
             tick,
@@ -212,7 +215,7 @@ impl Server {
                 match event.token() {
                     LISTENER => self.accept(),
                     WAKER => self.drain_inbound(),
-                    Token(key) => self.on_event(key),
+                    Token(key) => self.on_event(key, event.is_read_closed()),
                 }
             }
             let now = Instant::now();
@@ -345,16 +348,16 @@ impl Server {
         }
         // Data may already be waiting; edge-triggered readiness reports it anyway,
         // but reading now saves a round through the poll.
-        self.on_event(key);
+        self.on_event(key, false);
     }
 
     // ---- socket events ---------------------------------------------------------
 
-    fn on_event(&mut self, key: usize) {
+    fn on_event(&mut self, key: usize, read_closed: bool) {
         if !self.flush(key) {
             return;
         }
-        self.read(key);
+        self.read(key, read_closed);
     }
 
     /// Writes what is queued. Returns false when the connection was closed.
@@ -384,8 +387,13 @@ impl Server {
         self.conns.contains(key)
     }
 
-    /// Reads until `WouldBlock`, handing each chunk to the phase's parser.
-    fn read(&mut self, key: usize) {
+    /// Reads, handing each chunk to the phase's parser, until `WouldBlock` or, unless
+    /// `drain`, a read that did not fill the buffer: that one emptied the socket, and
+    /// edge-triggered readiness reports any later data, so the `WouldBlock` read
+    /// would only cost a syscall. `drain` reads on to `WouldBlock` (and so to EOF)
+    /// when the peer has closed or input was paused, as no new edge may come then;
+    /// so does a connection that is closing, to free its slot as soon as it can.
+    fn read(&mut self, key: usize, drain: bool) {
         let mut scratch = std::mem::take(&mut self.scratch);
         loop {
             if !self.takes_input(key) {
@@ -399,6 +407,14 @@ impl Server {
                 Ok(n) => {
                     self.conns[key].last_seen = Instant::now();
                     self.ingest(key, &mut scratch[..n]);
+                    // A closing connection reads on: its peer's EOF may be there already.
+                    let closing = matches!(
+                        self.conns.get(key).map(|c| &c.phase),
+                        Some(Phase::Draining { .. } | Phase::Closing)
+                    );
+                    if n < scratch.len() && !drain && !closing {
+                        break;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -428,7 +444,7 @@ impl Server {
     fn resume(&mut self, key: usize) {
         if self.takes_input(key) {
             self.ingest(key, &mut []);
-            self.read(key);
+            self.read(key, true);
         }
     }
 
@@ -957,40 +973,102 @@ impl Server {
 
     fn drain_inbound(&mut self) {
         self.notifier.clear();
+        // Batches waiting one behind the other are delivered as one, so that each
+        // receiver gets all of them in as few writes as possible.
+        let mut merged: Vec<Envelope> = Vec::new();
         while let Ok(event) = self.inbound.try_recv() {
             match event {
-                Inbound::Deliver(batch) => self.deliver(batch),
-                Inbound::DeliverJob { batch, job } => {
-                    // Acknowledged only once every frame sits in its receivers' queues.
-                    self.deliver(batch);
-                    self.queue.ack(job);
+                Inbound::Deliver(batch) if merged.is_empty() => merged = batch,
+                Inbound::Deliver(batch) => merged.extend(batch),
+                other => {
+                    // Whatever else arrived comes after the merged batches, in order.
+                    if !merged.is_empty() {
+                        self.deliver(std::mem::take(&mut merged));
+                    }
+                    self.on_inbound(other);
                 }
-                Inbound::Published { ticket, result } => self.on_published(ticket, result),
-                Inbound::Drained => self.queue_drained = true,
-                Inbound::Shutdown => self.begin_shutdown(),
             }
+        }
+        if !merged.is_empty() {
+            self.deliver(merged);
         }
         if self.shutdown.is_some() && self.queue_drained {
             self.close_push_connections();
         }
     }
 
+    fn on_inbound(&mut self, event: Inbound) {
+        match event {
+            Inbound::Deliver(batch) => self.deliver(batch),
+            Inbound::DeliverJob { batch, job } => {
+                // Acknowledged only once every frame sits in its receivers' queues.
+                self.deliver(batch);
+                self.queue.ack(job);
+            }
+            Inbound::Published { ticket, result } => self.on_published(ticket, result),
+            Inbound::Drained => self.queue_drained = true,
+            Inbound::Shutdown => self.begin_shutdown(),
+        }
+    }
+
+    /// Pushes a batch. A lone message is written to each receiver at once. Several
+    /// are taken in slices of up to 64: each receiver gets its frames of a slice in
+    /// one vectored write, so the syscalls are per receiver and slice rather than
+    /// per message, and nothing is allocated per receiver.
     fn deliver(&mut self, batch: Vec<Envelope>) {
         let now = unix_now();
+        let live: Vec<&Envelope> = batch.iter().filter(|e| !e.is_expired(now)).collect();
+        self.counters.expired += (batch.len() - live.len()) as u64;
         let mut receivers = std::mem::take(&mut self.receivers);
-        for env in &batch {
-            if env.is_expired(now) {
-                self.counters.expired += 1;
-                continue;
-            }
+        if let [env] = live[..] {
             receivers.clear();
             self.hub.for_each_receiver(env, |k| receivers.push(k));
             for &key in &receivers {
                 self.push(key, &env.frame);
             }
+        } else {
+            let mut masks = std::mem::take(&mut self.masks);
+            for slice in live.chunks(u64::BITS as usize) {
+                receivers.clear();
+                for (i, env) in slice.iter().enumerate() {
+                    self.hub.for_each_receiver(env, |k| {
+                        if k >= masks.len() {
+                            masks.resize(k + 1, 0);
+                        }
+                        if masks[k] == 0 {
+                            receivers.push(k);
+                        }
+                        masks[k] |= 1 << i;
+                    });
+                }
+                for &key in &receivers {
+                    let mask = std::mem::replace(&mut masks[key], 0);
+                    self.push_many(key, slice, mask);
+                }
+            }
+            self.masks = masks;
         }
         receivers.clear();
         self.receivers = receivers;
+    }
+
+    /// Hands a receiver the frames of `slice` whose bits are set in `mask`, in order.
+    fn push_many(&mut self, key: usize, slice: &[&Envelope], mask: u64) {
+        self.counters.messages_out += u64::from(mask.count_ones());
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let frames = slice
+            .iter()
+            .enumerate()
+            .filter(move |&(i, _)| mask >> i & 1 == 1)
+            .map(|(_, e)| &e.frame);
+        if let Err(e) = conn.send_shared(frames) {
+            return self.close(key, Reason::Io(e.0));
+        }
+        if conn.out.bytes() > self.cfg.max_backlog && matches!(conn.phase, Phase::Ws(_)) {
+            self.evict(key);
+        }
     }
 
     fn on_published(&mut self, ticket: Ticket, result: Result<(), QueueError>) {
