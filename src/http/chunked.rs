@@ -92,7 +92,7 @@ impl ChunkedDecoder {
         while pos < input.len() {
             let b = input[pos];
             self.state = match self.state {
-                State::Size { size, digits } => match (hex_val(b), digits) {
+                State::Size { size, digits } => match (super::hex_val(b), digits) {
                     (Some(d), _) => {
                         if digits >= MAX_SIZE_DIGITS {
                             return Err(bad("chunk size too long"));
@@ -217,15 +217,6 @@ fn bad(what: &str) -> HttpError {
 /// HTAB and obs-text, i.e. no control characters.
 fn is_field_byte(b: u8) -> bool {
     b == b'\t' || (b >= 0x20 && b != 0x7f)
-}
-
-fn hex_val(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

@@ -9,3 +9,8 @@ pub mod response;
 pub use chunked::ChunkedDecoder;
 pub use request::{BodyKind, Head, HttpError, Limits, Method, Version, parse_head};
 pub use response::{CONTINUE, Response, reason};
+
+/// The value of one hexadecimal digit (chunk sizes, %-escapes).
+fn hex_val(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}

@@ -39,8 +39,8 @@ fn decode(raw: &str) -> Vec<u8> {
         match b {
             b'+' => out.push(b' '),
             b'%' => {
-                let hi = bytes.get(i + 1).and_then(|&h| hex_val(h));
-                let lo = bytes.get(i + 2).and_then(|&l| hex_val(l));
+                let hi = bytes.get(i + 1).and_then(|&h| super::hex_val(h));
+                let lo = bytes.get(i + 2).and_then(|&l| super::hex_val(l));
                 if let (Some(hi), Some(lo)) = (hi, lo) {
                     out.push((hi << 4) | lo);
                     i += 3;
@@ -53,15 +53,6 @@ fn decode(raw: &str) -> Vec<u8> {
         i += 1;
     }
     out
-}
-
-fn hex_val(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

@@ -587,10 +587,7 @@ impl Server {
                 Step::Progress(len)
             }
             (BodyKind::Length(_), _) => {
-                if req.head.expect_continue && !req.continue_sent {
-                    req.continue_sent = true;
-                    self.send(key, Chunk::Owned(response::CONTINUE.to_vec()));
-                }
+                self.continue_once(key);
                 Step::NeedMore
             }
             (BodyKind::Chunked, Some(decoder)) => match decoder.feed(buf) {
@@ -609,10 +606,7 @@ impl Server {
                     Step::Progress(n)
                 }
                 Ok((n, false)) => {
-                    if req.head.expect_continue && !req.continue_sent {
-                        req.continue_sent = true;
-                        self.send(key, Chunk::Owned(response::CONTINUE.to_vec()));
-                    }
+                    self.continue_once(key);
                     if n == 0 {
                         Step::NeedMore
                     } else {
@@ -621,6 +615,20 @@ impl Server {
                 }
             },
             (BodyKind::Chunked, None) => Step::Stop,
+        }
+    }
+
+    /// `Expect: 100-continue`: invites the body once, when it has not all arrived.
+    fn continue_once(&mut self, key: usize) {
+        let Phase::Http {
+            pending: Some(req), ..
+        } = &mut self.conns[key].phase
+        else {
+            return;
+        };
+        if req.head.expect_continue && !req.continue_sent {
+            req.continue_sent = true;
+            self.send(key, Chunk::Owned(response::CONTINUE.to_vec()));
         }
     }
 
@@ -644,7 +652,6 @@ impl Server {
         match self.route(key, &head, &body) {
             Action::Respond(resp) => self.reply(key, &resp, keep_alive, head_only),
             Action::Refuse(resp) => self.reply(key, &resp, false, head_only),
-
             Action::Upgrade {
                 accept,
                 uid,
