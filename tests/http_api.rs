@@ -11,7 +11,6 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tungstenite::Message;
 
 // ---- helpers ---------------------------------------------------------------------
 
@@ -21,17 +20,6 @@ fn send_request(body: &str) -> String {
         "POST /send HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
-}
-
-/// The next text frame exactly as it came over the wire. Pings and pongs are skipped.
-fn recv_text(ws: &mut Ws) -> String {
-    loop {
-        match ws.read().expect("read push") {
-            Message::Text(t) => return t.as_str().to_owned(),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("expected a text message, got {other:?}"),
-        }
-    }
 }
 
 /// Sends a message for uid "1" whose msg is `marker` and asserts that it is the very

@@ -173,17 +173,6 @@ impl RawWs {
 
 // ---- helpers ---------------------------------------------------------------------
 
-/// The text of the next text message (pings and pongs skipped).
-fn recv_text(ws: &mut Ws) -> String {
-    loop {
-        match ws.read().expect("read push") {
-            Message::Text(t) => return t.as_str().to_owned(),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("expected a text message, got {other:?}"),
-        }
-    }
-}
-
 /// The `msg` of the next push.
 fn recv_msg(ws: &mut Ws) -> Value {
     recv_json(ws)["msg"].clone()

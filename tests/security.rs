@@ -87,6 +87,17 @@ impl StatsWithKey for Server {
 
 const MSG: &str = r#"{"topic":"all","msg":"hello"}"#;
 
+/// `POST /send` with the right key.
+fn publish(server: &Server, body: &str) -> Response {
+    authed(
+        server,
+        "POST",
+        "/send",
+        Some(&format!("Bearer {KEY}")),
+        body,
+    )
+}
+
 #[test]
 fn the_api_key_guards_send_stats_and_metrics() {
     let server = Server::start(&[&format!("-api-key={KEY}")]);
@@ -141,13 +152,7 @@ fn an_unauthorized_send_is_refused_before_its_body_is_read_and_publishes_nothing
         r#"{"topic":"all","msg":"forged"}"#,
     );
     assert_eq!(r.status, 401);
-    let r = authed(
-        &server,
-        "POST",
-        "/send",
-        Some(&format!("Bearer {KEY}")),
-        MSG,
-    );
+    let r = publish(&server, MSG);
     assert_eq!(r.status, 200);
     assert_eq!(recv_json(&mut ws)["msg"], "hello");
 }
@@ -156,17 +161,7 @@ fn an_unauthorized_send_is_refused_before_its_body_is_read_and_publishes_nothing
 fn the_api_key_may_come_from_the_environment() {
     let server = Server::start_with(&[], &[("WSPUSH_API_KEY", KEY)], None);
     assert_eq!(authed(&server, "POST", "/send", None, MSG).status, 401);
-    assert_eq!(
-        authed(
-            &server,
-            "POST",
-            "/send",
-            Some(&format!("Bearer {KEY}")),
-            MSG
-        )
-        .status,
-        200
-    );
+    assert_eq!(publish(&server, MSG).status, 200);
 }
 
 #[test]
@@ -178,11 +173,8 @@ fn a_signed_uid_connects_and_receives_its_messages() {
         token(SECRET, "42", expires)
     );
     let mut ws = try_ws(&server, &q, &[]).expect("a valid token is accepted");
-    let r = authed(
+    let r = publish(
         &server,
-        "POST",
-        "/send",
-        Some(&format!("Bearer {KEY}")),
         r#"{"topic":"uids","topic_ids":["42"],"msg":"for 42"}"#,
     );
     assert_eq!(r.status, 200);
@@ -345,17 +337,7 @@ fn keys_and_tokens_never_reach_the_log() {
         authed(&server, "POST", "/send", Some("Bearer guess-key"), MSG).status,
         401
     );
-    assert_eq!(
-        authed(
-            &server,
-            "POST",
-            "/send",
-            Some(&format!("Bearer {KEY}")),
-            MSG
-        )
-        .status,
-        200
-    );
+    assert_eq!(publish(&server, MSG).status, 200);
     drop(ws);
     assert_eq!(server.terminate().code(), Some(0));
 

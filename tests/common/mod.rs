@@ -281,17 +281,21 @@ pub fn read_response(s: &mut impl Read) -> Response {
     }
 }
 
-/// The next text message, as JSON. Pings and pongs are skipped.
-pub fn recv_json(ws: &mut Ws) -> Value {
+/// The next text frame exactly as it came over the wire. Pings and pongs are skipped.
+pub fn recv_text(ws: &mut Ws) -> String {
     loop {
         match ws.read().expect("read push") {
-            Message::Text(t) => {
-                return serde_json::from_str(&t).unwrap_or_else(|e| panic!("{e}: {t}"));
-            }
+            Message::Text(t) => return t.as_str().to_owned(),
             Message::Ping(_) | Message::Pong(_) => continue,
             other => panic!("expected a text message, got {other:?}"),
         }
     }
+}
+
+/// The next text message, as JSON. Pings and pongs are skipped.
+pub fn recv_json(ws: &mut Ws) -> Value {
+    let t = recv_text(ws);
+    serde_json::from_str(&t).unwrap_or_else(|e| panic!("{e}: {t}"))
 }
 
 /// The next text message within `within`, or None when none came (the connection
