@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use wspush::config::{self, Command, Config, QueueSpec};
 use wspush::queue::disque::DisqueQueue;
 use wspush::queue::redis::RedisQueue;
-use wspush::queue::{Inbound, Notifier, Queue, list::ListQueue};
+use wspush::queue::{Notifier, Queue, list::ListQueue};
 use wspush::server::{self, Parts, Server};
 
 /// Events the queue side may have in flight towards the reactor.
@@ -166,7 +166,7 @@ fn watch_signals(notifier: Notifier) -> std::io::Result<()> {
                     std::process::exit(1);
                 }
                 asked = true;
-                let _ = notifier.send(Inbound::Shutdown);
+                notifier.request_shutdown();
             }
         })?;
     Ok(())
@@ -182,7 +182,7 @@ fn watch_signals(notifier: Notifier) -> std::io::Result<()> {
             std::process::exit(1);
         }
         asked = true;
-        let _ = notifier.send(Inbound::Shutdown);
+        notifier.request_shutdown();
     })
     .map_err(std::io::Error::other)
 }

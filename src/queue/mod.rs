@@ -41,8 +41,6 @@ pub enum Inbound {
     },
     /// After [`Queue::close`]: everything the backend had accepted has been delivered.
     Drained,
-    /// SIGINT/SIGTERM: close gracefully.
-    Shutdown,
 }
 
 /// The immediate answer to a publish.
@@ -227,6 +225,9 @@ pub struct Notifier {
     tx: Sender<Inbound>,
     waker: Arc<mio::Waker>,
     pending: Arc<AtomicBool>,
+    /// SIGINT/SIGTERM. A flag rather than a channel event, so a shutdown is seen
+    /// at once, not behind deliveries already queued, and asking never blocks.
+    shutdown: Arc<AtomicBool>,
 }
 
 impl Notifier {
@@ -235,7 +236,18 @@ impl Notifier {
             tx,
             waker,
             pending: Arc::new(AtomicBool::new(false)),
+            shutdown: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Asks the reactor for a graceful shutdown.
+    pub fn request_shutdown(&self) {
+        self.shutdown.store(true, Ordering::Release);
+        let _ = self.waker.wake();
+    }
+
+    pub fn shutdown_requested(&self) -> bool {
+        self.shutdown.load(Ordering::Acquire)
     }
 
     /// Sends an event, blocking while the channel is full (back-pressure on the

@@ -980,6 +980,11 @@ impl Server {
 
     fn drain_inbound(&mut self) {
         self.notifier.clear();
+        // Before the queued events: from now on /send is refused, while what was
+        // accepted (these events included) is still delivered.
+        if self.notifier.shutdown_requested() && self.shutdown.is_none() {
+            self.begin_shutdown();
+        }
         // Batches waiting one behind the other are delivered as one, so that each
         // receiver gets all of them in as few writes as possible.
         let mut merged: Vec<Envelope> = Vec::new();
@@ -1014,7 +1019,6 @@ impl Server {
             }
             Inbound::Published { ticket, result } => self.on_published(ticket, result),
             Inbound::Drained => self.queue_drained = true,
-            Inbound::Shutdown => self.begin_shutdown(),
         }
     }
 
