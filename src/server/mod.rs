@@ -899,15 +899,13 @@ impl Server {
     }
 
     fn close(&mut self, key: usize, reason: Reason) {
-        let Some(mut conn) = self.conns.try_remove(key) else {
+        let Some(conn) = self.conns.get(key) else {
             return;
         };
         if matches!(conn.phase, Phase::Ws(_)) {
-            self.ws_closed_line(key, &conn, &reason.to_string());
-            self.hub.leave(key);
-            self.counters.ws_closed += 1;
+            self.ws_closed(key, &reason.to_string());
         }
-
+        let mut conn = self.conns.remove(key);
         if conn.refused {
             self.refusing -= 1;
         }
@@ -926,18 +924,14 @@ impl Server {
     /// The end of a push connection: out of the hub, counted, one log line.
     fn ws_closed(&mut self, key: usize, why: &str) {
         let conn = &self.conns[key];
-        self.ws_closed_line(key, conn, why);
-        self.hub.leave(key);
-        self.counters.ws_closed += 1;
-    }
-
-    fn ws_closed_line(&self, key: usize, conn: &Conn, why: &str) {
         info!(
             "ws close uid={} peer={} reason={why} duration={:.1}s",
             self.hub.uid(key).unwrap_or("-"),
             conn.peer,
             conn.opened.elapsed().as_secs_f64()
         );
+        self.hub.leave(key);
+        self.counters.ws_closed += 1;
     }
 
     // ---- who may connect -------------------------------------------------------
