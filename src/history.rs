@@ -492,6 +492,7 @@ mod tests {
             target,
             types: types.into(),
             expires,
+            seq: 0,
             frame: Arc::from(body.as_bytes()),
         }
     }

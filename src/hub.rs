@@ -142,6 +142,7 @@ mod tests {
             target,
             types: types.into(),
             expires: 0,
+            seq: 0,
             frame: Arc::from(&b"x"[..]),
         }
     }

@@ -9,6 +9,7 @@ pub mod disque;
 pub mod list;
 pub mod publisher;
 pub mod redis;
+pub mod streams;
 
 use std::fmt;
 use std::sync::Arc;
