@@ -658,23 +658,27 @@ async fn broadcast_phase(
     })
 }
 
-/// U sends, each to one random connected uid, from C publisher connections.
+/// U sends, each to one random connected uid, from C publisher connections. Each
+/// send's `/send` reply time is kept beside its delivery time, which splits the
+/// latency into the HTTP round trip and what the push takes after the reply.
 async fn unicast_phase(opts: &Opts, shared: &Arc<Shared>, conns: &Connected, id: u64) -> Value {
     let u = opts.unicast;
     let ph = Arc::new(Phase::new(id, Kind::Unicast, u));
     begin(shared, &ph);
     let published: Arc<Vec<AtomicBool>> =
         Arc::new((0..u).map(|_| AtomicBool::new(false)).collect());
+    let reply_us: Arc<Vec<AtomicU32>> = Arc::new((0..u).map(|_| AtomicU32::new(0)).collect());
     let next = Arc::new(AtomicUsize::new(0));
     let slots = Arc::new(conns.slots.clone());
     let meter = Meter::start(&opts.pids);
     let first_us = now_us();
     let (target, addr, concurrency) = (opts.target, opts.addr, opts.concurrency);
-    let pub_published = published.clone();
+    let (pub_published, pub_reply) = (published.clone(), reply_us.clone());
     let (publish_errors, first_error) = on_publisher_thread(async move {
         let mut set = JoinSet::new();
         for k in 0..concurrency {
             let (published, next, slots) = (pub_published.clone(), next.clone(), slots.clone());
+            let reply_us = pub_reply.clone();
             set.spawn(async move {
                 let mut publ = Publisher::new(addr);
                 let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ ((k as u64 + 1) << 17);
@@ -687,8 +691,11 @@ async fn unicast_phase(opts: &Opts, shared: &Arc<Shared>, conns: &Connected, id:
                     rng ^= rng >> 7;
                     rng ^= rng << 17;
                     let uid = slots[(rng % slots.len() as u64) as usize];
-                    let (path, body) = publish_request(target, id, s as u64, now_us(), Some(uid));
+                    let t = now_us();
+                    let (path, body) = publish_request(target, id, s as u64, t, Some(uid));
                     if publ.post(&path, &body).await {
+                        let rtt = now_us().saturating_sub(t).min(u32::MAX as u64) as u32;
+                        reply_us[s].store(rtt, RELAXED);
                         published[s].store(true, RELAXED);
                     }
                 }
@@ -703,6 +710,21 @@ async fn unicast_phase(opts: &Opts, shared: &Arc<Shared>, conns: &Connected, id:
     wait_for(&ph, ok.len() as u64, opts.quiet).await;
     let cpu = meter.stop(&opts.pids, ph.delivered.load(RELAXED), ok.len() as u64);
     let (lat, lost) = tally(&ph, ok.iter().copied());
+    let replies: Vec<u32> = ok.iter().map(|&s| reply_us[s].load(RELAXED)).collect();
+    // Delivery time minus reply time, for the sends that were delivered: a server
+    // that pushes before it answers shows a count here, not a negative latency.
+    let mut before_reply = 0u64;
+    let after_reply: Vec<u32> = ok
+        .iter()
+        .filter(|&&s| ph.counts[s].load(RELAXED) > 0)
+        .map(|&s| {
+            let d = ph.lat_us[s].load(RELAXED) as i64 - reply_us[s].load(RELAXED) as i64;
+            if d < 0 {
+                before_reply += 1;
+            }
+            d.max(0) as u32
+        })
+        .collect();
     let delivered = ph.delivered.load(RELAXED);
     let span_s = ph.last_us.load(RELAXED).saturating_sub(first_us) as f64 / 1e6;
     json!({
@@ -719,6 +741,9 @@ async fn unicast_phase(opts: &Opts, shared: &Arc<Shared>, conns: &Connected, id:
         "span_s": round3(span_s),
         "sends_per_s": if span_s > 0.0 { (delivered as f64 / span_s).round() } else { 0.0 },
         "latency_ms": stats::summarize(lat),
+        "reply_latency_ms": stats::summarize(replies),
+        "after_reply_ms": stats::summarize(after_reply),
+        "delivered_before_reply": before_reply,
         "cpu": cpu,
     })
 }
