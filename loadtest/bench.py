@@ -539,6 +539,10 @@ def rows(res):
         ok = None if v["wspush"] is None or not peers else v["wspush"] <= min(peers)
         add(f"unicast: latency {q}", {t: fmt(x, " ms") for t, x in v.items()},
             vs(v["wspush"], {t: v[t] for t in ("nchan", "uws")}, "lower"), "≤ the lowest peer's", ok)
+    for key, label in (("reply_latency_ms", "the /send reply"), ("after_reply_ms", "delivery after the reply")):
+        for q in ("p50", "p99"):
+            v = each(lambda t: get(t, *uni, key, q))
+            add(f"unicast: {label} {q}", {t: fmt(x, " ms") for t, x in v.items()}, "", "", None)
     us = each(lambda t: get(t, *uni, "cpu", "server_us_per_send"))
     add("unicast: server CPU-µs per send (one /send + one push)", {t: fmt(x) for t, x in us.items()},
         vs(us["wspush"], {t: us[t] for t in ("nchan", "uws")}, "lower"), "", None)
