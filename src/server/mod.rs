@@ -37,14 +37,6 @@ use stats::{Counters, Limit};
 pub const LISTENER: Token = Token(usize::MAX - 1);
 pub const WAKER: Token = Token(usize::MAX - 2);
 
-/// Bytes read from a socket at a time; shared by every connection.
-const READ_CHUNK: usize = 64 * 1024;
-/// Connections beyond `-max-connections` that are kept just long enough to
-/// receive their 503; past this many more, new connections are dropped outright.
-const REFUSAL_SLOTS: usize = 64;
-/// Events taken from one poll.
-const EVENTS: usize = 1024;
-
 /// Why a connection ended, for the log.
 #[derive(Debug)]
 enum Reason {
@@ -116,7 +108,7 @@ pub struct Server {
     accept_paused: bool,
     /// A descriptor held in reserve (see `refuse_with_spare`).
     spare: Option<std::fs::File>,
-    /// Connections kept only to deliver their refusal (at most `REFUSAL_SLOTS`).
+    /// Connections kept only to deliver their refusal (at most `-refusal-slots`).
     refusing: usize,
     /// Open connections per client address, for `-max-per-ip`.
     per_ip: HashMap<IpAddr, u32>,
@@ -165,6 +157,7 @@ impl Server {
         .unwrap_or(Duration::from_secs(1));
         // Timers fire up to one tick late; a quarter of the shortest timeout keeps that small.
         let tick = (shortest / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
+        let scratch = vec![0; cfg.read_buffer];
         Ok(Server {
             cfg,
             poll,
@@ -176,7 +169,7 @@ impl Server {
             notifier,
             counters: Counters::default(),
             clock: Clock::default(),
-            scratch: vec![0; READ_CHUNK],
+            scratch,
             receivers: Vec::new(),
             masks: Vec::new(),
             serial: 0,
@@ -201,7 +194,7 @@ impl Server {
 
     /// Runs until a graceful shutdown completes.
     pub fn run(&mut self) -> io::Result<()> {
-        let mut events = Events::with_capacity(EVENTS);
+        let mut events = Events::with_capacity(self.cfg.poll_events);
         loop {
             let now = Instant::now();
             let timeout = self.next_tick.saturating_duration_since(now);
@@ -312,7 +305,7 @@ impl Server {
         };
         if let Some(r) = refusal {
             self.count_refusal(r, peer, "connect");
-            if self.refusing >= REFUSAL_SLOTS {
+            if self.refusing >= self.cfg.refusal_slots {
                 return; // dropping the socket closes it
             }
         }
