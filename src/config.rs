@@ -148,6 +148,12 @@ flags! {
     /// Bytes read from a socket at a time, into one buffer every connection shares.
     read_buffer: usize = 64 * 1024,
         "read-buffer" "BYTES" positive, "bytes read from a socket at a time";
+    /// Bytes read from one connection per wake before the others get their turn.
+    read_budget: usize = 256 * 1024,
+        "read-budget" "BYTES" positive, "bytes read from one connection before the others get a turn";
+    /// Queue events handled per wake before sockets get their turn.
+    inbound_budget: usize = 256,
+        "inbound-budget" "N" positive, "queue events handled before sockets get a turn";
     max_frame: usize = 64 * 1024,
         "max-frame" "BYTES" positive, "bytes in one client frame";
     max_message: usize = 64 * 1024,

@@ -3,6 +3,7 @@
 use std::fmt::Write;
 
 use crate::auth::Refusal;
+use crate::queue::QueueState;
 
 /// Limits a request or connection ran into, counted beside the [`Refusal`]s.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,7 +71,7 @@ pub struct Snapshot<'a> {
     pub http_connections: usize,
     pub users: usize,
     pub queue_backend: &'a str,
-    pub queue_state: &'a str,
+    pub queue_state: QueueState,
     /// Connections to the queue backend re-established after a loss.
     pub queue_reconnects: u64,
     pub uptime_seconds: u64,
@@ -97,7 +98,7 @@ impl Snapshot<'_> {
             "rss_bytes": self.rss_bytes,
             "queue": {
                 "backend": self.queue_backend,
-                "state": self.queue_state,
+                "state": self.queue_state.as_str(),
                 "reconnects": self.queue_reconnects,
             },
         });
@@ -196,11 +197,12 @@ impl Snapshot<'_> {
         for (label, n) in c.refusals() {
             let _ = writeln!(s, "wspush_refused_total{{reason=\"{label}\"}} {n}");
         }
-        let up = u64::from(self.queue_state == "up");
+        let up = u64::from(self.queue_state == QueueState::Up);
         let _ = writeln!(
             s,
             "# HELP wspush_queue_up Whether the queue backend takes messages.\n# TYPE wspush_queue_up gauge\nwspush_queue_up{{backend=\"{}\",state=\"{}\"}} {up}",
-            self.queue_backend, self.queue_state
+            self.queue_backend,
+            self.queue_state.as_str()
         );
         s.into_bytes()
     }
@@ -225,7 +227,7 @@ mod tests {
             http_connections: 1,
             users: 2,
             queue_backend: "list",
-            queue_state: "up",
+            queue_state: QueueState::Up,
             queue_reconnects: 2,
             uptime_seconds: 9,
             rss_bytes: Some(4096),
