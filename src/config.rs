@@ -166,7 +166,7 @@ flags! {
     max_batch: usize = 1000,
         "max-batch" "N" positive, "messages in one /send batch";
     /// Unsent bytes a connection may hold before it is dropped as too slow.
-    max_backlog: usize = 1024 * 1024,
+    max_backlog: usize = 2 * 1024 * 1024,
         "max-backlog" "BYTES" positive, "unsent bytes per connection before it is dropped as slow";
     ping_interval: Duration = Duration::from_secs(30),
         "ping-interval" "DUR" duration, "ping a silent connection after";
@@ -461,6 +461,10 @@ pub fn parse_with_env<S: AsRef<str>>(
     Ok(Command::Run(Box::new(c)))
 }
 
+/// What a push frame adds around a message's bytes: the WebSocket header (at most
+/// 10 bytes), `{"types":…,"msg":…,"time":…}` and the time (at most 64 bytes).
+pub const PUSH_FRAMING: usize = 256;
+
 /// The rules between flags, which no single flag's parser can see.
 fn check(c: &Config) -> Result<(), ConfigError> {
     let conflict = |e: &str| Err(ConfigError::Conflict(e.into()));
@@ -479,6 +483,13 @@ fn check(c: &Config) -> Result<(), ConfigError> {
     }
     if c.max_message < c.max_frame {
         return conflict("-max-message must be at least -max-frame");
+    }
+    // One message as large as /send takes must fit in a receiver's backlog with
+    // its framing, or the server would evict a client for a message it accepted.
+    if c.max_backlog < c.max_body.saturating_add(PUSH_FRAMING) {
+        return Err(ConfigError::Conflict(format!(
+            "-max-backlog must be at least -max-body + {PUSH_FRAMING} (a push frame's framing)"
+        )));
     }
     Ok(())
 }
@@ -594,6 +605,12 @@ mod tests {
         assert!(parse(&["-nope=1"]).is_err());
         assert!(parse(&["stray"]).is_err());
         assert!(parse(&["-ping-interval=80", "-idle-timeout=60"]).is_err());
+        let err = parse(&["-max-backlog=65536"]).err().unwrap().to_string();
+        assert!(
+            err.contains("-max-backlog must be at least -max-body"),
+            "{err}"
+        );
+        assert!(parse(&["-max-backlog=65536", "-max-body=65280"]).is_ok());
     }
 
     #[test]
