@@ -78,7 +78,94 @@ pub struct Snapshot<'a> {
     pub rss_bytes: Option<u64>,
 }
 
+/// A Prometheus metric: name, kind, help and value.
+type Metric = (&'static str, &'static str, &'static str, u64);
+
 impl Snapshot<'_> {
+    /// The plain metrics of `/metrics`, in order.
+    fn metrics(&self) -> Vec<Metric> {
+        let c = self.counters;
+        let mut m: Vec<Metric> = vec![
+            (
+                "connections",
+                "gauge",
+                "Open push connections.",
+                self.connections as u64,
+            ),
+            (
+                "http_connections",
+                "gauge",
+                "Open connections not upgraded to WebSocket.",
+                self.http_connections as u64,
+            ),
+            ("users", "gauge", "Distinct uids online.", self.users as u64),
+            (
+                "messages_in_total",
+                "counter",
+                "Messages accepted by /send.",
+                c.messages_in,
+            ),
+            (
+                "messages_out_total",
+                "counter",
+                "Pushes handed to connections.",
+                c.messages_out,
+            ),
+            (
+                "expired_total",
+                "counter",
+                "Messages expired before delivery.",
+                c.expired,
+            ),
+            (
+                "dropped_total",
+                "counter",
+                "Pushes discarded unsent.",
+                c.dropped,
+            ),
+            (
+                "evicted_slow_total",
+                "counter",
+                "Connections closed for a backlog over the limit.",
+                c.evicted_slow,
+            ),
+            (
+                "http_requests_total",
+                "counter",
+                "HTTP requests answered.",
+                c.http_requests,
+            ),
+            (
+                "ws_opened_total",
+                "counter",
+                "Push connections opened.",
+                c.ws_opened,
+            ),
+            (
+                "ws_closed_total",
+                "counter",
+                "Push connections closed.",
+                c.ws_closed,
+            ),
+            (
+                "uptime_seconds",
+                "gauge",
+                "Seconds since start.",
+                self.uptime_seconds,
+            ),
+        ];
+        if let Some(rss) = self.rss_bytes {
+            m.push(("resident_memory_bytes", "gauge", "Resident set size.", rss));
+        }
+        m.push((
+            "queue_reconnects_total",
+            "counter",
+            "Connections to the queue backend re-established after a loss.",
+            self.queue_reconnects,
+        ));
+        m
+    }
+
     pub fn to_json(&self) -> Vec<u8> {
         let c = self.counters;
         let v = serde_json::json!({
@@ -108,88 +195,12 @@ impl Snapshot<'_> {
     pub fn to_prometheus(&self) -> Vec<u8> {
         let c = self.counters;
         let mut s = String::with_capacity(2048);
-        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        for (name, kind, help, value) in self.metrics() {
             let _ = writeln!(
                 s,
                 "# HELP wspush_{name} {help}\n# TYPE wspush_{name} {kind}\nwspush_{name} {value}"
             );
-        };
-        metric(
-            "connections",
-            "gauge",
-            "Open push connections.",
-            self.connections as u64,
-        );
-        metric(
-            "http_connections",
-            "gauge",
-            "Open connections not upgraded to WebSocket.",
-            self.http_connections as u64,
-        );
-        metric("users", "gauge", "Distinct uids online.", self.users as u64);
-        metric(
-            "messages_in_total",
-            "counter",
-            "Messages accepted by /send.",
-            c.messages_in,
-        );
-        metric(
-            "messages_out_total",
-            "counter",
-            "Pushes handed to connections.",
-            c.messages_out,
-        );
-        metric(
-            "expired_total",
-            "counter",
-            "Messages expired before delivery.",
-            c.expired,
-        );
-        metric(
-            "dropped_total",
-            "counter",
-            "Pushes discarded unsent.",
-            c.dropped,
-        );
-        metric(
-            "evicted_slow_total",
-            "counter",
-            "Connections closed for a backlog over the limit.",
-            c.evicted_slow,
-        );
-        metric(
-            "http_requests_total",
-            "counter",
-            "HTTP requests answered.",
-            c.http_requests,
-        );
-        metric(
-            "ws_opened_total",
-            "counter",
-            "Push connections opened.",
-            c.ws_opened,
-        );
-        metric(
-            "ws_closed_total",
-            "counter",
-            "Push connections closed.",
-            c.ws_closed,
-        );
-        metric(
-            "uptime_seconds",
-            "gauge",
-            "Seconds since start.",
-            self.uptime_seconds,
-        );
-        if let Some(rss) = self.rss_bytes {
-            metric("resident_memory_bytes", "gauge", "Resident set size.", rss);
         }
-        metric(
-            "queue_reconnects_total",
-            "counter",
-            "Connections to the queue backend re-established after a loss.",
-            self.queue_reconnects,
-        );
         let _ = writeln!(
             s,
             "# HELP wspush_refused_total Requests and connections turned away, by reason.\n# TYPE wspush_refused_total counter"
