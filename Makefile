@@ -11,7 +11,7 @@ TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 KOSOKU := $(TARGET_DIR)/kosoku-venv
 
 .PHONY: run build test check fmt clippy unit autobahn browser-test fuzz loadtest-ab clean \
-	bench bench-quick bench-deps bench-build \
+	bench bench-quick bench-smoke bench-deps bench-debian bench-build \
 	release release-linux release-windows release-darwin release-freebsd
 
 run:
@@ -147,12 +147,14 @@ release-freebsd:
 loadtest-ab:
 	loadtest/ab.sh http://127.0.0.1:$(PORT)/send 100 100000
 
-# Benchmarks, not tests: wspush against nginx + nchan doing the same job on this
-# machine (loadtest/, BENCHMARKS.md). Installs nginx, nchan, ab and wrk when missing,
-# builds the release server and the load generator, runs every workload against
-# both, prints the table, writes loadtest/results/{latest.json,latency.svg} and
-# refreshes BENCHMARKS.md. About ten minutes; `make bench-quick` checks the kit in
-# about one. BENCH_ARGS passes flags to loadtest/bench.py (--help lists them).
+# Benchmarks, not tests: wspush against nginx + nchan and uWebSockets.js doing the
+# same job on this machine, with nginx `return 200` as the HTTP ceiling (loadtest/,
+# BENCHMARKS.md). Installs nginx, nchan, ab, wrk and the uWebSockets.js peer's npm
+# package when missing, builds the release server and the load generator, runs every
+# workload against each, prints the table, writes loadtest/results/{latest.json,
+# latency.svg} and refreshes BENCHMARKS.md. About ten minutes; `make bench-quick`
+# checks the whole kit in about two. BENCH_ARGS passes flags to loadtest/bench.py
+# (--help lists them).
 BENCH_ARGS ?=
 
 bench: bench-deps bench-build
@@ -165,14 +167,33 @@ bench-build:
 	$(CARGO) build --release
 	$(CARGO) build --release --manifest-path loadtest/Cargo.toml --target-dir loadtest/target
 
-# Debian packages; webbench is not packaged (loadtest/webbench.sh runs it if present).
-bench-deps:
+# The kit's check for `make test`: builds the load generator, then ~2 s of fan-out
+# and unicast against the debug server that fails on any lost, duplicated or
+# misrouted message. Needs no peer, no package and no network.
+bench-smoke:
+	$(CARGO) build
+	$(CARGO) build --release --manifest-path loadtest/Cargo.toml --target-dir loadtest/target
+	python3 loadtest/bench.py --smoke --binary $(TARGET_DIR)/debug/wspush
+
+# Debian packages, then the uWebSockets.js peer's npm package (binaries inside,
+# no install scripts); webbench is not packaged (loadtest/webbench.sh runs it if present).
+UWS_DEPS := loadtest/peers/node_modules/.package-lock.json
+
+bench-deps: bench-debian $(UWS_DEPS)
+
+$(UWS_DEPS): loadtest/peers/package.json loadtest/peers/package-lock.json
+	$(NPM) ci --prefix loadtest/peers --ignore-scripts --no-audit --no-fund
+	@touch $@
+
+bench-debian:
 	@missing=; \
 	{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null || missing="$$missing nginx"; \
 	test -f /usr/lib/nginx/modules/ngx_nchan_module.so || missing="$$missing libnginx-mod-nchan"; \
 	command -v ab >/dev/null || missing="$$missing apache2-utils"; \
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
 	command -v python3 >/dev/null || missing="$$missing python3"; \
+	command -v $(NODE) >/dev/null || missing="$$missing nodejs"; \
+	command -v $(NPM) >/dev/null || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
 		sudo=; [ "$$(id -u)" -eq 0 ] || sudo=sudo; \
 		echo "bench: installing$$missing"; \

@@ -48,92 +48,320 @@ pub enum LogLevel {
     Warn,
 }
 
-#[derive(Clone, Debug)]
-pub struct Config {
-    pub bind: String,
-    pub port: u16,
-    pub queue: QueueSpec,
-    /// Messages the in-process list holds before `/send` answers 503; with Redis or
-    /// Disque, the batches that may wait for the publisher thread.
-    pub queue_size: usize,
-    /// The Redis channel or Disque queue every node shares.
-    pub queue_name: String,
-    /// Bound on one Redis/Disque operation (connect, PUBLISH, ADDJOB, a health
-    /// PING): `/send` gets its 503 within about this long when the server is gone.
-    pub queue_timeout: Duration,
-    /// Longest wait between reconnect attempts (the backoff doubles up to it).
-    pub queue_backoff: Duration,
-    /// Disque job TTL for messages without `timeout`.
-    pub queue_ttl: Duration,
-    /// Disque RETRY: a job taken but not acknowledged is queued again after this.
-    pub queue_retry: Duration,
-    /// Disque jobs taken by one GETJOB, i.e. delivered but not yet acknowledged.
-    pub queue_prefetch: usize,
-    pub echo: bool,
-    pub log: LogLevel,
-    /// Open TCP connections of every kind (push and HTTP).
-    pub max_connections: usize,
-    pub max_frame: usize,
-    pub max_message: usize,
-    pub max_header: usize,
-    pub max_body: usize,
-    /// Messages in one `/send` batch.
-    pub max_batch: usize,
-    /// Unsent bytes a connection may hold before it is dropped as too slow.
-    pub max_backlog: usize,
-    pub ping_interval: Duration,
-    pub idle_timeout: Duration,
-    pub request_timeout: Duration,
-    pub keepalive_timeout: Duration,
-    pub close_timeout: Duration,
-    pub shutdown_timeout: Duration,
-    /// `/send`, `/stats` and `/metrics` need `Authorization: Bearer <key>`.
-    pub api_key: Option<String>,
-    /// `/ws` needs a token signed with this secret.
-    pub secret: Option<String>,
-    /// Allowed `Origin`s for `/ws`; empty allows any.
-    pub origins: Vec<String>,
-    /// Connections per client address; 0 means no limit.
-    pub max_per_ip: usize,
-    /// Peers whose `X-Forwarded-For` / `X-Real-IP` name the client.
-    pub trusted_proxies: Vec<IpNet>,
+/// One line per flag: the `Config` field with its type and default, then the flag's
+/// name, value hint, parser (which also enforces the flag's own bound) and help.
+/// The struct, its `Default`, `-h` and parsing all come from this one table, so
+/// adding a flag is adding a line; rules between flags live in [`check`].
+macro_rules! flags {
+    ($(
+        $(#[$doc:meta])*
+        $field:ident: $ty:ty = $default:expr,
+            $name:literal $hint:literal $parse:ident $(env $env:literal)? $(shown $shown:literal)?,
+            $help:literal;
+    )*) => {
+        #[derive(Clone, Debug)]
+        pub struct Config {
+            $( $(#[$doc])* pub $field: $ty, )*
+        }
+
+        impl Default for Config {
+            fn default() -> Self {
+                Config { $( $field: $default, )* }
+            }
+        }
+
+        const FLAGS: &[Flag] = &[$(
+            Flag {
+                name: $name,
+                hint: $hint,
+                help: $help,
+                env: flags!(@opt $($env)?),
+                shown: |_c| flags!(@opt $($shown.to_string())?).or_else(|| Show::show(&_c.$field)),
+                set: |c, s| {
+                    c.$field = $parse(s)?;
+                    Ok(())
+                },
+            },
+        )*];
+    };
+    (@opt) => { None };
+    (@opt $v:expr) => { Some($v) };
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            bind: "0.0.0.0".into(),
-            port: 3210,
-            queue: QueueSpec::List,
-            queue_size: 100_000,
-            queue_name: "wspush".into(),
-            queue_timeout: Duration::from_secs(2),
-            queue_backoff: Duration::from_secs(2),
-            queue_ttl: Duration::from_secs(3600),
-            queue_retry: Duration::from_secs(10),
-            queue_prefetch: 64,
-            echo: false,
-            log: LogLevel::Info,
-            max_connections: 100_000,
-            max_frame: 64 * 1024,
-            max_message: 64 * 1024,
-            max_header: 8 * 1024,
-            max_body: 1024 * 1024,
-            max_batch: 1000,
-            max_backlog: 1024 * 1024,
-            ping_interval: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(75),
-            request_timeout: Duration::from_secs(10),
-            keepalive_timeout: Duration::from_secs(60),
-            close_timeout: Duration::from_secs(5),
-            shutdown_timeout: Duration::from_secs(10),
-            api_key: None,
-            secret: None,
-            origins: Vec::new(),
-            max_per_ip: 1000,
-            trusted_proxies: vec![LOOPBACK_V4, LOOPBACK_V6],
+flags! {
+    port: u16 = 3210,
+        "port" "PORT" port, "TCP port";
+    bind: String = "0.0.0.0".into(),
+        "bind" "ADDR" text, "address to listen on";
+    queue: QueueSpec = QueueSpec::List,
+        "queue" "SPEC" queue_spec,
+        "queue backend: list | redis/HOST:PORT | redis://[:PASS@]HOST:PORT[/DB] | disque/HOST:PORT";
+    /// Messages the in-process list holds before `/send` answers 503; with Redis or
+    /// Disque, the batches that may wait for the publisher thread.
+    queue_size: usize = 100_000,
+        "queue-size" "N" positive,
+        "messages the list queue holds; batches waiting to be published to Redis/Disque";
+    /// The Redis channel or Disque queue every node shares.
+    queue_name: String = "wspush".into(),
+        "queue-name" "NAME" nonempty, "Redis channel / Disque queue shared by the nodes";
+    /// Bound on one Redis/Disque operation (connect, PUBLISH, ADDJOB, a health
+    /// PING): `/send` gets its 503 within about this long when the server is gone.
+    queue_timeout: Duration = Duration::from_secs(2),
+        "queue-timeout" "DUR" duration,
+        "bound on a Redis/Disque connect, publish or health check; /send answers 503 after it";
+    /// Longest wait between reconnect attempts (the backoff doubles up to it).
+    queue_backoff: Duration = Duration::from_secs(2),
+        "queue-backoff" "DUR" duration, "longest wait between reconnect attempts to Redis/Disque";
+    /// Disque job TTL for messages without `timeout`.
+    queue_ttl: Duration = Duration::from_secs(3600),
+        "queue-ttl" "DUR" duration, "Disque job TTL for messages without timeout";
+    /// Disque RETRY: a job taken but not acknowledged is queued again after this.
+    queue_retry: Duration = Duration::from_secs(10),
+        "queue-retry" "DUR" duration, "Disque redelivers a job not acknowledged within";
+    /// Disque jobs taken by one GETJOB, i.e. delivered but not yet acknowledged.
+    queue_prefetch: usize = 64,
+        "queue-prefetch" "N" positive, "Disque jobs taken per GETJOB";
+    /// Events the queue threads may have in flight towards the reactor.
+    inbound_size: usize = 1024,
+        "inbound-size" "N" positive, "queue events waiting for the reactor";
+    echo: bool = false,
+        "echo" "" switch, "echo client text/binary messages (WebSocket conformance testing)";
+    log: LogLevel = LogLevel::Info,
+        "log" "LEVEL" log_level, "log level: debug | info | warn";
+    /// Open TCP connections of every kind (push and HTTP).
+    max_connections: usize = 100_000,
+        "max-connections" "N" positive, "open connections";
+    /// Connections the kernel completes and queues until the reactor accepts them (the
+    /// system caps it, e.g. Linux's net.core.somaxconn). The usual 128 overflows when
+    /// hundreds of clients connect at once, as after a restart, and each overflow costs
+    /// a client a SYN retransmission: a second or more.
+    listen_backlog: usize = 1024,
+        "listen-backlog" "N" positive, "connections the kernel queues until they are accepted";
+    /// Connections beyond `-max-connections` (or `-max-per-ip`) that are kept just
+    /// long enough to receive their 503/429; past this many more, new connections
+    /// are dropped outright.
+    refusal_slots: usize = 64,
+        "refusal-slots" "N" positive, "refused connections kept open to receive their answer";
+    /// Readiness events taken from one poll.
+    poll_events: usize = 1024,
+        "poll-events" "N" positive, "socket events taken per poll";
+    /// Bytes read from a socket at a time, into one buffer every connection shares.
+    read_buffer: usize = 64 * 1024,
+        "read-buffer" "BYTES" positive, "bytes read from a socket at a time";
+    /// Bytes read from one connection per wake before the others get their turn.
+    read_budget: usize = 256 * 1024,
+        "read-budget" "BYTES" positive, "bytes read from one connection before the others get a turn";
+    /// Queue events handled per wake before sockets get their turn.
+    inbound_budget: usize = 256,
+        "inbound-budget" "N" positive, "queue events handled before sockets get a turn";
+    max_frame: usize = 64 * 1024,
+        "max-frame" "BYTES" positive, "bytes in one client frame";
+    max_message: usize = 64 * 1024,
+        "max-message" "BYTES" positive, "bytes in one client message";
+    max_header: usize = 8 * 1024,
+        "max-header" "BYTES" positive, "bytes of HTTP request headers";
+    max_body: usize = 1024 * 1024,
+        "max-body" "BYTES" positive, "bytes of a /send body";
+    /// Messages in one `/send` batch.
+    max_batch: usize = 1000,
+        "max-batch" "N" positive, "messages in one /send batch";
+    /// Unsent bytes a connection may hold before it is dropped as too slow.
+    max_backlog: usize = 2 * 1024 * 1024,
+        "max-backlog" "BYTES" positive, "unsent bytes per connection before it is dropped as slow";
+    ping_interval: Duration = Duration::from_secs(30),
+        "ping-interval" "DUR" duration, "ping a silent connection after";
+    idle_timeout: Duration = Duration::from_secs(75),
+        "idle-timeout" "DUR" duration, "drop a silent connection after";
+    request_timeout: Duration = Duration::from_secs(10),
+        "request-timeout" "DUR" duration, "time to receive a whole HTTP request";
+    keepalive_timeout: Duration = Duration::from_secs(60),
+        "keepalive-timeout" "DUR" duration, "idle HTTP keep-alive connection lifetime";
+    close_timeout: Duration = Duration::from_secs(5),
+        "close-timeout" "DUR" duration, "wait for the peer's close frame and final writes";
+    shutdown_timeout: Duration = Duration::from_secs(10),
+        "shutdown-timeout" "DUR" duration, "longest graceful shutdown on SIGINT/SIGTERM";
+    /// `/send`, `/stats` and `/metrics` need `Authorization: Bearer <key>`.
+    api_key: Option<String> = None,
+        "api-key" "KEY" secret env "WSPUSH_API_KEY",
+        "key that /send, /stats and /metrics require as `Authorization: Bearer KEY` (or env WSPUSH_API_KEY)";
+    /// `/ws` needs a token signed with this secret.
+    secret: Option<String> = None,
+        "secret" "SECRET" secret env "WSPUSH_SECRET",
+        "require /ws tokens: hex HMAC-SHA256(SECRET, \"uid:expires\") (or env WSPUSH_SECRET)";
+    /// Allowed `Origin`s for `/ws`; empty allows any.
+    origins: Vec<String> = Vec::new(),
+        "origins" "LIST" origin_list shown "any", "comma list of Origins allowed on /ws";
+    /// Connections per client address; 0 means no limit.
+    max_per_ip: usize = 1000,
+        "max-per-ip" "N" count, "connections per client address, 0 = no limit";
+    /// Peers whose `X-Forwarded-For` / `X-Real-IP` name the client.
+    trusted_proxies: Vec<IpNet> = vec![LOOPBACK_V4, LOOPBACK_V6],
+        "trusted-proxies" "LIST" proxy_list shown "127.0.0.0/8,::1",
+        "comma list of proxy addresses/CIDRs whose X-Forwarded-For / X-Real-IP are believed (empty = none)";
+}
+
+/// What the queue backends read from the flags.
+#[derive(Clone, Debug)]
+pub struct QueueSettings {
+    pub name: String,
+    pub size: usize,
+    pub timeout: Duration,
+    pub backoff: Duration,
+    pub ttl: Duration,
+    pub retry: Duration,
+    pub prefetch: usize,
+}
+
+impl Config {
+    pub fn queue_settings(&self) -> QueueSettings {
+        QueueSettings {
+            name: self.queue_name.clone(),
+            size: self.queue_size,
+            timeout: self.queue_timeout,
+            backoff: self.queue_backoff,
+            ttl: self.queue_ttl,
+            retry: self.queue_retry,
+            prefetch: self.queue_prefetch,
         }
     }
+}
+
+/// One command-line flag, from the [`flags!`] table.
+struct Flag {
+    name: &'static str,
+    /// The value's placeholder in `-h`; empty for a switch, which takes none.
+    hint: &'static str,
+    help: &'static str,
+    /// An environment variable read when the flag is absent.
+    env: Option<&'static str>,
+    /// The default as `-h` shows it, if it has one worth showing.
+    shown: fn(&Config) -> Option<String>,
+    /// Parses a value and stores it; `Err` means the value is invalid.
+    set: fn(&mut Config, &str) -> Result<(), Bad>,
+}
+
+/// A flag's value failed its parser or its bound.
+struct Bad;
+
+/// How a default reads in `-h`.
+trait Show {
+    fn show(&self) -> Option<String>;
+}
+
+impl Show for usize {
+    fn show(&self) -> Option<String> {
+        Some(self.to_string())
+    }
+}
+
+impl Show for u16 {
+    fn show(&self) -> Option<String> {
+        Some(self.to_string())
+    }
+}
+
+impl Show for String {
+    fn show(&self) -> Option<String> {
+        Some(self.clone())
+    }
+}
+
+impl Show for Duration {
+    fn show(&self) -> Option<String> {
+        Some(if self.subsec_millis() == 0 {
+            format!("{}s", self.as_secs())
+        } else {
+            format!("{}ms", self.as_millis())
+        })
+    }
+}
+
+impl Show for QueueSpec {
+    fn show(&self) -> Option<String> {
+        (*self == QueueSpec::List).then(|| "list".into())
+    }
+}
+
+impl Show for LogLevel {
+    fn show(&self) -> Option<String> {
+        Some(format!("{self:?}").to_lowercase())
+    }
+}
+
+impl<T> Show for Option<T> {
+    fn show(&self) -> Option<String> {
+        None
+    }
+}
+
+impl<T> Show for Vec<T> {
+    fn show(&self) -> Option<String> {
+        None
+    }
+}
+
+impl Show for bool {
+    fn show(&self) -> Option<String> {
+        None
+    }
+}
+
+// The parsers of the table. Each enforces the bound of its kind of value.
+
+/// A count that must be at least 1.
+fn positive(s: &str) -> Result<usize, Bad> {
+    s.parse().ok().filter(|n| *n > 0).ok_or(Bad)
+}
+
+/// A count where 0 means "no limit".
+fn count(s: &str) -> Result<usize, Bad> {
+    s.parse().map_err(|_| Bad)
+}
+
+fn port(s: &str) -> Result<u16, Bad> {
+    s.parse().map_err(|_| Bad)
+}
+
+/// A duration above zero: `30`, `30s`, `500ms`, `2m`.
+fn duration(s: &str) -> Result<Duration, Bad> {
+    parse_duration(s).filter(|d| !d.is_zero()).ok_or(Bad)
+}
+
+fn text(s: &str) -> Result<String, Bad> {
+    Ok(s.to_string())
+}
+
+fn nonempty(s: &str) -> Result<String, Bad> {
+    (!s.is_empty()).then(|| s.to_string()).ok_or(Bad)
+}
+
+fn secret(s: &str) -> Result<Option<String>, Bad> {
+    nonempty(s).map(Some)
+}
+
+fn switch(_: &str) -> Result<bool, Bad> {
+    Ok(true)
+}
+
+fn queue_spec(s: &str) -> Result<QueueSpec, Bad> {
+    QueueSpec::parse(s).map_err(|_| Bad)
+}
+
+fn log_level(s: &str) -> Result<LogLevel, Bad> {
+    match s {
+        "debug" => Ok(LogLevel::Debug),
+        "info" => Ok(LogLevel::Info),
+        "warn" => Ok(LogLevel::Warn),
+        _ => Err(Bad),
+    }
+}
+
+fn origin_list(s: &str) -> Result<Vec<String>, Bad> {
+    Ok(list(s).map(str::to_string).collect())
+}
+
+fn proxy_list(s: &str) -> Result<Vec<IpNet>, Bad> {
+    list(s).map(|p| IpNet::parse(p).ok_or(Bad)).collect()
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -165,234 +393,20 @@ pub enum Command {
 
 fn options() -> Options {
     let d = Config::default();
-    let secs = |v: Duration| format!("{}s", v.as_secs());
     let mut o = Options::new();
     // Go's flag package takes `-name=value`; getopts does too in long-only mode.
     o.long_only(true);
-    o.optopt(
-        "",
-        "port",
-        &format!("TCP port (default {})", d.port),
-        "PORT",
-    );
-    o.optopt(
-        "",
-        "bind",
-        &format!("address to listen on (default {})", d.bind),
-        "ADDR",
-    );
-    o.optopt(
-        "",
-        "queue",
-        "queue backend: list | redis/HOST:PORT | redis://[:PASS@]HOST:PORT[/DB] | disque/HOST:PORT (default list)",
-        "SPEC",
-    );
-    o.optopt(
-        "",
-        "queue-size",
-        &format!(
-            "messages the list queue holds; batches waiting to be published to Redis/Disque (default {})",
-            d.queue_size
-        ),
-        "N",
-    );
-    o.optopt(
-        "",
-        "queue-name",
-        &format!(
-            "Redis channel / Disque queue shared by the nodes (default {})",
-            d.queue_name
-        ),
-        "NAME",
-    );
-    o.optopt(
-        "",
-        "queue-timeout",
-        &format!(
-            "bound on a Redis/Disque connect, publish or health check; /send answers 503 after it (default {})",
-            secs(d.queue_timeout)
-        ),
-        "DUR",
-    );
-    o.optopt(
-        "",
-        "queue-backoff",
-        &format!(
-            "longest wait between reconnect attempts to Redis/Disque (default {})",
-            secs(d.queue_backoff)
-        ),
-        "DUR",
-    );
-    o.optopt(
-        "",
-        "queue-ttl",
-        &format!(
-            "Disque job TTL for messages without timeout (default {})",
-            secs(d.queue_ttl)
-        ),
-        "DUR",
-    );
-    o.optopt(
-        "",
-        "queue-retry",
-        &format!(
-            "Disque redelivers a job not acknowledged within (default {})",
-            secs(d.queue_retry)
-        ),
-        "DUR",
-    );
-    o.optopt(
-        "",
-        "queue-prefetch",
-        &format!(
-            "Disque jobs taken per GETJOB (default {})",
-            d.queue_prefetch
-        ),
-        "N",
-    );
-    o.optflag(
-        "",
-        "echo",
-        "echo client text/binary messages (WebSocket conformance testing)",
-    );
-    o.optopt(
-        "",
-        "log",
-        "log level: debug | info | warn (default info)",
-        "LEVEL",
-    );
-    o.optopt(
-        "",
-        "max-connections",
-        &format!("open connections (default {})", d.max_connections),
-        "N",
-    );
-    o.optopt(
-        "",
-        "max-frame",
-        &format!("bytes in one client frame (default {})", d.max_frame),
-        "BYTES",
-    );
-    o.optopt(
-        "",
-        "max-message",
-        &format!("bytes in one client message (default {})", d.max_message),
-        "BYTES",
-    );
-    o.optopt(
-        "",
-        "max-header",
-        &format!("bytes of HTTP request headers (default {})", d.max_header),
-        "BYTES",
-    );
-    o.optopt(
-        "",
-        "max-body",
-        &format!("bytes of a /send body (default {})", d.max_body),
-        "BYTES",
-    );
-    o.optopt(
-        "",
-        "max-batch",
-        &format!("messages in one /send batch (default {})", d.max_batch),
-        "N",
-    );
-    o.optopt(
-        "",
-        "max-backlog",
-        &format!(
-            "unsent bytes per connection before it is dropped as slow (default {})",
-            d.max_backlog
-        ),
-        "BYTES",
-    );
-    o.optopt(
-        "",
-        "ping-interval",
-        &format!(
-            "ping a silent connection after (default {})",
-            secs(d.ping_interval)
-        ),
-        "DUR",
-    );
-    o.optopt(
-        "",
-        "idle-timeout",
-        &format!(
-            "drop a silent connection after (default {})",
-            secs(d.idle_timeout)
-        ),
-        "DUR",
-    );
-    o.optopt(
-        "",
-        "request-timeout",
-        &format!(
-            "time to receive a whole HTTP request (default {})",
-            secs(d.request_timeout)
-        ),
-        "DUR",
-    );
-    o.optopt(
-        "",
-        "keepalive-timeout",
-        &format!(
-            "idle HTTP keep-alive connection lifetime (default {})",
-            secs(d.keepalive_timeout)
-        ),
-        "DUR",
-    );
-    o.optopt(
-        "",
-        "close-timeout",
-        &format!(
-            "wait for the peer's close frame and final writes (default {})",
-            secs(d.close_timeout)
-        ),
-        "DUR",
-    );
-    o.optopt(
-        "",
-        "shutdown-timeout",
-        &format!(
-            "longest graceful shutdown on SIGINT/SIGTERM (default {})",
-            secs(d.shutdown_timeout)
-        ),
-        "DUR",
-    );
-    o.optopt(
-        "",
-        "api-key",
-        "key that /send, /stats and /metrics require as `Authorization: Bearer KEY` (or env WSPUSH_API_KEY)",
-        "KEY",
-    );
-    o.optopt(
-        "",
-        "secret",
-        "require /ws tokens: hex HMAC-SHA256(SECRET, \"uid:expires\") (or env WSPUSH_SECRET)",
-        "SECRET",
-    );
-    o.optopt(
-        "",
-        "origins",
-        "comma list of Origins allowed on /ws (default any)",
-        "LIST",
-    );
-    o.optopt(
-        "",
-        "max-per-ip",
-        &format!(
-            "connections per client address, 0 = no limit (default {})",
-            d.max_per_ip
-        ),
-        "N",
-    );
-    o.optopt(
-        "",
-        "trusted-proxies",
-        "comma list of proxy addresses/CIDRs whose X-Forwarded-For / X-Real-IP are believed (default 127.0.0.0/8,::1; empty = none)",
-        "LIST",
-    );
+    for f in FLAGS {
+        let help = match (f.shown)(&d) {
+            Some(v) => format!("{} (default {v})", f.help),
+            None => f.help.to_string(),
+        };
+        if f.hint.is_empty() {
+            o.optflag("", f.name, &help);
+        } else {
+            o.optopt("", f.name, &help, f.hint);
+        }
+    }
     o.optflag("h", "help", "print this help");
     o.optflag("", "version", "print the version");
     o
@@ -429,116 +443,55 @@ pub fn parse_with_env<S: AsRef<str>>(
         )));
     }
     let mut c = Config::default();
-    let num = |name: &'static str, v: &mut usize| -> Result<(), ConfigError> {
-        if let Some(s) = m.opt_str(name) {
-            *v = s
-                .parse()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or(ConfigError::Invalid(name, s))?;
-        }
-        Ok(())
-    };
-    num("queue-size", &mut c.queue_size)?;
-    num("queue-prefetch", &mut c.queue_prefetch)?;
-    num("max-connections", &mut c.max_connections)?;
-    num("max-frame", &mut c.max_frame)?;
-    num("max-message", &mut c.max_message)?;
-    num("max-header", &mut c.max_header)?;
-    num("max-body", &mut c.max_body)?;
-    num("max-batch", &mut c.max_batch)?;
-    num("max-backlog", &mut c.max_backlog)?;
-    let dur = |name: &'static str, v: &mut Duration| -> Result<(), ConfigError> {
-        if let Some(s) = m.opt_str(name) {
-            *v = parse_duration(&s)
-                .filter(|d| !d.is_zero())
-                .ok_or(ConfigError::Invalid(name, s))?;
-        }
-        Ok(())
-    };
-    dur("ping-interval", &mut c.ping_interval)?;
-    dur("idle-timeout", &mut c.idle_timeout)?;
-    dur("request-timeout", &mut c.request_timeout)?;
-    dur("keepalive-timeout", &mut c.keepalive_timeout)?;
-    dur("close-timeout", &mut c.close_timeout)?;
-    dur("shutdown-timeout", &mut c.shutdown_timeout)?;
-    dur("queue-timeout", &mut c.queue_timeout)?;
-    dur("queue-backoff", &mut c.queue_backoff)?;
-    dur("queue-ttl", &mut c.queue_ttl)?;
-    dur("queue-retry", &mut c.queue_retry)?;
-    if let Some(s) = m.opt_str("queue-name") {
-        if s.is_empty() {
-            return Err(ConfigError::Invalid("queue-name", s));
-        }
-        c.queue_name = s;
-    }
-    if let Some(s) = m.opt_str("port") {
-        c.port = s.parse().map_err(|_| ConfigError::Invalid("port", s))?;
-    }
-    if let Some(s) = m.opt_str("bind") {
-        c.bind = s;
-    }
-    if let Some(s) = m.opt_str("queue") {
-        c.queue = QueueSpec::parse(&s)?;
-    }
-    if let Some(s) = m.opt_str("log") {
-        c.log = match s.as_str() {
-            "debug" => LogLevel::Debug,
-            "info" => LogLevel::Info,
-            "warn" => LogLevel::Warn,
-            _ => return Err(ConfigError::Invalid("log", s)),
+    for f in FLAGS {
+        let value = if f.hint.is_empty() {
+            m.opt_present(f.name).then(String::new)
+        } else {
+            m.opt_str(f.name).or_else(|| f.env.and_then(&env))
         };
-    }
-    c.echo = m.opt_present("echo");
-    let secret = |flag: &'static str, var: &str| -> Result<Option<String>, ConfigError> {
-        match m.opt_str(flag).or_else(|| env(var)) {
-            Some(s) if s.is_empty() => Err(ConfigError::Invalid(flag, "(empty)".into())),
-            other => Ok(other),
+        if let Some(v) = value {
+            (f.set)(&mut c, &v).map_err(|Bad| {
+                // A secret's value is never repeated back, not even in an error.
+                let shown = if f.env.is_some() { "(empty)".into() } else { v };
+                ConfigError::Invalid(f.name, shown)
+            })?;
         }
-    };
-    c.api_key = secret("api-key", "WSPUSH_API_KEY")?;
-    c.secret = secret("secret", "WSPUSH_SECRET")?;
-    if let Some(s) = m.opt_str("origins") {
-        c.origins = list(&s).map(str::to_string).collect();
     }
-    if let Some(s) = m.opt_str("max-per-ip") {
-        c.max_per_ip = s
-            .parse()
-            .map_err(|_| ConfigError::Invalid("max-per-ip", s))?;
-    }
-    if let Some(s) = m.opt_str("trusted-proxies") {
-        c.trusted_proxies = list(&s)
-            .map(|p| {
-                IpNet::parse(p).ok_or_else(|| ConfigError::Invalid("trusted-proxies", p.into()))
-            })
-            .collect::<Result<_, _>>()?;
-    }
+    check(&c)?;
+    Ok(Command::Run(Box::new(c)))
+}
 
+/// What a push frame adds around a message's bytes: the WebSocket header (at most
+/// 10 bytes), `{"types":…,"msg":…,"time":…}` and the time (at most 64 bytes).
+pub const PUSH_FRAMING: usize = 256;
+
+/// The rules between flags, which no single flag's parser can see.
+fn check(c: &Config) -> Result<(), ConfigError> {
+    let conflict = |e: &str| Err(ConfigError::Conflict(e.into()));
     if c.idle_timeout <= c.ping_interval {
-        return Err(ConfigError::Conflict(
-            "-idle-timeout must be longer than -ping-interval".into(),
-        ));
+        return conflict("-idle-timeout must be longer than -ping-interval");
     }
     // The reactor gives up on a pending /send after -request-timeout; a publish
     // still under way then could succeed after its 503 was sent. The list queue
     // answers at once and has no such timeout.
     if c.queue != QueueSpec::List && c.queue_timeout >= c.request_timeout {
-        return Err(ConfigError::Conflict(
-            "-queue-timeout must be shorter than -request-timeout".into(),
-        ));
+        return conflict("-queue-timeout must be shorter than -request-timeout");
     }
     // Disque counts TTL and RETRY in whole seconds and refuses a TTL of 0.
     if c.queue_ttl < Duration::from_secs(1) || c.queue_retry < Duration::from_secs(1) {
-        return Err(ConfigError::Conflict(
-            "-queue-ttl and -queue-retry must be at least 1s".into(),
-        ));
+        return conflict("-queue-ttl and -queue-retry must be at least 1s");
     }
     if c.max_message < c.max_frame {
-        return Err(ConfigError::Conflict(
-            "-max-message must be at least -max-frame".into(),
-        ));
+        return conflict("-max-message must be at least -max-frame");
     }
-    Ok(Command::Run(Box::new(c)))
+    // One message as large as /send takes must fit in a receiver's backlog with
+    // its framing, or the server would evict a client for a message it accepted.
+    if c.max_backlog < c.max_body.saturating_add(PUSH_FRAMING) {
+        return Err(ConfigError::Conflict(format!(
+            "-max-backlog must be at least -max-body + {PUSH_FRAMING} (a push frame's framing)"
+        )));
+    }
+    Ok(())
 }
 
 fn list(s: &str) -> impl Iterator<Item = &str> {
@@ -652,6 +605,39 @@ mod tests {
         assert!(parse(&["-nope=1"]).is_err());
         assert!(parse(&["stray"]).is_err());
         assert!(parse(&["-ping-interval=80", "-idle-timeout=60"]).is_err());
+        let err = parse(&["-max-backlog=65536"]).err().unwrap().to_string();
+        assert!(
+            err.contains("-max-backlog must be at least -max-body"),
+            "{err}"
+        );
+        assert!(parse(&["-max-backlog=65536", "-max-body=65280"]).is_ok());
+    }
+
+    #[test]
+    fn every_flag_takes_its_own_default() {
+        let d = Config::default();
+        for f in FLAGS {
+            let arg = match (f.hint.is_empty(), (f.shown)(&d)) {
+                (true, _) => format!("-{}", f.name),
+                (false, Some(v)) if v != "any" => format!("-{}={v}", f.name),
+                _ => continue,
+            };
+            assert!(parse(&[arg.as_str()]).is_ok(), "{arg}");
+        }
+        let names: std::collections::HashSet<_> = FLAGS.iter().map(|f| f.name).collect();
+        assert_eq!(names.len(), FLAGS.len(), "a flag is declared twice");
+    }
+
+    #[test]
+    fn secrets_come_from_the_environment_and_are_never_echoed() {
+        let env =
+            |v: &'static str| move |name: &str| (name == "WSPUSH_API_KEY").then(|| v.to_string());
+        let Ok(Command::Run(c)) = parse_with_env(&[] as &[&str], env("k1")) else {
+            panic!("no run")
+        };
+        assert_eq!(c.api_key.as_deref(), Some("k1"));
+        let err = parse_with_env(&["-api-key="], env("k1")).err().unwrap();
+        assert_eq!(err, ConfigError::Invalid("api-key", "(empty)".into()));
     }
 
     #[test]
@@ -659,17 +645,12 @@ mod tests {
         let Ok(Command::Help(h)) = parse(&["-h"]) else {
             panic!("no help")
         };
-        for flag in [
-            "-port",
-            "-queue",
-            "-queue-name",
-            "-queue-timeout",
-            "-queue-ttl",
-            "-max-backlog",
-            "-idle-timeout",
-            "-echo",
-        ] {
-            assert!(h.contains(flag), "{flag} missing from help");
+        for f in FLAGS {
+            assert!(
+                h.contains(&format!("-{} ", f.name)),
+                "{} missing from help",
+                f.name
+            );
         }
     }
 }

@@ -10,15 +10,6 @@ use wspush::queue::redis::RedisQueue;
 use wspush::queue::{Notifier, Queue, list::ListQueue};
 use wspush::server::{self, Parts, Server};
 
-/// Events the queue side may have in flight towards the reactor.
-const INBOUND_CAPACITY: usize = 1024;
-
-/// Connections the kernel completes and queues until the reactor accepts them (the
-/// system caps it, e.g. Linux's net.core.somaxconn). The usual 128 overflows when
-/// hundreds of clients connect at once, as after a restart, and each overflow costs
-/// a client a SYN retransmission: a second or more.
-const LISTEN_BACKLOG: i32 = 1024;
-
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let cfg = match config::parse(&args) {
@@ -49,10 +40,11 @@ fn main() -> ExitCode {
 
 fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     let addr = bind_addr(&cfg.bind, cfg.port)?;
-    let listener = listen(addr).map_err(|e| format!("listen on {addr}: {e}"))?;
+    let listener =
+        listen(addr, cfg.listen_backlog).map_err(|e| format!("listen on {addr}: {e}"))?;
 
     let (poll, waker) = server::poll_and_waker()?;
-    let (tx, inbound) = crossbeam_channel::bounded(INBOUND_CAPACITY);
+    let (tx, inbound) = crossbeam_channel::bounded(cfg.inbound_size);
     let notifier = Notifier::new(tx, waker);
     let queue: Box<dyn Queue> = match &cfg.queue {
         QueueSpec::List => Box::new(ListQueue::start(cfg.queue_size, notifier.clone())?),
@@ -82,16 +74,16 @@ fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// A non-blocking listening socket with `LISTEN_BACKLOG`, set up as mio's own
+/// A non-blocking listening socket with `-listen-backlog`, set up as mio's own
 /// `TcpListener::bind` does apart from the backlog.
-fn listen(addr: SocketAddr) -> std::io::Result<mio::net::TcpListener> {
+fn listen(addr: SocketAddr, backlog: usize) -> std::io::Result<mio::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // Quick restarts rebind at once; on Windows this option would allow hijacking.
     #[cfg(not(windows))]
     sock.set_reuse_address(true)?;
     sock.bind(&addr.into())?;
-    sock.listen(LISTEN_BACKLOG)?;
+    sock.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     sock.set_nonblocking(true)?;
     Ok(mio::net::TcpListener::from_std(sock.into()))
 }

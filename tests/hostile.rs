@@ -250,7 +250,7 @@ fn a_64_bit_length_of_2_pow_63_is_refused_before_any_payload() {
 
 #[test]
 fn a_client_pinging_without_reading_is_evicted_and_others_are_unaffected() {
-    let server = Server::start(&["-max-backlog=65536"]);
+    let server = Server::start(&["-max-backlog=65536", "-max-body=65280"]);
     let base = baseline(&server);
     let mut other = server.ws("uid=other");
 
@@ -300,7 +300,7 @@ fn a_client_pinging_without_reading_is_evicted_and_others_are_unaffected() {
 #[test]
 fn a_push_client_that_never_reads_is_evicted_while_broadcasts_flow_to_the_others() {
     const MAX: usize = 2000;
-    let server = Server::start(&["-max-backlog=65536"]);
+    let server = Server::start(&["-max-backlog=65536", "-max-body=65280"]);
     let base = baseline(&server);
 
     let mut stalled = tcp_small_rcvbuf(server.addr, 4096);
@@ -496,7 +496,7 @@ fn running_out_of_descriptors_refuses_politely_without_spinning_and_recovers() {
 
 #[test]
 fn an_http_client_pipelining_without_reading_is_paused_not_buffered() {
-    // Far more replies than -max-backlog (1 MiB) and than one read's worth of requests.
+    // Far more replies than -max-backlog (2 MiB) and than one read's worth of requests.
     const REQUESTS: usize = 3000;
     let server = Server::start(&[]);
     let base = baseline(&server);

@@ -936,7 +936,7 @@ fn a_slow_client_is_evicted_without_holding_back_others() {
     const PER_BATCH: usize = 50;
     const MIN_MESSAGES: usize = 2000;
     const MAX_MESSAGES: usize = 40_000;
-    let server = Server::start(&[&format!("-max-backlog={BACKLOG}")]);
+    let server = Server::start(&[&format!("-max-backlog={BACKLOG}"), "-max-body=65280"]);
     let mut slow = RawWs::connect(&server, "uid=slow");
     let mut fast = server.ws("uid=fast");
     let pad = "x".repeat(1000);

@@ -1,12 +1,18 @@
 //! `loadgen`: the load generator of wspush's benchmark kit.
 //!
 //! It speaks WebSocket through `tokio-tungstenite` (not wspush's codec) and HTTP/1.1
-//! through a minimal keep-alive client, and drives either wspush or the nchan peer
-//! (`loadtest/peers/nchan.conf`), which serve the same URLs:
+//! through a minimal keep-alive client, and drives wspush, the nchan peer
+//! (`loadtest/peers/nchan.conf`) or the uWebSockets.js peer (`loadtest/peers/uws.js`),
+//! which serve the same URLs:
 //!
 //! - `GET /ws?uid=U` subscribes to uid U and to broadcasts;
-//! - `POST /send` publishes: wspush takes its JSON schema, nchan `?id=all` or `?id=U`
-//!   with the frame text as the body, so both deliver the same bytes.
+//! - `POST /send` publishes: wspush and the uWebSockets.js peer take wspush's JSON
+//!   schema, nchan `?id=all` or `?id=U` with the frame text as the body, so all three
+//!   deliver the same bytes.
+//!
+//! Each phase reports the client's and the server's CPU time over the phase, and
+//! from them CPU-µs per delivery and per `/send`: on a box where both share the
+//! cores, a rate alone says as much about the client as about the server.
 //!
 //! Every message carries its phase, a sequence number, its send time in
 //! microseconds since the kit started and, for unicast, its uid. Each receiver
@@ -49,7 +55,7 @@ fn at_us(us: u64) -> tokio::time::Instant {
 const USAGE: &str = "\
 usage: loadgen push|memory [flags]
 
-  --target wspush|nchan   the server's publish API (default wspush)
+  --target wspush|nchan|uws  the server's publish API (default wspush)
   --addr HOST:PORT        the server (default 127.0.0.1:3210)
   --n N                   push connections (default 10000)
   --broadcasts B          broadcasts at full speed (default 200; 0 skips)
@@ -73,6 +79,15 @@ usage: loadgen push|memory [flags]
 enum Target {
     Wspush,
     Nchan,
+    /// The uWebSockets.js peer: wspush's API, and `/stats` with "connections".
+    Uws,
+}
+
+impl Target {
+    /// Whether `/stats` reports "connections", so the kit can wait for every handshake.
+    fn counts_connections(self) -> bool {
+        matches!(self, Target::Wspush | Target::Uws)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -149,6 +164,7 @@ fn parse_args(args: &[String]) -> Result<(String, Opts), String> {
                 o.target = match value()?.as_str() {
                     "wspush" => Target::Wspush,
                     "nchan" => Target::Nchan,
+                    "uws" => Target::Uws,
                     t => return Err(format!("unknown target {t}")),
                 }
             }
@@ -361,11 +377,11 @@ fn publish_request(
         Some(u) => format!(r#"{{"p":{p},"s":{s},"t":{t},"u":{u}}}"#),
     };
     match (target, uid) {
-        (Target::Wspush, None) => (
+        (Target::Wspush | Target::Uws, None) => (
             "/send".into(),
             format!(r#"{{"topic":"all","types":"notice","msg":{msg}}}"#).into_bytes(),
         ),
-        (Target::Wspush, Some(u)) => (
+        (Target::Wspush | Target::Uws, Some(u)) => (
             "/send".into(),
             format!(r#"{{"topic":"uids","topic_ids":["{u}"],"types":"notice","msg":{msg}}}"#)
                 .into_bytes(),
@@ -485,20 +501,41 @@ impl Meter {
         }
     }
 
-    /// CPU use since `start`, in percent of one core.
-    fn stop(&self, pids: &[u32]) -> Value {
+    /// CPU use since `start`: in percent of one core, in seconds, and in µs per
+    /// delivery and per publish (`/send`) of the phase.
+    fn stop(&self, pids: &[u32], deliveries: u64, sends: u64) -> Value {
         let wall = self.wall.elapsed().as_secs_f64();
-        let pct = |cpu: f64| (cpu / wall * 1000.0).round() / 10.0;
+        let client = sys::self_cpu() - self.client;
         let server = match (self.server, sys::procs_cpu(pids)) {
-            (Some(a), Some(b)) => json!(pct(b - a)),
-            _ => Value::Null,
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
         };
-        json!({
-            "wall_s": (wall * 1000.0).round() / 1000.0,
-            "client_cpu_pct": pct(sys::self_cpu() - self.client),
-            "server_cpu_pct": server,
-        })
+        cpu_json(wall, client, server, deliveries, sends)
     }
+}
+
+/// The CPU figures of one run. The server's comes from /proc in clock ticks (10 ms
+/// here), so a run should last a second or more for its µs figures to mean much.
+fn cpu_json(wall: f64, client: f64, server: Option<f64>, deliveries: u64, sends: u64) -> Value {
+    let pct = |cpu: f64| (cpu / wall * 1000.0).round() / 10.0;
+    let per = |cpu: f64, n: u64| {
+        if n == 0 {
+            Value::Null
+        } else {
+            json!((cpu * 1e6 / n as f64 * 100.0).round() / 100.0)
+        }
+    };
+    json!({
+        "wall_s": round3(wall),
+        "client_cpu_pct": pct(client),
+        "server_cpu_pct": server.map(pct),
+        "client_cpu_s": round3(client),
+        "server_cpu_s": server.map(round3),
+        "client_us_per_delivery": per(client, deliveries),
+        "server_us_per_delivery": server.map_or(Value::Null, |s| per(s, deliveries)),
+        "client_us_per_send": per(client, sends),
+        "server_us_per_send": server.map_or(Value::Null, |s| per(s, sends)),
+    })
 }
 
 /// Waits until `expected` deliveries arrived or none arrived for `quiet`.
@@ -592,7 +629,7 @@ async fn broadcast_phase(
     let ok: Vec<usize> = (0..b).filter(|&s| published[s].load(RELAXED)).collect();
     let expected = (n * ok.len()) as u64;
     wait_for(&ph, expected, opts.quiet).await;
-    let cpu = meter.stop(&opts.pids);
+    let cpu = meter.stop(&opts.pids, ph.delivered.load(RELAXED), ok.len() as u64);
     let (lat, lost) = tally(
         &ph,
         conns
@@ -621,23 +658,27 @@ async fn broadcast_phase(
     })
 }
 
-/// U sends, each to one random connected uid, from C publisher connections.
+/// U sends, each to one random connected uid, from C publisher connections. Each
+/// send's `/send` reply time is kept beside its delivery time, which splits the
+/// latency into the HTTP round trip and what the push takes after the reply.
 async fn unicast_phase(opts: &Opts, shared: &Arc<Shared>, conns: &Connected, id: u64) -> Value {
     let u = opts.unicast;
     let ph = Arc::new(Phase::new(id, Kind::Unicast, u));
     begin(shared, &ph);
     let published: Arc<Vec<AtomicBool>> =
         Arc::new((0..u).map(|_| AtomicBool::new(false)).collect());
+    let reply_us: Arc<Vec<AtomicU32>> = Arc::new((0..u).map(|_| AtomicU32::new(0)).collect());
     let next = Arc::new(AtomicUsize::new(0));
     let slots = Arc::new(conns.slots.clone());
     let meter = Meter::start(&opts.pids);
     let first_us = now_us();
     let (target, addr, concurrency) = (opts.target, opts.addr, opts.concurrency);
-    let pub_published = published.clone();
+    let (pub_published, pub_reply) = (published.clone(), reply_us.clone());
     let (publish_errors, first_error) = on_publisher_thread(async move {
         let mut set = JoinSet::new();
         for k in 0..concurrency {
             let (published, next, slots) = (pub_published.clone(), next.clone(), slots.clone());
+            let reply_us = pub_reply.clone();
             set.spawn(async move {
                 let mut publ = Publisher::new(addr);
                 let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ ((k as u64 + 1) << 17);
@@ -650,8 +691,11 @@ async fn unicast_phase(opts: &Opts, shared: &Arc<Shared>, conns: &Connected, id:
                     rng ^= rng >> 7;
                     rng ^= rng << 17;
                     let uid = slots[(rng % slots.len() as u64) as usize];
-                    let (path, body) = publish_request(target, id, s as u64, now_us(), Some(uid));
+                    let t = now_us();
+                    let (path, body) = publish_request(target, id, s as u64, t, Some(uid));
                     if publ.post(&path, &body).await {
+                        let rtt = now_us().saturating_sub(t).min(u32::MAX as u64) as u32;
+                        reply_us[s].store(rtt, RELAXED);
                         published[s].store(true, RELAXED);
                     }
                 }
@@ -664,8 +708,23 @@ async fn unicast_phase(opts: &Opts, shared: &Arc<Shared>, conns: &Connected, id:
     let publish_s = (now_us() - first_us) as f64 / 1e6;
     let ok: Vec<usize> = (0..u).filter(|&s| published[s].load(RELAXED)).collect();
     wait_for(&ph, ok.len() as u64, opts.quiet).await;
-    let cpu = meter.stop(&opts.pids);
+    let cpu = meter.stop(&opts.pids, ph.delivered.load(RELAXED), ok.len() as u64);
     let (lat, lost) = tally(&ph, ok.iter().copied());
+    let replies: Vec<u32> = ok.iter().map(|&s| reply_us[s].load(RELAXED)).collect();
+    // Delivery time minus reply time, for the sends that were delivered: a server
+    // that pushes before it answers shows a count here, not a negative latency.
+    let mut before_reply = 0u64;
+    let after_reply: Vec<u32> = ok
+        .iter()
+        .filter(|&&s| ph.counts[s].load(RELAXED) > 0)
+        .map(|&s| {
+            let d = ph.lat_us[s].load(RELAXED) as i64 - reply_us[s].load(RELAXED) as i64;
+            if d < 0 {
+                before_reply += 1;
+            }
+            d.max(0) as u32
+        })
+        .collect();
     let delivered = ph.delivered.load(RELAXED);
     let span_s = ph.last_us.load(RELAXED).saturating_sub(first_us) as f64 / 1e6;
     json!({
@@ -682,6 +741,9 @@ async fn unicast_phase(opts: &Opts, shared: &Arc<Shared>, conns: &Connected, id:
         "span_s": round3(span_s),
         "sends_per_s": if span_s > 0.0 { (delivered as f64 / span_s).round() } else { 0.0 },
         "latency_ms": stats::summarize(lat),
+        "reply_latency_ms": stats::summarize(replies),
+        "after_reply_ms": stats::summarize(after_reply),
+        "delivered_before_reply": before_reply,
         "cpu": cpu,
     })
 }
@@ -737,10 +799,10 @@ async fn server_connections(addr: SocketAddr) -> Option<u64> {
     v.get("connections")?.as_u64()
 }
 
-/// Waits until wspush reports `n` push connections (nchan has no such count: the
-/// completed handshakes are the signal there).
+/// Waits until the server reports `n` push connections (nchan has no such count:
+/// the completed handshakes are the signal there).
 async fn settle(opts: &Opts, n: usize) {
-    if opts.target == Target::Wspush {
+    if opts.target.counts_connections() {
         let until = Instant::now() + Duration::from_secs(30);
         while Instant::now() < until {
             if server_connections(opts.addr).await == Some(n as u64) {
@@ -841,7 +903,7 @@ async fn memory(opts: Opts) -> Result<Value, String> {
     let shared = Arc::new(Shared::default());
     let conns = recv::connect_all(&opts, &shared);
     settle(&opts, conns.slots.len()).await;
-    let seen = if opts.target == Target::Wspush {
+    let seen = if opts.target.counts_connections() {
         server_connections(opts.addr).await
     } else {
         None

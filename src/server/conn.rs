@@ -16,7 +16,8 @@ use crate::http::chunked::ChunkedDecoder;
 use crate::http::request::Head;
 use crate::ws::assembler::Assembler;
 
-/// Where a connection is in its life. Transitions happen in `server::Server`.
+/// Where a connection is in its life. Each phase's room (`http_conn.rs`,
+/// `ws_conn.rs`) decides its moves; `Server::remove` ends every one.
 pub enum Phase {
     /// Reading HTTP requests. `busy` is true from a request's first byte until it is
     /// answered; `pending` holds a parsed head while its body arrives.
@@ -34,6 +35,23 @@ pub enum Phase {
     /// is read and discarded until the peer closes too, so that unread input never
     /// turns the close into a reset that destroys the reply in flight.
     Draining { fin_sent: bool },
+}
+
+impl Phase {
+    pub fn has_pending_request(&self) -> bool {
+        matches!(
+            self,
+            Phase::Http {
+                pending: Some(_),
+                ..
+            }
+        )
+    }
+
+    /// A push receiver: the hub holds it and fan-out writes to it.
+    pub fn receives_pushes(&self) -> bool {
+        matches!(self, Phase::Ws(_))
+    }
 }
 
 pub struct PendingRequest {
@@ -131,13 +149,10 @@ impl OutQueue {
                 slices[n] = IoSlice::new(if i == 0 { &b[self.head_off..] } else { b });
                 n += 1;
             }
-            let written = match sock.write_vectored(&slices[..n]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(w) => w,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            self.advance(written);
+            match write_some(sock, &slices[..n])? {
+                0 => return Ok(()),
+                written => self.advance(written),
+            }
         }
         // An emptied queue gives its memory back: idle connections hold no buffers.
         self.chunks = VecDeque::new();
@@ -159,6 +174,22 @@ impl OutQueue {
                 self.head_off += written;
                 written = 0;
             }
+        }
+    }
+}
+
+/// The one write to a socket: a vectored write, retried when interrupted.
+/// `Ok(0)` means the socket takes nothing more now.
+fn write_some<W: Write>(sock: &mut W, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+    loop {
+        match sock.write_vectored(slices) {
+            Ok(0) if slices.iter().any(|s| !s.is_empty()) => {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
         }
     }
 }
@@ -185,6 +216,12 @@ pub struct Conn {
     pub refused: bool,
     /// The client address this connection counts against for `-max-per-ip`.
     pub client_ip: Option<std::net::IpAddr>,
+    /// A close frame went out: RFC 6455 allows one per connection.
+    pub close_sent: bool,
+    /// The delivery turn this connection last received pushes in, and its backlog
+    /// when that turn began (see `fanout.rs`).
+    pub turn: u64,
+    pub turn_base: usize,
 }
 
 impl Conn {
@@ -210,6 +247,9 @@ impl Conn {
             opened: now,
             refused: false,
             client_ip: None,
+            close_sent: false,
+            turn: 0,
+            turn_base: 0,
         }
     }
 
@@ -219,14 +259,7 @@ impl Conn {
             self.out.push(chunk, 0);
             return Ok(());
         }
-        let written = loop {
-            match self.sock.write(chunk.bytes()) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break 0,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Broken(e)),
-            }
-        };
+        let written = write_some(&mut self.sock, &[IoSlice::new(chunk.bytes())]).map_err(Broken)?;
         if written < chunk.bytes().len() {
             self.out.push(chunk, written);
         }
@@ -247,14 +280,7 @@ impl Conn {
                 *slot = IoSlice::new(f);
                 n += 1;
             }
-            written = loop {
-                match self.sock.write_vectored(&slices[..n]) {
-                    Ok(w) => break w,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break 0,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(Broken(e)),
-                }
-            };
+            written = write_some(&mut self.sock, &slices[..n]).map_err(Broken)?;
         }
         for f in frames {
             if written >= f.len() {
@@ -267,13 +293,9 @@ impl Conn {
         Ok(())
     }
 
-    /// Writes queued output until done or `WouldBlock`.
+    /// Writes queued output until done or the socket would block.
     pub fn flush(&mut self) -> Result<(), Broken> {
-        match self.out.flush(&mut self.sock) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
-            Err(e) => Err(Broken(e)),
-        }
+        self.out.flush(&mut self.sock).map_err(Broken)
     }
 }
 
@@ -314,10 +336,7 @@ mod tests {
             room: 5,
             got: vec![],
         };
-        assert_eq!(
-            q.flush(&mut s).unwrap_err().kind(),
-            io::ErrorKind::WouldBlock
-        );
+        q.flush(&mut s).unwrap();
         assert_eq!(s.got, b"cdefX");
         assert_eq!(q.bytes(), 8);
         s.room = 100;

@@ -1,19 +1,73 @@
 //! What each URL does: the routing table of PROTOCOL.md.
 //!
 //! Handlers see a whole request (head and body) and return an [`Action`]; the
-//! reactor performs it. Nothing here touches a socket.
+//! HTTP phase (`http_conn.rs`) performs it. Nothing here touches a socket.
+
+use std::net::IpAddr;
 
 use serde::Deserialize;
 
+use super::Server;
+use super::admission::refusal_response;
 use super::stats::{self, Snapshot};
-use super::{Action, Server, refusal_response};
 use crate::auth::{self, Refusal};
 use crate::http::query;
 use crate::http::request::{Head, HttpError, Method};
 use crate::http::response::Response;
 use crate::hub::{self, TypeSet};
-use crate::message::{self, MAX_UID_LEN, unix_now};
+use crate::message::{self, Envelope, MAX_UID_LEN, unix_now};
 use crate::ws::handshake::{self, UpgradeHeaders};
+
+/// The paths the server knows (PROTOCOL.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Route {
+    Ws,
+    Send,
+    DemoPage,
+    DemoClient,
+    Health,
+    Stats,
+    Metrics,
+    NotFound,
+}
+
+impl Route {
+    pub(super) fn of(path: &str) -> Route {
+        match path {
+            "/ws" => Route::Ws,
+            "/send" => Route::Send,
+            "/" | "/index.html" => Route::DemoPage,
+            "/wspush.js" => Route::DemoClient,
+            "/healthz" => Route::Health,
+            "/stats" => Route::Stats,
+            "/metrics" => Route::Metrics,
+            _ => Route::NotFound,
+        }
+    }
+
+    /// Publishing and the figures need the API key when one is set.
+    fn guarded(self) -> bool {
+        matches!(self, Route::Send | Route::Stats | Route::Metrics)
+    }
+}
+
+/// A handled HTTP request's outcome.
+pub(super) enum Action {
+    Respond(Response),
+    /// Answer, then close: a refused client gets nothing more on this connection.
+    Refuse(Response),
+    Upgrade(Upgrade),
+    Publish(Vec<Envelope>),
+}
+
+/// A WebSocket handshake that passed every check.
+pub(super) struct Upgrade {
+    pub accept: String,
+    pub uid: Option<String>,
+    pub types: TypeSet,
+    /// The client behind a trusted proxy, to count against `-max-per-ip`.
+    pub client_ip: Option<IpAddr>,
+}
 
 const DEMO_PAGE: &[u8] = include_bytes!("../../demo/socket.html");
 const DEMO_CLIENT: &[u8] = include_bytes!("../../demo/wspush.js");
@@ -23,8 +77,7 @@ impl Server {
     /// guards publishing and the figures.
     pub(super) fn precheck(&self, head: &Head) -> Option<Refusal> {
         let key = self.cfg.api_key.as_ref()?;
-        let guarded = matches!(head.path.as_str(), "/send" | "/stats" | "/metrics");
-        if !guarded {
+        if !Route::of(&head.path).guarded() {
             return None;
         }
         auth::check_api_key(key.as_bytes(), head.header("authorization")).err()
@@ -33,38 +86,36 @@ impl Server {
     pub(super) fn route(&mut self, key: usize, head: &Head, body: &[u8]) -> Action {
         let get = matches!(head.method, Method::Get | Method::Head);
         let respond = Action::Respond;
-        match head.path.as_str() {
-            "/ws" if head.method == Method::Get => self.handshake(key, head),
-            "/ws" => respond(not_allowed("GET")),
-            "/send" if head.method == Method::Post => self.send_request(body),
-            "/send" => respond(not_allowed("POST")),
-            "/" | "/index.html" if get => respond(Response::new(
+        match Route::of(&head.path) {
+            Route::Ws if head.method == Method::Get => self.handshake(key, head),
+            Route::Ws => respond(not_allowed("GET")),
+            Route::Send if head.method == Method::Post => self.send_request(body),
+            Route::Send => respond(not_allowed("POST")),
+            Route::NotFound => respond(Response::error(404, "not found")),
+            _ if !get => respond(not_allowed("GET, HEAD")),
+            Route::DemoPage => respond(Response::new(
                 200,
                 "text/html; charset=utf-8",
                 DEMO_PAGE.to_vec(),
             )),
-            "/wspush.js" if get => respond(Response::new(
+            Route::DemoClient => respond(Response::new(
                 200,
                 "text/javascript; charset=utf-8",
                 DEMO_CLIENT.to_vec(),
             )),
-            "/healthz" if get => respond(self.health()),
-            "/stats" if get => respond(Response::json(200, self.snapshot(|s| s.to_json()))),
-            "/metrics" if get => respond(Response::new(
+            Route::Health => respond(self.health()),
+            Route::Stats => respond(Response::json(200, self.snapshot(|s| s.to_json()))),
+            Route::Metrics => respond(Response::new(
                 200,
                 "text/plain; version=0.0.4; charset=utf-8",
                 self.snapshot(|s| s.to_prometheus()),
             )),
-            "/" | "/index.html" | "/wspush.js" | "/healthz" | "/stats" | "/metrics" => {
-                respond(not_allowed("GET, HEAD"))
-            }
-            _ => respond(Response::error(404, "not found")),
         }
     }
 
     fn handshake(&mut self, key: usize, head: &Head) -> Action {
-        if self.shutdown.is_some() {
-            return Action::Respond(Response::error(503, "server is shutting down"));
+        if let Some(resp) = self.shutdown.refusal() {
+            return Action::Respond(resp);
         }
         let connection = head.header_joined("connection");
         let upgrade = head.header_joined("upgrade");
@@ -90,15 +141,16 @@ impl Server {
             Err(e) => return Action::Respond(e.response()),
         };
         match self.admit_listener(key, head, uid.as_deref()) {
-            Ok(client_ip) => Action::Upgrade {
+            Ok(client_ip) => Action::Upgrade(Upgrade {
                 accept,
                 uid,
                 types,
                 client_ip,
-            },
+            }),
             Err(r) => {
-                let peer = self.conns[key].peer;
-                self.count_refusal(r, peer, "/ws");
+                if let Some(peer) = self.conns.get(key).map(|c| c.peer) {
+                    self.count_refusal(r, peer, "/ws");
+                }
                 Action::Refuse(refusal_response(r))
             }
         }
@@ -111,7 +163,7 @@ impl Server {
         key: usize,
         head: &Head,
         uid: Option<&str>,
-    ) -> Result<Option<std::net::IpAddr>, Refusal> {
+    ) -> Result<Option<IpAddr>, Refusal> {
         if !self.cfg.origins.is_empty()
             && !auth::origin_allowed(&self.cfg.origins, head.header("origin"))
         {
@@ -127,7 +179,9 @@ impl Server {
                 unix_now(),
             )?;
         }
-        let conn = &self.conns[key];
+        let Some(conn) = self.conns.get(key) else {
+            return Ok(None);
+        };
         if self.cfg.max_per_ip == 0 || conn.client_ip.is_some() {
             return Ok(None); // no limit, or already counted by its own address
         }
@@ -139,7 +193,7 @@ impl Server {
         }
         let ip = auth::client_ip(conn.peer.ip(), &self.cfg.trusted_proxies, forwarded, real);
 
-        if self.ip_has_room(ip) {
+        if self.admission.has_room(ip, self.cfg.max_per_ip) {
             Ok(Some(ip))
         } else {
             Err(Refusal::PerIp)
@@ -147,8 +201,8 @@ impl Server {
     }
 
     fn send_request(&mut self, body: &[u8]) -> Action {
-        if self.shutdown.is_some() {
-            return Action::Respond(Response::error(503, "server is shutting down"));
+        if let Some(resp) = self.shutdown.refusal() {
+            return Action::Respond(resp);
         }
         match message::parse_send(body, self.cfg.max_batch, &mut self.clock) {
             Ok(batch) => Action::Publish(batch),
@@ -158,7 +212,7 @@ impl Server {
 
     fn health(&self) -> Response {
         let state = self.queue.state();
-        if self.shutdown.is_some() {
+        if !self.shutdown.running() {
             Response::error(503, "shutting down")
         } else if state != crate::queue::QueueState::Up {
             Response::error(503, &format!("queue backend {}", state.as_str()))
@@ -175,7 +229,7 @@ impl Server {
             http_connections: self.conns.len().saturating_sub(connections),
             users: self.hub.users(),
             queue_backend: self.queue.name(),
-            queue_state: self.queue.state().as_str(),
+            queue_state: self.queue.state(),
             queue_reconnects: self.queue.reconnects(),
             uptime_seconds: self.started.elapsed().as_secs(),
             rss_bytes: stats::rss_bytes(),
@@ -213,6 +267,14 @@ pub(super) fn subscribe_op(text: &str) -> Option<TypeSet> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_map_to_routes() {
+        assert_eq!(Route::of("/ws"), Route::Ws);
+        assert_eq!(Route::of("/index.html"), Route::DemoPage);
+        assert_eq!(Route::of("/ws/"), Route::NotFound);
+        assert!(Route::Metrics.guarded() && !Route::Health.guarded());
+    }
 
     #[test]
     fn ws_query() {

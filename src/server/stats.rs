@@ -3,6 +3,7 @@
 use std::fmt::Write;
 
 use crate::auth::Refusal;
+use crate::queue::QueueState;
 
 /// Limits a request or connection ran into, counted beside the [`Refusal`]s.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,14 +71,101 @@ pub struct Snapshot<'a> {
     pub http_connections: usize,
     pub users: usize,
     pub queue_backend: &'a str,
-    pub queue_state: &'a str,
+    pub queue_state: QueueState,
     /// Connections to the queue backend re-established after a loss.
     pub queue_reconnects: u64,
     pub uptime_seconds: u64,
     pub rss_bytes: Option<u64>,
 }
 
+/// A Prometheus metric: name, kind, help and value.
+type Metric = (&'static str, &'static str, &'static str, u64);
+
 impl Snapshot<'_> {
+    /// The plain metrics of `/metrics`, in order.
+    fn metrics(&self) -> Vec<Metric> {
+        let c = self.counters;
+        let mut m: Vec<Metric> = vec![
+            (
+                "connections",
+                "gauge",
+                "Open push connections.",
+                self.connections as u64,
+            ),
+            (
+                "http_connections",
+                "gauge",
+                "Open connections not upgraded to WebSocket.",
+                self.http_connections as u64,
+            ),
+            ("users", "gauge", "Distinct uids online.", self.users as u64),
+            (
+                "messages_in_total",
+                "counter",
+                "Messages accepted by /send.",
+                c.messages_in,
+            ),
+            (
+                "messages_out_total",
+                "counter",
+                "Pushes handed to connections.",
+                c.messages_out,
+            ),
+            (
+                "expired_total",
+                "counter",
+                "Messages expired before delivery.",
+                c.expired,
+            ),
+            (
+                "dropped_total",
+                "counter",
+                "Pushes discarded unsent.",
+                c.dropped,
+            ),
+            (
+                "evicted_slow_total",
+                "counter",
+                "Connections closed for a backlog over the limit.",
+                c.evicted_slow,
+            ),
+            (
+                "http_requests_total",
+                "counter",
+                "HTTP requests answered.",
+                c.http_requests,
+            ),
+            (
+                "ws_opened_total",
+                "counter",
+                "Push connections opened.",
+                c.ws_opened,
+            ),
+            (
+                "ws_closed_total",
+                "counter",
+                "Push connections closed.",
+                c.ws_closed,
+            ),
+            (
+                "uptime_seconds",
+                "gauge",
+                "Seconds since start.",
+                self.uptime_seconds,
+            ),
+        ];
+        if let Some(rss) = self.rss_bytes {
+            m.push(("resident_memory_bytes", "gauge", "Resident set size.", rss));
+        }
+        m.push((
+            "queue_reconnects_total",
+            "counter",
+            "Connections to the queue backend re-established after a loss.",
+            self.queue_reconnects,
+        ));
+        m
+    }
+
     pub fn to_json(&self) -> Vec<u8> {
         let c = self.counters;
         let v = serde_json::json!({
@@ -97,7 +185,7 @@ impl Snapshot<'_> {
             "rss_bytes": self.rss_bytes,
             "queue": {
                 "backend": self.queue_backend,
-                "state": self.queue_state,
+                "state": self.queue_state.as_str(),
                 "reconnects": self.queue_reconnects,
             },
         });
@@ -107,88 +195,12 @@ impl Snapshot<'_> {
     pub fn to_prometheus(&self) -> Vec<u8> {
         let c = self.counters;
         let mut s = String::with_capacity(2048);
-        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        for (name, kind, help, value) in self.metrics() {
             let _ = writeln!(
                 s,
                 "# HELP wspush_{name} {help}\n# TYPE wspush_{name} {kind}\nwspush_{name} {value}"
             );
-        };
-        metric(
-            "connections",
-            "gauge",
-            "Open push connections.",
-            self.connections as u64,
-        );
-        metric(
-            "http_connections",
-            "gauge",
-            "Open connections not upgraded to WebSocket.",
-            self.http_connections as u64,
-        );
-        metric("users", "gauge", "Distinct uids online.", self.users as u64);
-        metric(
-            "messages_in_total",
-            "counter",
-            "Messages accepted by /send.",
-            c.messages_in,
-        );
-        metric(
-            "messages_out_total",
-            "counter",
-            "Pushes handed to connections.",
-            c.messages_out,
-        );
-        metric(
-            "expired_total",
-            "counter",
-            "Messages expired before delivery.",
-            c.expired,
-        );
-        metric(
-            "dropped_total",
-            "counter",
-            "Pushes discarded unsent.",
-            c.dropped,
-        );
-        metric(
-            "evicted_slow_total",
-            "counter",
-            "Connections closed for a backlog over the limit.",
-            c.evicted_slow,
-        );
-        metric(
-            "http_requests_total",
-            "counter",
-            "HTTP requests answered.",
-            c.http_requests,
-        );
-        metric(
-            "ws_opened_total",
-            "counter",
-            "Push connections opened.",
-            c.ws_opened,
-        );
-        metric(
-            "ws_closed_total",
-            "counter",
-            "Push connections closed.",
-            c.ws_closed,
-        );
-        metric(
-            "uptime_seconds",
-            "gauge",
-            "Seconds since start.",
-            self.uptime_seconds,
-        );
-        if let Some(rss) = self.rss_bytes {
-            metric("resident_memory_bytes", "gauge", "Resident set size.", rss);
         }
-        metric(
-            "queue_reconnects_total",
-            "counter",
-            "Connections to the queue backend re-established after a loss.",
-            self.queue_reconnects,
-        );
         let _ = writeln!(
             s,
             "# HELP wspush_refused_total Requests and connections turned away, by reason.\n# TYPE wspush_refused_total counter"
@@ -196,11 +208,12 @@ impl Snapshot<'_> {
         for (label, n) in c.refusals() {
             let _ = writeln!(s, "wspush_refused_total{{reason=\"{label}\"}} {n}");
         }
-        let up = u64::from(self.queue_state == "up");
+        let up = u64::from(self.queue_state == QueueState::Up);
         let _ = writeln!(
             s,
             "# HELP wspush_queue_up Whether the queue backend takes messages.\n# TYPE wspush_queue_up gauge\nwspush_queue_up{{backend=\"{}\",state=\"{}\"}} {up}",
-            self.queue_backend, self.queue_state
+            self.queue_backend,
+            self.queue_state.as_str()
         );
         s.into_bytes()
     }
@@ -225,7 +238,7 @@ mod tests {
             http_connections: 1,
             users: 2,
             queue_backend: "list",
-            queue_state: "up",
+            queue_state: QueueState::Up,
             queue_reconnects: 2,
             uptime_seconds: 9,
             rss_bytes: Some(4096),

@@ -36,7 +36,7 @@ impl Server {
     /// Like `start`, with extra environment variables, and stderr (the log) written
     /// to `log` when given. The log level is `warn` unless `args` has a `-log=`.
     pub fn start_with(args: &[&str], env: &[(&str, &str)], log: Option<&Path>) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wspush"));
+        let mut cmd = Command::new(binary());
         cmd.args(Server::default_args(args))
             .args(args)
             .envs(env.iter().copied());
@@ -50,7 +50,7 @@ impl Server {
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
             .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
-            .arg(env!("CARGO_BIN_EXE_wspush"))
+            .arg(binary())
             .args(Server::default_args(args))
             .args(args);
         Server::spawn(cmd, None)
@@ -138,6 +138,15 @@ impl Server {
         let _ = self.child.wait();
     }
 
+    /// Sends SIGTERM and returns at once: the shutdown is under way.
+    pub fn request_shutdown(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
     /// Sends SIGTERM and waits for the process to exit.
     pub fn terminate(&mut self) -> ExitStatus {
         let ok = Command::new("kill")
@@ -165,6 +174,14 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The binary under test: this build's, or `WSPUSH_TEST_BIN` (to run a test
+/// against another build, e.g. to see it fail before a fix).
+pub fn binary() -> std::ffi::OsString {
+    std::env::var_os("WSPUSH_TEST_BIN")
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_wspush").into())
 }
 
 /// A raw TCP connection with read/write timeouts.

@@ -1,0 +1,244 @@
+//! The WebSocket phase of a connection: the upgrade, frames in, control frames,
+//! `{"op":"subscribe"}`, and the close handshake. [`Server::end_ws`] is the one way a
+//! WebSocket ends with a close frame, and it sends at most one per connection.
+
+use std::time::Instant;
+
+use super::conn::{Chunk, Phase, WsState};
+use super::routes::{self, Upgrade};
+use super::stats::Limit;
+use super::stream::Step;
+use super::{Liveness, Reason, Server};
+use crate::ws::assembler::{Assembler, Message};
+use crate::ws::frame::{self, OpCode, ProtocolError};
+
+/// The close codes the server sends (RFC 6455 §7.4.1), and the peer's own when
+/// it is echoed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseCode {
+    /// 1001: the server is shutting down.
+    Away,
+    /// 1002: the peer broke the protocol.
+    Protocol,
+    /// 1007: a text message was not UTF-8.
+    Invalid,
+    /// 1008: the peer broke a policy (here: it does not read its pushes).
+    Policy,
+    /// 1009: a frame or message over `-max-frame` / `-max-message`.
+    TooBig,
+    /// Any other code, as the peer sent it.
+    Other(u16),
+}
+
+impl CloseCode {
+    pub fn as_u16(self) -> u16 {
+        match self {
+            CloseCode::Away => 1001,
+            CloseCode::Protocol => 1002,
+            CloseCode::Invalid => 1007,
+            CloseCode::Policy => 1008,
+            CloseCode::TooBig => 1009,
+            CloseCode::Other(code) => code,
+        }
+    }
+}
+
+impl From<u16> for CloseCode {
+    fn from(code: u16) -> Self {
+        match code {
+            1001 => CloseCode::Away,
+            1002 => CloseCode::Protocol,
+            1007 => CloseCode::Invalid,
+            1008 => CloseCode::Policy,
+            1009 => CloseCode::TooBig,
+            other => CloseCode::Other(other),
+        }
+    }
+}
+
+/// What follows a close frame the server sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Then {
+    /// Wait for the peer's close frame (the server started the handshake).
+    AwaitPeer,
+    /// Write what is left, then FIN (the peer closed or failed).
+    Drain,
+}
+
+impl Server {
+    pub(super) fn upgrade(&mut self, key: usize, up: Upgrade) -> Liveness {
+        if let Some(ip) = up.client_ip {
+            self.count_ip(key, ip);
+        }
+        let Some(conn) = self.conns.get_mut(key) else {
+            return Liveness::Closed;
+        };
+        conn.phase = Phase::Ws(WsState {
+            assembler: Assembler::new(self.cfg.max_message),
+            ping_sent: false,
+        });
+        conn.last_seen = Instant::now();
+        info!(
+            "ws open uid={} peer={} ip={}",
+            up.uid.as_deref().unwrap_or("-"),
+            conn.peer,
+            conn.client_ip
+                .map_or_else(|| "-".to_string(), |ip| ip.to_string())
+        );
+        self.hub.join(key, up.uid.as_deref(), up.types);
+        self.queue.set_listeners(self.hub.connections());
+        self.counters.ws_opened += 1;
+        self.send(
+            key,
+            Chunk::Owned(crate::ws::handshake::response(&up.accept)),
+        )
+    }
+
+    pub(super) fn ws_step(&mut self, key: usize, buf: &mut [u8]) -> Step {
+        let (frame, used) = match frame::decode(buf, self.cfg.max_frame) {
+            Err(e) => return self.ws_fail(key, e),
+            Ok(None) => return Step::NeedMore,
+            Ok(Some(f)) => f,
+        };
+        let Some(phase) = self.conns.get_mut(key).map(|c| &mut c.phase) else {
+            return Step::Stop;
+        };
+        let Phase::Ws(ws) = phase else {
+            // Closing: only the peer's close frame matters now.
+            if frame.opcode == OpCode::Close {
+                let _ = self.remove(key, Reason::Done);
+                return Step::Stop;
+            }
+            return Step::Progress(used);
+        };
+        match ws.assembler.push(frame) {
+            Err(e) => self.ws_fail(key, e),
+            Ok(None) => Step::Progress(used),
+            Ok(Some(msg)) => {
+                self.on_message(key, msg);
+                let still_ws = self
+                    .conns
+                    .get(key)
+                    .is_some_and(|c| c.phase.receives_pushes());
+                if still_ws {
+                    Step::Progress(used)
+                } else {
+                    Step::Stop
+                }
+            }
+        }
+    }
+
+    fn on_message(&mut self, key: usize, msg: Message) {
+        if let Some(Phase::Ws(ws)) = self.conns.get_mut(key).map(|c| &mut c.phase) {
+            ws.ping_sent = false;
+        }
+        let echo = self.cfg.echo;
+        let _ = match msg {
+            Message::Text(text) if echo => self.send(
+                key,
+                Chunk::Owned(frame::encode(OpCode::Text, text.as_bytes())),
+            ),
+            Message::Text(text) => {
+                if let Some(types) = routes::subscribe_op(&text) {
+                    self.hub.subscribe(key, types);
+                }
+                Liveness::Alive
+            }
+            Message::Binary(data) if echo => {
+                self.send(key, Chunk::Owned(frame::encode(OpCode::Binary, &data)))
+            }
+            Message::Binary(_) | Message::Pong(_) => Liveness::Alive,
+            Message::Ping(data) => self.send(key, Chunk::Owned(frame::encode(OpCode::Pong, &data))),
+            // Echo the peer's code, as RFC 6455 §5.5.1 asks, then close the TCP side.
+            Message::Close(close) => {
+                self.end_ws(key, close.map(|c| CloseCode::from(c.code)), "", Then::Drain)
+            }
+        };
+    }
+
+    /// Fails the connection with the error's close code.
+    fn ws_fail(&mut self, key: usize, e: ProtocolError) -> Step {
+        if matches!(e, ProtocolError::FrameTooBig | ProtocolError::MessageTooBig) {
+            self.counters.limited[Limit::FrameSize.index()] += 1;
+        }
+        if let Some(conn) = self.conns.get(key) {
+            debug!("{}: {e}", conn.peer);
+        }
+        let code = CloseCode::from(e.close_code());
+        let _ = self.end_ws(key, Some(code), &e.to_string(), Then::Drain);
+        Step::Stop
+    }
+
+    /// Ends a WebSocket: out of the hub, one close frame (`None`: a close frame
+    /// without a code, the echo of one), then `then`. A connection that already
+    /// sent its close frame sends none again (RFC 6455 §5.5.1). An empty `reason`
+    /// is the echo of the peer's close.
+    pub(super) fn end_ws(
+        &mut self,
+        key: usize,
+        code: Option<CloseCode>,
+        reason: &str,
+        then: Then,
+    ) -> Liveness {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return Liveness::Closed;
+        };
+        let was_receiver = conn.phase.receives_pushes();
+        conn.phase = match then {
+            Then::AwaitPeer => Phase::Closing,
+            Then::Drain => Phase::Draining { fin_sent: false },
+        };
+        conn.deadline = Instant::now() + self.cfg.close_timeout;
+        let first_close = !std::mem::replace(&mut conn.close_sent, true);
+        if was_receiver {
+            let why = if reason.is_empty() {
+                "client closed"
+            } else {
+                reason
+            };
+            self.leave_hub(key, why);
+        }
+        if first_close {
+            let bytes = match code {
+                Some(code) => frame::close_frame(code.as_u16(), reason),
+                None => frame::encode(OpCode::Close, &[]),
+            };
+            if !self.send(key, Chunk::Owned(bytes)).alive() {
+                return Liveness::Closed;
+            }
+        }
+        match then {
+            Then::Drain => self.flush(key),
+            Then::AwaitPeer => Liveness::Alive,
+        }
+    }
+
+    /// The end of a push receiver: out of the hub, counted, one log line.
+    pub(super) fn leave_hub(&mut self, key: usize, why: &str) {
+        let Some(conn) = self.conns.get(key) else {
+            return;
+        };
+        info!(
+            "ws close uid={} peer={} reason={why} duration={:.1}s",
+            self.hub.uid(key).unwrap_or("-"),
+            conn.peer,
+            conn.opened.elapsed().as_secs_f64()
+        );
+        self.hub.leave(key);
+        self.counters.ws_closed += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_codes_round_trip() {
+        for code in [1000, 1001, 1002, 1007, 1008, 1009, 3000, 4999] {
+            assert_eq!(CloseCode::from(code).as_u16(), code);
+        }
+        assert_eq!(CloseCode::from(1001), CloseCode::Away);
+    }
+}
