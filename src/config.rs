@@ -168,6 +168,17 @@ flags! {
     /// Unsent bytes a connection may hold before it is dropped as too slow.
     max_backlog: usize = 2 * 1024 * 1024,
         "max-backlog" "BYTES" positive, "unsent bytes per connection before it is dropped as slow";
+    /// How long a message is kept for resume and offline delivery at most (a message
+    /// with an earlier `timeout` leaves then); 0 keeps nothing.
+    history_ttl: Duration = Duration::from_secs(300),
+        "history-ttl" "DUR" duration_or_zero,
+        "keep messages for resume (?since=) this long at most, 0 = no retention";
+    /// Messages kept per uid, and for `all`.
+    history_size: usize = 100,
+        "history-size" "N" positive, "messages kept for resume per uid (and for all)";
+    /// Bytes of retained messages on this node (list and Disque; with Redis, Redis holds them).
+    history_bytes: usize = 32 * 1024 * 1024,
+        "history-bytes" "BYTES" positive, "bytes of messages this node keeps for resume, oldest dropped first";
     ping_interval: Duration = Duration::from_secs(30),
         "ping-interval" "DUR" duration, "ping a silent connection after";
     idle_timeout: Duration = Duration::from_secs(75),
@@ -213,6 +224,14 @@ pub struct QueueSettings {
 }
 
 impl Config {
+    pub fn history_limits(&self) -> crate::history::Limits {
+        crate::history::Limits {
+            ttl: self.history_ttl.as_secs(),
+            size: self.history_size,
+            bytes: self.history_bytes,
+        }
+    }
+
     pub fn queue_settings(&self) -> QueueSettings {
         QueueSettings {
             name: self.queue_name.clone(),
@@ -325,6 +344,11 @@ fn port(s: &str) -> Result<u16, Bad> {
 /// A duration above zero: `30`, `30s`, `500ms`, `2m`.
 fn duration(s: &str) -> Result<Duration, Bad> {
     parse_duration(s).filter(|d| !d.is_zero()).ok_or(Bad)
+}
+
+/// A duration where 0 turns the feature off.
+fn duration_or_zero(s: &str) -> Result<Duration, Bad> {
+    parse_duration(s).ok_or(Bad)
 }
 
 fn text(s: &str) -> Result<String, Bad> {

@@ -84,25 +84,30 @@ impl Epoch {
     }
 
     pub fn parse_since(self, s: &str) -> Result<Since, BadSince> {
-        if s == "0" {
-            return Ok(Since::Start);
-        }
-        let (epoch, seq) = s.split_once('-').ok_or(BadSince)?;
-        let valid_hex = !epoch.is_empty() && epoch.len() <= 8;
-        let epoch = u32::from_str_radix(epoch, 16)
-            .ok()
-            .filter(|_| valid_hex)
-            .ok_or(BadSince)?;
-        if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(BadSince);
-        }
-        let seq: u64 = seq.parse().map_err(|_| BadSince)?;
-        Ok(if epoch == self.0 {
-            Since::After(seq)
-        } else {
-            Since::Foreign
+        Ok(match parse_id(s)? {
+            None => Since::Start,
+            Some((epoch, seq)) if epoch == self => Since::After(seq),
+            Some(_) => Since::Foreign,
         })
     }
+}
+
+/// Reads `since`: `0` (None) or an id `<epoch hex>-<seq>`, whichever run issued it.
+pub fn parse_id(s: &str) -> Result<Option<(Epoch, u64)>, BadSince> {
+    if s == "0" {
+        return Ok(None);
+    }
+    let (epoch, seq) = s.split_once('-').ok_or(BadSince)?;
+    let valid_hex = !epoch.is_empty() && epoch.len() <= 8;
+    let epoch = u32::from_str_radix(epoch, 16)
+        .ok()
+        .filter(|_| valid_hex)
+        .ok_or(BadSince)?;
+    if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(BadSince);
+    }
+    let seq: u64 = seq.parse().map_err(|_| BadSince)?;
+    Ok(Some((Epoch(epoch), seq)))
 }
 
 impl Default for Epoch {

@@ -92,6 +92,15 @@ impl Hub {
         }
     }
 
+    /// Whether the connection's type filter takes `types` (for a replay, which
+    /// does not go through `for_each_receiver`).
+    pub fn accepts(&self, key: usize, types: &str) -> bool {
+        self.members
+            .get(key)
+            .and_then(Option::as_ref)
+            .is_some_and(|m| accepts(&m.types, types))
+    }
+
     pub fn uid(&self, key: usize) -> Option<&str> {
         self.members.get(key)?.as_ref()?.uid.as_deref()
     }

@@ -48,9 +48,11 @@ impl Envelope {
         self.expires != 0 && now_unix >= self.expires
     }
 
-    /// The same message with its delivery id in the push JSON, `{…,"id":"<id>"}`:
-    /// the frame is rebuilt once, then shared by every receiver as before.
-    pub fn with_id(mut self, id: &str) -> Envelope {
+    /// Gives the message its place in the history and its delivery id in the push
+    /// JSON, `{…,"id":"<id>"}`: the frame is rebuilt once, then shared by every
+    /// receiver as before.
+    pub fn set_id(&mut self, seq: u64, id: &str) {
+        self.seq = seq;
         let json = self.push_json();
         let body = json.strip_suffix(b"}").unwrap_or(json);
         let mut push = Vec::with_capacity(body.len() + id.len() + 8);
@@ -59,7 +61,6 @@ impl Envelope {
         write_json_string(&mut push, id);
         push.push(b'}');
         self.frame = text_frame(&push);
-        self
     }
 
     /// The push JSON inside the frame. The frame is the one stored representation;

@@ -356,8 +356,9 @@ fn parse_part(v: &Value, epoch: Epoch, limit: usize) -> RedisResult<Option<Part>
         };
         // A malformed entry is skipped, as a malformed publish would be.
         if let Ok(batch) = crate::message::decode_wire(body) {
-            for env in batch {
-                entries.push((seq, env.with_id(&epoch.id(seq))));
+            for mut env in batch {
+                env.set_id(seq, &epoch.id(seq));
+                entries.push((seq, env));
             }
         }
     }
@@ -417,10 +418,7 @@ fn parse_fetched(
     let batch = merged
         .into_iter()
         .filter(|(seq, env)| *seq > after && !env.is_expired(now))
-        .map(|(seq, mut env)| {
-            env.seq = seq;
-            env
-        })
+        .map(|(_, env)| env)
         .collect();
     Ok(Fetched { complete, batch })
 }
