@@ -79,6 +79,10 @@ pub struct Config {
     pub max_body: usize,
     /// Messages in one `/send` batch.
     pub max_batch: usize,
+    /// Types in one connection's filter (`?types=` or a subscribe op).
+    pub max_types: usize,
+    /// Bytes of one type, in `/send` and in a filter alike.
+    pub max_type_len: usize,
     /// Unsent bytes a connection may hold before it is dropped as too slow.
     pub max_backlog: usize,
     pub ping_interval: Duration,
@@ -120,6 +124,8 @@ impl Default for Config {
             max_header: 8 * 1024,
             max_body: 1024 * 1024,
             max_batch: 1000,
+            max_types: 64,
+            max_type_len: 128,
             max_backlog: 1024 * 1024,
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(75),
@@ -299,6 +305,24 @@ fn options() -> Options {
     );
     o.optopt(
         "",
+        "max-types",
+        &format!(
+            "types in one connection's filter (?types= or subscribe) (default {})",
+            d.max_types
+        ),
+        "N",
+    );
+    o.optopt(
+        "",
+        "max-type-len",
+        &format!(
+            "bytes of one type, in /send and in filters (default {})",
+            d.max_type_len
+        ),
+        "BYTES",
+    );
+    o.optopt(
+        "",
         "max-backlog",
         &format!(
             "unsent bytes per connection before it is dropped as slow (default {})",
@@ -447,6 +471,8 @@ pub fn parse_with_env<S: AsRef<str>>(
     num("max-header", &mut c.max_header)?;
     num("max-body", &mut c.max_body)?;
     num("max-batch", &mut c.max_batch)?;
+    num("max-types", &mut c.max_types)?;
+    num("max-type-len", &mut c.max_type_len)?;
     num("max-backlog", &mut c.max_backlog)?;
     let dur = |name: &'static str, v: &mut Duration| -> Result<(), ConfigError> {
         if let Some(s) = m.opt_str(name) {
@@ -666,6 +692,8 @@ mod tests {
             "-queue-timeout",
             "-queue-ttl",
             "-max-backlog",
+            "-max-types",
+            "-max-type-len",
             "-idle-timeout",
             "-echo",
         ] {
