@@ -150,7 +150,7 @@ impl Server {
         if self.shutdown.is_some() {
             return Action::Respond(Response::error(503, "server is shutting down"));
         }
-        match message::parse_send(body, self.cfg.max_batch, &mut self.clock) {
+        match message::parse_send(body, &message::Rules::new(&self.cfg), &mut self.clock) {
             Ok(batch) => Action::Publish(batch),
             Err(e) => Action::Respond(Response::error(400, &e.to_string())),
         }
