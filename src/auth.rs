@@ -8,6 +8,8 @@ use std::net::IpAddr;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
+use crate::hub::FilterError;
+
 type HmacSha256 = Hmac<Sha256>;
 
 /// Why a request or connection was turned away. The labels name the counters in
@@ -24,6 +26,9 @@ pub enum Refusal {
     PerIp,
     /// The server holds `-max-connections` connections.
     Capacity,
+    /// A type filter over `-max-types` or `-max-type-len`: `400` on `/ws`, close
+    /// `1008` on a subscribe op.
+    Types(FilterError),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,12 +47,19 @@ impl Refusal {
             Refusal::Origin => 403,
             Refusal::PerIp => 429,
             Refusal::Capacity => 503,
+            Refusal::Types(_) => 400,
         }
     }
 
     /// Every label, in the order of [`Refusal::index`].
-    pub const LABELS: [&'static str; 5] =
-        ["api_key", "token", "origin", "per_ip", "max_connections"];
+    pub const LABELS: [&'static str; 6] = [
+        "api_key",
+        "token",
+        "origin",
+        "per_ip",
+        "max_connections",
+        "types",
+    ];
 
     pub fn index(&self) -> usize {
         match self {
@@ -56,6 +68,7 @@ impl Refusal {
             Refusal::Origin => 2,
             Refusal::PerIp => 3,
             Refusal::Capacity => 4,
+            Refusal::Types(_) => 5,
         }
     }
 }
@@ -71,6 +84,7 @@ impl fmt::Display for Refusal {
             Refusal::Origin => write!(f, "origin not allowed"),
             Refusal::PerIp => write!(f, "too many connections from this address"),
             Refusal::Capacity => write!(f, "too many connections"),
+            Refusal::Types(e) => write!(f, "{e}"),
         }
     }
 }
@@ -417,8 +431,9 @@ mod tests {
             Refusal::Origin,
             Refusal::PerIp,
             Refusal::Capacity,
+            Refusal::Types(FilterError::TooMany(64)),
         ] {
-            assert!(matches!(r.status(), 401 | 403 | 429 | 503));
+            assert!(matches!(r.status(), 400 | 401 | 403 | 429 | 503));
             assert!(!Refusal::LABELS[r.index()].is_empty());
             assert!(!r.to_string().is_empty());
         }

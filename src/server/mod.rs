@@ -809,8 +809,13 @@ impl Server {
                         key,
                         Chunk::Owned(frame::encode(OpCode::Text, text.as_bytes())),
                     );
-                } else if let Some(types) = routes::subscribe_op(&text) {
-                    self.hub.subscribe(key, types);
+                } else if let Some(types) =
+                    routes::subscribe_op(&text, &hub::FilterLimits::new(&self.cfg))
+                {
+                    match types {
+                        Ok(types) => self.hub.subscribe(key, types),
+                        Err(e) => self.refuse_filter(key, e),
+                    }
                 }
             }
             Message::Binary(data) => {
@@ -842,6 +847,19 @@ impl Server {
         let code = e.close_code();
         self.leave_ws(key, Phase::Draining { fin_sent: false }, &e.to_string());
         self.send(key, Chunk::Owned(frame::close_frame(code, &e.to_string())));
+        self.flush(key);
+    }
+
+    /// A subscribe op over the filter limits: counted, closed 1008 (policy).
+    fn refuse_filter(&mut self, key: usize, e: hub::FilterError) {
+        let peer = self.conns[key].peer;
+        self.count_refusal(Refusal::Types(e), peer, "subscribe");
+        self.leave_ws(
+            key,
+            Phase::Draining { fin_sent: false },
+            "types over the limit",
+        );
+        self.send(key, Chunk::Owned(frame::close_frame(1008, &e.to_string())));
         self.flush(key);
     }
 

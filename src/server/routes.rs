@@ -11,7 +11,7 @@ use crate::auth::{self, Refusal};
 use crate::http::query;
 use crate::http::request::{Head, HttpError, Method};
 use crate::http::response::Response;
-use crate::hub::{self, TypeSet};
+use crate::hub::{self, FilterError, FilterLimits, TypeSet};
 use crate::message::{self, MAX_UID_LEN, unix_now};
 use crate::ws::handshake::{self, UpgradeHeaders};
 
@@ -88,6 +88,14 @@ impl Server {
         let (uid, types) = match ws_params(&head.query) {
             Ok(params) => params,
             Err(e) => return Action::Respond(e.response()),
+        };
+        let types = match hub::type_set(types.split(','), &FilterLimits::new(&self.cfg)) {
+            Ok(types) => types,
+            Err(e) => {
+                let peer = self.conns[key].peer;
+                self.count_refusal(Refusal::Types(e), peer, "/ws");
+                return Action::Refuse(refusal_response(Refusal::Types(e)));
+            }
         };
         match self.admit_listener(key, head, uid.as_deref()) {
             Ok(client_ip) => Action::Upgrade {
@@ -187,27 +195,30 @@ fn not_allowed(allow: &'static str) -> Response {
     Response::error(405, "method not allowed").with_header("Allow", allow)
 }
 
-/// `uid` and `types` from a `/ws` query string.
-fn ws_params(query: &str) -> Result<(Option<String>, TypeSet), HttpError> {
+/// `uid` and the raw `types` list from a `/ws` query string.
+fn ws_params(query: &str) -> Result<(Option<String>, String), HttpError> {
     let uid = query::get(query, "uid")?.filter(|u| !u.is_empty());
     if uid.as_ref().is_some_and(|u| u.len() > MAX_UID_LEN) {
         return Err(HttpError::BadRequest(format!(
             "uid is longer than {MAX_UID_LEN} bytes"
         )));
     }
-    let types = query::get(query, "types")?.and_then(|t| hub::type_set(t.split(',')));
+    let types = query::get(query, "types")?.unwrap_or_default();
     Ok((uid, types))
 }
 
 /// The client's `{"op":"subscribe","types":[…]}`; anything else is not an op.
-pub(super) fn subscribe_op(text: &str) -> Option<TypeSet> {
+pub(super) fn subscribe_op(
+    text: &str,
+    limits: &FilterLimits,
+) -> Option<Result<TypeSet, FilterError>> {
     #[derive(Deserialize)]
     struct Op {
         op: String,
         types: Vec<String>,
     }
     let op: Op = serde_json::from_str(text).ok()?;
-    (op.op == "subscribe").then(|| hub::type_set(op.types))
+    (op.op == "subscribe").then(|| hub::type_set(op.types, limits))
 }
 
 #[cfg(test)]
@@ -218,20 +229,33 @@ mod tests {
     fn ws_query() {
         let (uid, types) = ws_params("uid=a%20b&types=notice,chat").unwrap();
         assert_eq!(uid.as_deref(), Some("a b"));
-        assert_eq!(types.unwrap().len(), 2);
-        assert_eq!(ws_params("").unwrap(), (None, None));
-        assert_eq!(ws_params("uid=&types=").unwrap(), (None, None));
+        assert_eq!(types, "notice,chat");
+        assert_eq!(ws_params("").unwrap(), (None, String::new()));
+        assert_eq!(ws_params("uid=&types=").unwrap(), (None, String::new()));
         assert!(ws_params(&format!("uid={}", "x".repeat(300))).is_err());
     }
 
     #[test]
     fn subscribe_ops() {
+        let limits = FilterLimits {
+            max_types: 2,
+            max_type_len: 3,
+        };
+        let op = |text| subscribe_op(text, &limits);
         assert_eq!(
-            subscribe_op(r#"{"op":"subscribe","types":["a"]}"#),
-            Some(hub::type_set(["a"]))
+            op(r#"{"op":"subscribe","types":["a"]}"#),
+            Some(hub::type_set(["a"], &limits))
         );
-        assert_eq!(subscribe_op(r#"{"op":"subscribe","types":[]}"#), Some(None));
-        assert_eq!(subscribe_op(r#"{"op":"other","types":["a"]}"#), None);
-        assert_eq!(subscribe_op("hello"), None);
+        assert_eq!(op(r#"{"op":"subscribe","types":[]}"#), Some(Ok(None)));
+        assert_eq!(
+            op(r#"{"op":"subscribe","types":["a","b","c"]}"#),
+            Some(Err(FilterError::TooMany(2)))
+        );
+        assert_eq!(
+            op(r#"{"op":"subscribe","types":["abcd"]}"#),
+            Some(Err(FilterError::TooLong(3)))
+        );
+        assert_eq!(op(r#"{"op":"other","types":["a"]}"#), None);
+        assert_eq!(op("hello"), None);
     }
 }
