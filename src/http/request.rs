@@ -94,6 +94,20 @@ impl Head {
         Some(joined)
     }
 
+    /// The value of a header that may appear once: lines repeating the same value
+    /// count as one, lines that disagree are an error, since a proxy and this
+    /// server might each believe a different one.
+    pub fn header_single(&self, name: &str) -> Result<Option<&[u8]>, HttpError> {
+        let mut values = self.values(name);
+        let first = values.next();
+        if values.any(|v| Some(v) != first) {
+            return Err(bad(format!(
+                "{name} given more than once with different values"
+            )));
+        }
+        Ok(first)
+    }
+
     /// Whether `token` appears in the comma-separated list carried by the
     /// (possibly repeated) header `name`, case-insensitively.
     pub fn has_token(&self, name: &str, token: &str) -> bool {
@@ -515,6 +529,18 @@ mod tests {
             Some(&b"keep-alive, ,Upgrade ,"[..])
         );
         assert_eq!(head.header_joined("upgrade"), None);
+    }
+
+    #[test]
+    fn single_headers_refuse_disagreeing_lines() {
+        let (head, _) = complete(
+            b"GET / HTTP/1.1\r\nHost: h\r\nX-Real-IP: 1.2.3.4\r\nx-real-ip: 1.2.3.4\r\nX-A: 1\r\nX-A: 2\r\n\r\n",
+        );
+        assert_eq!(head.header_single("X-Real-IP"), Ok(Some(&b"1.2.3.4"[..])));
+        assert_eq!(head.header_single("x-missing"), Ok(None));
+        let e = head.header_single("x-a").unwrap_err();
+        assert_eq!(e.status(), 400);
+        assert!(e.to_string().contains("x-a"), "{e}");
     }
 
     #[test]

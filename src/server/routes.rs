@@ -141,11 +141,20 @@ impl Server {
         }
         // Here the peer is a trusted proxy (or a local tool): only a client it names
         // is counted.
-        let (forwarded, real) = (head.header("x-forwarded-for"), head.header("x-real-ip"));
+        // A proxy appends its own X-Forwarded-For line to the client's: read all of them.
+        let forwarded = head.header_joined("x-forwarded-for");
+        let real = head
+            .header_single("x-real-ip")
+            .map_err(|_| Refusal::Forwarded)?;
         if forwarded.is_none() && real.is_none() {
             return Ok(None);
         }
-        let ip = auth::client_ip(conn.peer.ip(), &self.cfg.trusted_proxies, forwarded, real);
+        let ip = auth::client_ip(
+            conn.peer.ip(),
+            &self.cfg.trusted_proxies,
+            forwarded.as_deref(),
+            real,
+        );
 
         if self.ip_has_room(ip) {
             Ok(Some(ip))
