@@ -8,6 +8,8 @@ use std::net::IpAddr;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
+use crate::hub::FilterError;
+
 type HmacSha256 = Hmac<Sha256>;
 
 /// Why a request or connection was turned away. The labels name the counters in
@@ -24,6 +26,12 @@ pub enum Refusal {
     PerIp,
     /// The server holds `-max-connections` connections.
     Capacity,
+    /// A type filter over `-max-types` or `-max-type-len`: `400` on `/ws`, close
+    /// `1008` on a subscribe op.
+    Types(FilterError),
+    /// Forwarding headers that name more than one client (`X-Real-IP` lines that
+    /// disagree): which one a proxy meant cannot be known.
+    Forwarded,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,12 +50,20 @@ impl Refusal {
             Refusal::Origin => 403,
             Refusal::PerIp => 429,
             Refusal::Capacity => 503,
+            Refusal::Types(_) | Refusal::Forwarded => 400,
         }
     }
 
     /// Every label, in the order of [`Refusal::index`].
-    pub const LABELS: [&'static str; 5] =
-        ["api_key", "token", "origin", "per_ip", "max_connections"];
+    pub const LABELS: [&'static str; 7] = [
+        "api_key",
+        "token",
+        "origin",
+        "per_ip",
+        "max_connections",
+        "types",
+        "forwarded",
+    ];
 
     pub fn index(&self) -> usize {
         match self {
@@ -56,6 +72,8 @@ impl Refusal {
             Refusal::Origin => 2,
             Refusal::PerIp => 3,
             Refusal::Capacity => 4,
+            Refusal::Types(_) => 5,
+            Refusal::Forwarded => 6,
         }
     }
 }
@@ -71,6 +89,8 @@ impl fmt::Display for Refusal {
             Refusal::Origin => write!(f, "origin not allowed"),
             Refusal::PerIp => write!(f, "too many connections from this address"),
             Refusal::Capacity => write!(f, "too many connections"),
+            Refusal::Types(e) => write!(f, "{e}"),
+            Refusal::Forwarded => write!(f, "X-Real-IP given more than once with different values"),
         }
     }
 }
@@ -245,8 +265,9 @@ pub fn is_trusted(trusted: &[IpNet], ip: IpAddr) -> bool {
 }
 
 /// The client's address. Forwarding headers count only when the peer itself is a
-/// trusted proxy; `X-Forwarded-For` is read from the right, skipping trusted hops,
-/// so a client cannot choose its address by sending the header itself.
+/// trusted proxy; `X-Forwarded-For` (all its lines joined, RFC 9110 §5.3) is read
+/// from the right, skipping trusted hops, so a client cannot choose its address by
+/// sending the header itself, on its own line or not.
 pub fn client_ip(
     peer: IpAddr,
     trusted: &[IpNet],
@@ -407,6 +428,11 @@ mod tests {
         assert_eq!(ip(proxy, None, Some("5.6.7.8")), "5.6.7.8");
         assert_eq!(ip(proxy, None, None), "10.0.0.5");
         assert_eq!(ip(proxy, Some("junk"), Some("5.6.7.8")), "5.6.7.8");
+        // Two lines joined as the proxy appended them: the client's own line is first.
+        assert_eq!(
+            ip(proxy, Some("10.9.9.9, 203.0.113.5"), None),
+            "203.0.113.5"
+        );
     }
 
     #[test]
@@ -417,8 +443,10 @@ mod tests {
             Refusal::Origin,
             Refusal::PerIp,
             Refusal::Capacity,
+            Refusal::Types(FilterError::TooMany(64)),
+            Refusal::Forwarded,
         ] {
-            assert!(matches!(r.status(), 401 | 403 | 429 | 503));
+            assert!(matches!(r.status(), 400 | 401 | 403 | 429 | 503));
             assert!(!Refusal::LABELS[r.index()].is_empty());
             assert!(!r.to_string().is_empty());
         }

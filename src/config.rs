@@ -165,6 +165,12 @@ flags! {
     /// Messages in one `/send` batch.
     max_batch: usize = 1000,
         "max-batch" "N" positive, "messages in one /send batch";
+    /// Types in one connection's filter (`?types=` or a subscribe op).
+    max_types: usize = 64,
+        "max-types" "N" positive, "types in one connection's filter (?types= or subscribe)";
+    /// Bytes of one type, in `/send` and in a filter alike.
+    max_type_len: usize = 128,
+        "max-type-len" "BYTES" positive, "bytes of one type, in /send and in filters";
     /// Unsent bytes a connection may hold before it is dropped as too slow.
     max_backlog: usize = 2 * 1024 * 1024,
         "max-backlog" "BYTES" positive, "unsent bytes per connection before it is dropped as slow";

@@ -15,7 +15,7 @@ use serde_json::value::RawValue;
 
 use crate::ws::frame::{self, OpCode};
 
-/// The longest `types` value; types are short labels, not payload.
+/// The default bound on one type (`-max-type-len`); types are short labels, not payload.
 pub const MAX_TYPES_LEN: usize = 128;
 /// The longest uid accepted in `topic_ids` or in a `/ws` query.
 pub const MAX_UID_LEN: usize = 256;
@@ -80,6 +80,79 @@ fn frame_header_len(f: &[u8]) -> usize {
     }
 }
 
+/// The bounds a batch keeps, whether it comes from `/send` or from another node:
+/// one validator for both, so a peer is trusted no more than a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rules {
+    /// `-max-batch`.
+    pub max_batch: usize,
+    /// `-max-type-len`.
+    pub max_type_len: usize,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Rules {
+            max_batch: 1000,
+            max_type_len: MAX_TYPES_LEN,
+        }
+    }
+}
+
+impl Rules {
+    pub fn new(cfg: &crate::config::Config) -> Rules {
+        Rules {
+            max_batch: cfg.max_batch,
+            max_type_len: cfg.max_type_len,
+        }
+    }
+
+    /// A batch holds at least one message and at most `max_batch`.
+    fn check_batch_len(&self, len: usize) -> Result<(), SendError> {
+        match len {
+            0 => Err(SendError::Empty),
+            n if n > self.max_batch => Err(SendError::TooMany(self.max_batch)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The rule for a message's `types`. Filters are matched trimmed, so a type
+    /// with surrounding spaces could never be received: it is refused, not trimmed.
+    pub fn check_type(&self, types: &str) -> Result<(), TypeError> {
+        if types.is_empty() {
+            Err(TypeError::Empty)
+        } else if types.len() > self.max_type_len {
+            Err(TypeError::TooLong(self.max_type_len))
+        } else if types.contains(',') {
+            Err(TypeError::Comma)
+        } else if types.trim() != types {
+            Err(TypeError::Spaces)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Why a `types` value is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TypeError {
+    Empty,
+    TooLong(usize),
+    Comma,
+    Spaces,
+}
+
+impl fmt::Display for TypeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TypeError::Empty => f.write_str("must not be empty"),
+            TypeError::TooLong(max) => write!(f, "must be at most {max} bytes"),
+            TypeError::Comma => f.write_str("must not contain commas"),
+            TypeError::Spaces => f.write_str("must not start or end with whitespace"),
+        }
+    }
+}
+
 /// A `/send` body that cannot be accepted; the text names the field.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SendError {
@@ -90,6 +163,10 @@ pub enum SendError {
         index: Option<usize>,
         field: &'static str,
         problem: &'static str,
+    },
+    Types {
+        index: Option<usize>,
+        error: TypeError,
     },
 }
 
@@ -109,6 +186,11 @@ impl fmt::Display for SendError {
                 field,
                 problem,
             } => write!(f, "{field}: {problem}"),
+            SendError::Types {
+                index: Some(i),
+                error,
+            } => write!(f, "[{i}].types: {error}"),
+            SendError::Types { index: None, error } => write!(f, "types: {error}"),
         }
     }
 }
@@ -143,7 +225,7 @@ pub fn unix_now() -> u64 {
 /// Parses and validates a `/send` body: one object or an array of them.
 pub fn parse_send(
     body: &[u8],
-    max_batch: usize,
+    rules: &Rules,
     clock: &mut Clock,
 ) -> Result<Vec<Envelope>, SendError> {
     let root: &RawValue =
@@ -152,19 +234,14 @@ pub fn parse_send(
     if text.starts_with('[') {
         let items: Vec<&RawValue> =
             serde_json::from_str(text).map_err(|e| SendError::Json(e.to_string()))?;
-        if items.is_empty() {
-            return Err(SendError::Empty);
-        }
-        if items.len() > max_batch {
-            return Err(SendError::TooMany(max_batch));
-        }
+        rules.check_batch_len(items.len())?;
         items
             .iter()
             .enumerate()
-            .map(|(i, item)| parse_one(item, Some(i), clock))
+            .map(|(i, item)| parse_one(item, Some(i), rules, clock))
             .collect()
     } else {
-        Ok(vec![parse_one(root, None, clock)?])
+        Ok(vec![parse_one(root, None, rules, clock)?])
     }
 }
 
@@ -256,6 +333,7 @@ fn json_str(v: &RawValue) -> Result<Cow<'_, str>, serde_json::Error> {
 fn parse_one<'a>(
     item: &'a RawValue,
     index: Option<usize>,
+    rules: &Rules,
     clock: &mut Clock,
 ) -> Result<Envelope, SendError> {
     let err = |field, problem| SendError::Field {
@@ -279,12 +357,9 @@ fn parse_one<'a>(
         None => Cow::Borrowed("notice"),
         Some(v) => json_str(v).map_err(|_| err("types", "must be a string"))?,
     };
-    if types.is_empty() || types.contains(',') || types.len() > MAX_TYPES_LEN {
-        return Err(err(
-            "types",
-            "must be a non-empty string of at most 128 bytes without commas",
-        ));
-    }
+    rules
+        .check_type(&types)
+        .map_err(|error| SendError::Types { index, error })?;
 
     // `msg` may legitimately be `null`, so it is taken without the null filter.
     let msg = fields.msg.ok_or_else(|| err("msg", "is required"))?;
@@ -332,18 +407,20 @@ fn parse_uids(
         } else {
             return Err(err("topic_ids", PROBLEM));
         };
-        if uid.is_empty() || uid.len() > MAX_UID_LEN {
-            return Err(err("topic_ids", PROBLEM));
-        }
         uids.push(uid.into_boxed_str());
     }
-    if uids.is_empty() {
-        return Err(err("topic_ids", PROBLEM));
+    uid_list(uids).ok_or_else(|| err("topic_ids", PROBLEM))
+}
+
+/// The rule for a target's uids, on both paths: at least one, each non-empty and
+/// at most [`MAX_UID_LEN`] bytes; a uid named twice still gets the message once.
+fn uid_list(mut uids: Vec<Box<str>>) -> Option<Vec<Box<str>>> {
+    if uids.is_empty() || uids.iter().any(|u| u.is_empty() || u.len() > MAX_UID_LEN) {
+        return None;
     }
-    // A uid named twice still gets the message once.
     uids.sort_unstable();
     uids.dedup();
-    Ok(uids)
+    Some(uids)
 }
 
 /// The push JSON `{"types":…,"msg":…,"time":…}` with `msg` copied verbatim.
@@ -422,8 +499,9 @@ impl fmt::Display for WireError {
 impl std::error::Error for WireError {}
 
 /// Parses an [`encode_wire`] batch and builds each frame once. Other nodes are
-/// trusted no more than `/send`: the same bounds on uids and types apply.
-pub fn decode_wire(bytes: &[u8]) -> Result<Vec<Envelope>, WireError> {
+/// trusted no more than `/send`: the same [`Rules`] apply to the batch size, the
+/// uids and the types.
+pub fn decode_wire(bytes: &[u8], rules: &Rules) -> Result<Vec<Envelope>, WireError> {
     #[derive(serde::Deserialize)]
     #[serde(untagged)]
     enum WireTarget {
@@ -441,20 +519,28 @@ pub fn decode_wire(bytes: &[u8]) -> Result<Vec<Envelope>, WireError> {
     let items: Vec<WireEnvelope> =
         serde_json::from_slice(bytes).map_err(|e| WireError(e.to_string()))?;
     let bad = |what: &str| Err(WireError(what.to_string()));
+    rules
+        .check_batch_len(items.len())
+        .map_err(|e| WireError(e.to_string()))?;
     let mut batch = Vec::with_capacity(items.len());
-    for item in items {
+    for (i, item) in items.into_iter().enumerate() {
         let target = match item.target {
             WireTarget::All(s) if s == "all" => Target::All,
             WireTarget::All(_) => return bad("target must be \"all\" or a list of uids"),
             WireTarget::Uids(uids) => {
-                if uids.is_empty() || uids.iter().any(|u| u.is_empty() || u.len() > MAX_UID_LEN) {
-                    return bad("bad uid list");
+                let uids = uids.into_iter().map(String::into_boxed_str).collect();
+                match uid_list(uids) {
+                    Some(uids) => Target::Uids(uids),
+                    None => return bad("bad uid list"),
                 }
-                Target::Uids(uids.into_iter().map(String::into_boxed_str).collect())
             }
         };
-        if item.types.is_empty() || item.types.len() > MAX_TYPES_LEN {
-            return bad("bad types");
+        if let Err(error) = rules.check_type(&item.types) {
+            let e = SendError::Types {
+                index: Some(i),
+                error,
+            };
+            return Err(WireError(e.to_string()));
         }
         if !item.push.get().starts_with('{') {
             return bad("push must be a JSON object");
@@ -466,9 +552,6 @@ pub fn decode_wire(bytes: &[u8]) -> Result<Vec<Envelope>, WireError> {
             seq: 0,
             frame: text_frame(item.push.get().as_bytes()),
         });
-    }
-    if batch.is_empty() {
-        return bad("empty batch");
     }
     Ok(batch)
 }
@@ -482,8 +565,15 @@ fn write_json_string(out: &mut Vec<u8>, s: &str) {
 mod tests {
     use super::*;
 
+    fn rules(max_batch: usize) -> Rules {
+        Rules {
+            max_batch,
+            ..Rules::default()
+        }
+    }
+
     fn parse(body: &str) -> Result<Vec<Envelope>, SendError> {
-        parse_send(body.as_bytes(), 1000, &mut Clock::default())
+        parse_send(body.as_bytes(), &Rules::default(), &mut Clock::default())
     }
 
     /// The JSON payload of an encoded frame (server frames are unmasked).
@@ -553,7 +643,7 @@ mod tests {
         assert_eq!(parse("[]").unwrap_err(), SendError::Empty);
         let many = format!("[{}]", [r#"{"topic":"all","msg":1}"#; 3].join(","));
         assert_eq!(
-            parse_send(many.as_bytes(), 2, &mut Clock::default()).unwrap_err(),
+            parse_send(many.as_bytes(), &rules(2), &mut Clock::default()).unwrap_err(),
             SendError::TooMany(2)
         );
     }
@@ -577,6 +667,9 @@ mod tests {
             (r#"{"topic":"all","types":"","msg":1}"#, "types"),
             (r#"{"topic":"all","types":"a,b","msg":1}"#, "types"),
             (r#"{"topic":"all","types":3,"msg":1}"#, "types"),
+            (r#"{"topic":"all","types":" chat","msg":1}"#, "types"),
+            (r#"{"topic":"all","types":"chat\t","msg":1}"#, "types"),
+            (r#"{"topic":"all","types":"\u00a0chat","msg":1}"#, "types"),
             (r#"{"topic":"all","msg":1,"timeout":-1}"#, "timeout"),
             (r#"{"topic":"all","msg":1,"timeout":"soon"}"#, "timeout"),
             (r#"{"topic":"all","msg":1,"timeout":1.5}"#, "timeout"),
@@ -620,7 +713,7 @@ mod tests {
         let body = r#"[{"topic":"uids","topic_ids":["u\"1",2],"types":"chat","msg":{"a": [1, 2.50]},"timeout":1893456000,"time":"t"},{"topic":"all","msg":"x"}]"#;
         let batch = parse(body).unwrap();
         let wire = encode_wire(&batch);
-        let back = decode_wire(&wire).unwrap();
+        let back = decode_wire(&wire, &Rules::default()).unwrap();
         assert_eq!(back.len(), 2);
         for (a, b) in batch.iter().zip(&back) {
             assert_eq!(a.target, b.target);
@@ -641,13 +734,13 @@ mod tests {
     fn wire_keeps_large_frames_intact() {
         let big = format!(r#"{{"topic":"all","msg":"{}"}}"#, "x".repeat(70_000));
         let batch = parse(&big).unwrap();
-        let back = decode_wire(&encode_wire(&batch)).unwrap();
+        let back = decode_wire(&encode_wire(&batch), &Rules::default()).unwrap();
         assert_eq!(batch[0].frame, back[0].frame);
         let mid = format!(r#"{{"topic":"all","msg":"{}"}}"#, "x".repeat(300));
         let batch = parse(&mid).unwrap();
         assert_eq!(
             batch[0].frame,
-            decode_wire(&encode_wire(&batch)).unwrap()[0].frame
+            decode_wire(&encode_wire(&batch), &Rules::default()).unwrap()[0].frame
         );
     }
 
@@ -667,11 +760,55 @@ mod tests {
             b"\xff\xfe",
         ] {
             assert!(
-                decode_wire(bad).is_err(),
+                decode_wire(bad, &Rules::default()).is_err(),
                 "{:?}",
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    /// One wire item with the given target JSON and types.
+    fn wire_item(target: &str, types: &str) -> String {
+        format!(
+            r#"{{"target":{target},"types":{},"expires":0,"push":{{"msg":1}}}}"#,
+            serde_json::to_string(types).unwrap()
+        )
+    }
+
+    #[test]
+    fn the_wire_path_keeps_the_send_rules() {
+        let r = rules(2);
+        let wire = |items: &[String]| format!("[{}]", items.join(","));
+        let all = |t: &str| wire_item(r#""all""#, t);
+        // Batch size.
+        let three = wire(&[all("a"), all("a"), all("a")]);
+        let e = decode_wire(three.as_bytes(), &r).unwrap_err();
+        assert!(e.0.contains("more than 2"), "{e}");
+        assert!(decode_wire(wire(&[all("a"), all("a")]).as_bytes(), &r).is_ok());
+        // The types rule: what /send refuses, the wire refuses, with the same words.
+        for types in [" chat", "chat ", "a,b", "", &"x".repeat(129)] {
+            let sent = parse(&format!(
+                r#"{{"topic":"all","types":{},"msg":1}}"#,
+                serde_json::to_string(types).unwrap()
+            ))
+            .unwrap_err()
+            .to_string();
+            let got = decode_wire(wire(&[all(types)]).as_bytes(), &r).unwrap_err();
+            assert!(sent.starts_with("types: "), "{sent}");
+            assert!(got.0.ends_with(&sent["types: ".len()..]), "{got} vs {sent}");
+        }
+        let tight = Rules {
+            max_type_len: 4,
+            ..r
+        };
+        assert!(decode_wire(wire(&[all("abcde")]).as_bytes(), &tight).is_err());
+        assert!(decode_wire(wire(&[all("abcd")]).as_bytes(), &tight).is_ok());
+        // Uids are deduplicated, as /send does, so nobody gets a message twice.
+        let dup = wire(&[wire_item(r#"["7","7","3"]"#, "a")]);
+        let batch = decode_wire(dup.as_bytes(), &r).unwrap();
+        assert_eq!(batch[0].target, Target::Uids(vec!["3".into(), "7".into()]));
+        let long = format!("[\"{}\"]", "u".repeat(MAX_UID_LEN + 1));
+        assert!(decode_wire(wire(&[wire_item(&long, "a")]).as_bytes(), &r).is_err());
     }
 
     #[test]

@@ -1121,3 +1121,46 @@ fn a_batch_larger_than_the_socket_buffers_arrives_whole_and_in_order() {
     }
     assert_next_broadcast_is_marker(&server, &mut two, "after the big batch");
 }
+
+// ---- Host (RFC 9112 §3.2) -----------------------------------------------------------
+
+#[test]
+fn http11_without_host_or_with_two_host_lines_is_400_and_http10_without_host_is_served() {
+    let server = Server::start(&[]);
+    let r = server.raw(b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n");
+    let e = assert_json_error(&r, 400);
+    assert!(e.contains("Host"), "{e}");
+    let r = server.raw(b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n");
+    let e = assert_json_error(&r, 400);
+    assert!(e.contains("Host"), "{e}");
+    let r = server.raw(b"GET /healthz HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n");
+    assert_json_error(&r, 400);
+    // A /send without Host publishes nothing.
+    let mut ws = server.ws("uid=1");
+    let body = r#"{"topic":"uids","topic_ids":["1"],"msg":"no host"}"#;
+    let r = server.raw(
+        format!(
+            "POST /send HTTP/1.1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    assert_json_error(&r, 400);
+    assert_next_push_is_marker(&server, &mut ws, "after the hostless send");
+    // HTTP/1.0 predates Host.
+    let r = server.raw(b"GET /healthz HTTP/1.0\r\n\r\n");
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[test]
+fn a_type_with_surrounding_spaces_is_400_naming_types() {
+    assert_rejected(
+        &[
+            r#"{"topic":"uids","topic_ids":["1"],"types":" chat","msg":"x"}"#,
+            r#"{"topic":"uids","topic_ids":["1"],"types":"chat ","msg":"x"}"#,
+            r#"{"topic":"uids","topic_ids":["1"],"types":"\tchat","msg":"x"}"#,
+            r#"{"topic":"uids","topic_ids":["1"],"types":"   ","msg":"x"}"#,
+        ],
+        "types",
+    );
+}

@@ -1186,3 +1186,69 @@ fn sigterm_under_load_delivers_every_acknowledged_message_before_closing() {
         }
     }
 }
+
+// ---- bounded type filters and mass disconnects --------------------------------------
+
+#[test]
+fn a_subscribe_over_the_type_limit_is_closed_1008_and_counted() {
+    let server = Server::start(&["-max-types=64"]);
+    let mut bystander = server.ws("uid=bystander&types=notice");
+    // What the issue measured: 7,000 types in one 64 KiB subscribe message.
+    let types: Vec<String> = (0..7000).map(|i| format!("t{i}")).collect();
+    let op = json!({"op":"subscribe","types":types}).to_string();
+    assert!(op.len() < 64 * 1024);
+    let mut raw = RawWs::connect(&server, "uid=1");
+    raw.send(FIN | OP_TEXT, op.as_bytes());
+    assert_eq!(raw.expect_close(), 1008);
+    // One type longer than the limit on /send is refused the same way.
+    let mut raw = RawWs::connect(&server, "uid=1");
+    let op = json!({"op":"subscribe","types":["x".repeat(129)]}).to_string();
+    raw.send(FIN | OP_TEXT, op.as_bytes());
+    assert_eq!(raw.expect_close(), 1008);
+    // At the limit the subscription takes effect.
+    let mut ws = server.ws("uid=2");
+    let mut types: Vec<String> = (0..63).map(|i| format!("t{i}")).collect();
+    types.push("chat".into());
+    ws.send(Message::Text(
+        json!({"op":"subscribe","types":types}).to_string().into(),
+    ))
+    .unwrap();
+    sync(&mut ws);
+    send_typed(&server, "other", json!("dropped"));
+    send_typed(&server, "chat", json!("kept"));
+    assert_eq!(recv_msg(&mut ws), json!("kept"));
+    assert_bystander_served(&server, &mut bystander);
+    let s = wait_stats(&server, "the refusals counted", |s| {
+        s["refused"]["types"] == 2
+    });
+    assert_eq!(s["connections"], 2, "{s}");
+}
+
+#[test]
+fn five_thousand_connections_of_one_uid_closing_at_once_leave_the_index_right() {
+    const N: usize = 5000;
+    let server = Server::start(&["-max-per-ip=0", "-max-connections=6000"]);
+    let mut keeper = server.ws("uid=crowd");
+    let crowd: Vec<TcpStream> = (0..N)
+        .map(|_| common::raw_ws::connect(&server, "uid=crowd"))
+        .collect();
+    let s = wait_stats(&server, "the crowd connected", |s| {
+        s["connections"] == N + 1
+    });
+    assert_eq!(s["users"], 1, "{s}");
+    let started = Instant::now();
+    drop(crowd);
+    let s = wait_stats(&server, "the crowd gone", |s| s["connections"] == 1);
+    report(&format!(
+        "measured: {N} connections of one uid closed and left the index within {:?}",
+        started.elapsed()
+    ));
+    assert_eq!(
+        (s["users"].clone(), s["ws_closed"].clone()),
+        (json!(1), json!(N))
+    );
+    send_uid(&server, "crowd", json!("to the one left"));
+    assert_eq!(recv_msg(&mut keeper), json!("to the one left"));
+    let s = wait_stats(&server, "one push out", |s| s["messages_out"] == 1);
+    assert_eq!(s["messages_in"], 1, "{s}");
+}

@@ -406,3 +406,104 @@ fn every_limit_hit_is_counted_by_reason() {
     // The polls that waited for a free slot may have been refused too.
     assert!(refused["max_connections"].as_u64() >= Some(1), "{refused}");
 }
+
+/// A raw handshake with `extra` header lines; the status and the body text.
+fn raw_ws_status(server: &Server, query: &str, extra: &str) -> (u16, String) {
+    let r = server.raw(
+        format!(
+            "GET /ws?{query} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+        )
+        .as_bytes(),
+    );
+    (r.status, r.text())
+}
+
+#[test]
+fn forwarded_for_split_over_several_lines_is_read_as_one_list() {
+    let server = Server::start(&["-max-per-ip=1", "-trusted-proxies=127.0.0.1"]);
+    // Each handshake comes from the same client, named on the last of two lines; the
+    // first line is what that client itself sent and is not to be believed.
+    let mut held = Vec::new();
+    let mut statuses = Vec::new();
+    for n in 1..=5 {
+        let mut s = server.tcp();
+        write!(
+            s,
+            "GET /ws?uid={n} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             X-Forwarded-For: 10.0.0.{n}\r\nX-Forwarded-For: 203.0.113.5\r\n\r\n"
+        )
+        .unwrap();
+        statuses.push(read_response(&mut s).status);
+        held.push(s);
+    }
+    assert_eq!(statuses, [101, 429, 429, 429, 429]);
+    assert_eq!(server.stats()["refused"]["per_ip"], 4);
+}
+
+#[test]
+fn two_different_x_real_ip_lines_are_refused_as_ambiguous() {
+    let server = Server::start(&["-max-per-ip=5", "-trusted-proxies=127.0.0.1"]);
+    let (status, text) = raw_ws_status(
+        &server,
+        "uid=1",
+        "X-Real-IP: 203.0.113.1\r\nX-Real-IP: 203.0.113.2\r\n",
+    );
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("X-Real-IP"), "{text}");
+    // The same value twice names one client.
+    let (status, text) = raw_ws_status(
+        &server,
+        "uid=2",
+        "X-Real-IP: 203.0.113.1\r\nX-Real-IP: 203.0.113.1\r\n",
+    );
+    assert_eq!(status, 101, "{text}");
+    assert_eq!(server.stats()["refused"]["forwarded"], 1);
+}
+
+#[test]
+fn client_strings_with_control_bytes_reach_the_log_escaped_on_one_line() {
+    let dir = TempDir::new("security-log-injection");
+    let log = dir.0.join("wspush.log");
+    let mut server = Server::start_with(&["-log=debug"], &[], Some(&log));
+    let forged = "wspush warn FORGED";
+    let ws = server.ws(&format!("uid=a%0A{}%0D%1B[31m", forged.replace(' ', "%20")));
+    let r = server.raw(b"GET /nowhere%0Ainjected HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gz\xc2\x85ip\r\nConnection: close\r\n\r\n");
+    assert!(r.status >= 400);
+    drop(ws);
+    assert_eq!(server.terminate().code(), Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("ws open uid=a\\n"), "{text}");
+    for line in text.lines() {
+        assert!(
+            line.split(' ').nth(1) == Some("wspush"),
+            "a line that is not the logger's own: {line:?}\n{text}"
+        );
+        assert!(
+            !line.chars().any(|c| c.is_control()),
+            "a control byte in the log: {line:?}"
+        );
+    }
+}
+
+#[test]
+fn too_many_or_too_long_types_on_ws_are_400_and_counted() {
+    let server = Server::start(&["-max-types=4"]);
+    let (status, text) = raw_ws_status(&server, "uid=1&types=a,b,c,d,e", "");
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("types"), "{text}");
+    let long = "x".repeat(129);
+    let (status, text) = raw_ws_status(&server, &format!("uid=1&types={long}"), "");
+    assert_eq!(status, 400, "{text}");
+    // At the limit (duplicates and blanks do not count) it is served.
+    let (status, text) = raw_ws_status(&server, "uid=1&types=a,b,c,d,a,,", "");
+    assert_eq!(status, 101, "{text}");
+    let s = server.stats();
+    assert_eq!(s["refused"]["types"], 2, "{s}");
+    let metrics = server.get("/metrics").text();
+    assert!(
+        metrics.contains("wspush_refused_total{reason=\"types\"} 2"),
+        "{metrics}"
+    );
+}

@@ -7,7 +7,9 @@
 //! - each frame is one final, unmasked text frame whose length field matches;
 //! - its payload is valid JSON `{"types","msg","time"}` whose `msg` is the body's
 //!   `msg` copied byte for byte;
-//! - uid targets are non-empty, sorted, without duplicates.
+//! - uid targets are non-empty, sorted, without duplicates;
+//! - types have no surrounding whitespace;
+//! - the batch crosses the wire: another node with the same rules accepts it whole.
 #![no_main]
 
 use std::collections::HashMap;
@@ -15,7 +17,10 @@ use std::sync::{LazyLock, Mutex};
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::value::RawValue;
-use wspush::message::{Clock, Envelope, MAX_TYPES_LEN, MAX_UID_LEN, Target, parse_send};
+use wspush::message::{
+    Clock, Envelope, MAX_TYPES_LEN, MAX_UID_LEN, Rules, Target, decode_wire, encode_wire,
+    parse_send,
+};
 
 static CLOCK: LazyLock<Mutex<Clock>> = LazyLock::new(|| Mutex::new(Clock::default()));
 
@@ -25,10 +30,16 @@ fuzz_target!(|data: &[u8]| {
     };
     let max_batch = usize::from(head % 8) + 1;
     let mut clock = CLOCK.lock().unwrap();
-    let Ok(batch) = parse_send(body, max_batch, &mut clock) else {
+    let rules = Rules {
+        max_batch,
+        ..Rules::default()
+    };
+    let Ok(batch) = parse_send(body, &rules, &mut clock) else {
         return;
     };
     assert!(!batch.is_empty() && batch.len() <= max_batch);
+    let back = decode_wire(&encode_wire(&batch), &rules).expect("the wire takes what /send took");
+    assert_eq!(back.len(), batch.len());
 
     let root: &RawValue = serde_json::from_slice(body).expect("accepted body is JSON");
     let items: Vec<&RawValue> = if root.get().starts_with('[') {
@@ -77,6 +88,7 @@ fn check(env: &Envelope, msg: &str) {
 
     assert!(!env.types.is_empty() && env.types.len() <= MAX_TYPES_LEN);
     assert!(!env.types.contains(','));
+    assert_eq!(env.types.trim(), &*env.types);
     if let Target::Uids(uids) = &env.target {
         assert!(!uids.is_empty());
         assert!(

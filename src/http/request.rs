@@ -94,6 +94,20 @@ impl Head {
         Some(joined)
     }
 
+    /// The value of a header that may appear once: lines repeating the same value
+    /// count as one, lines that disagree are an error, since a proxy and this
+    /// server might each believe a different one.
+    pub fn header_single(&self, name: &str) -> Result<Option<&[u8]>, HttpError> {
+        let mut values = self.values(name);
+        let first = values.next();
+        if values.any(|v| Some(v) != first) {
+            return Err(bad(format!(
+                "{name} given more than once with different values"
+            )));
+        }
+        Ok(first)
+    }
+
     /// Whether `token` appears in the comma-separated list carried by the
     /// (possibly repeated) header `name`, case-insensitively.
     pub fn has_token(&self, name: &str, token: &str) -> bool {
@@ -223,6 +237,7 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<(Head, usize)>, 
         keep_alive: false,
         expect_continue: false,
     };
+    check_host(&head)?;
     head.body = body_kind(&head, limits)?;
     head.keep_alive = match version {
         Version::Http11 => !head.has_token("connection", "close"),
@@ -294,6 +309,16 @@ fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
         .split(|&b| b == b',')
         .map(trim_ows)
         .filter(|item| !item.is_empty())
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request without Host, or any request with more than
+/// one Host line, is answered 400. HTTP/1.0 predates Host and may omit it.
+fn check_host(head: &Head) -> Result<(), HttpError> {
+    match (head.values("host").count(), head.version) {
+        (0, Version::Http11) => Err(bad("missing Host header")),
+        (0 | 1, _) => Ok(()),
+        _ => Err(bad("more than one Host header")),
+    }
 }
 
 /// Message framing per RFC 9112 §6. Ambiguous framing is refused outright
@@ -424,7 +449,7 @@ mod tests {
             ("PATCH", Method::Other),
             ("get", Method::Other),
         ] {
-            let buf = format!("{text} / HTTP/1.1\r\n\r\n");
+            let buf = format!("{text} / HTTP/1.1\r\nHost: h\r\n\r\n");
             assert_eq!(complete(buf.as_bytes()).0.method, m, "{text}");
         }
     }
@@ -482,11 +507,11 @@ mod tests {
 
     #[test]
     fn http11_keep_alive_and_tokens() {
-        let (head, _) = complete(b"GET / HTTP/1.1\r\nConnection: Close\r\n\r\n");
+        let (head, _) = complete(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Close\r\n\r\n");
         assert!(!head.keep_alive);
 
         let (head, _) = complete(
-            b"GET /ws HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n",
         );
         assert!(head.keep_alive);
         assert!(head.has_token("connection", "upgrade"));
@@ -496,7 +521,7 @@ mod tests {
         assert!(head.has_token("upgrade", "WebSocket"));
 
         let (head, _) =
-            complete(b"GET / HTTP/1.1\r\nConnection: keep-alive\r\nconnection: ,Upgrade ,\r\n\r\n");
+            complete(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: keep-alive\r\nconnection: ,Upgrade ,\r\n\r\n");
         assert!(head.has_token("connection", "upgrade"));
         assert_eq!(head.header("connection"), Some(&b"keep-alive"[..]));
         assert_eq!(
@@ -507,9 +532,22 @@ mod tests {
     }
 
     #[test]
+    fn single_headers_refuse_disagreeing_lines() {
+        let (head, _) = complete(
+            b"GET / HTTP/1.1\r\nHost: h\r\nX-Real-IP: 1.2.3.4\r\nx-real-ip: 1.2.3.4\r\nX-A: 1\r\nX-A: 2\r\n\r\n",
+        );
+        assert_eq!(head.header_single("X-Real-IP"), Ok(Some(&b"1.2.3.4"[..])));
+        assert_eq!(head.header_single("x-missing"), Ok(None));
+        let e = head.header_single("x-a").unwrap_err();
+        assert_eq!(e.status(), 400);
+        assert!(e.to_string().contains("x-a"), "{e}");
+    }
+
+    #[test]
     fn expect_continue() {
-        let (head, _) =
-            complete(b"POST / HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n");
+        let (head, _) = complete(
+            b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n",
+        );
         assert!(head.expect_continue);
         let (head, _) =
             complete(b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n");
@@ -517,8 +555,8 @@ mod tests {
     }
 
     fn head_of_len(len: usize) -> Vec<u8> {
-        let base = b"GET / HTTP/1.1\r\nX: \r\n\r\n".len();
-        let mut v = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        let base = b"GET / HTTP/1.1\r\nHost: h\r\nX: \r\n\r\n".len();
+        let mut v = b"GET / HTTP/1.1\r\nHost: h\r\nX: ".to_vec();
         v.resize(len - 4, b'a');
         v.extend_from_slice(b"\r\n\r\n");
         assert!(len >= base);
@@ -551,26 +589,26 @@ mod tests {
 
     #[test]
     fn too_many_headers() {
-        let mut ok = b"GET / HTTP/1.1\r\n".to_vec();
-        for i in 0..64 {
+        let mut ok = b"GET / HTTP/1.1\r\nHost: h\r\n".to_vec();
+        for i in 0..63 {
             ok.extend_from_slice(format!("h{i}: v\r\n").as_bytes());
         }
         let mut over = ok.clone();
         ok.extend_from_slice(b"\r\n");
         assert_eq!(complete(&ok).0.headers.len(), 64);
-        over.extend_from_slice(b"h64: v\r\n\r\n");
+        over.extend_from_slice(b"h63: v\r\n\r\n");
         assert_eq!(err(&over), HttpError::HeadTooLarge);
     }
 
     #[test]
     fn leading_empty_lines() {
-        let buf = b"\r\n\n\r\nGET /x HTTP/1.1\r\n\r\n";
+        let buf = b"\r\n\n\r\nGET /x HTTP/1.1\r\nHost: h\r\n\r\n";
         let (head, n) = complete(buf);
         assert_eq!(head.path, "/x");
         assert_eq!(n, buf.len());
         assert!(matches!(parse(b"\r"), Ok(None)));
         assert!(matches!(parse(b"\r\n\r\n"), Ok(None)));
-        assert!(is_bad(b"\rGET / HTTP/1.1\r\n\r\n"));
+        assert!(is_bad(b"\rGET / HTTP/1.1\r\nHost: h\r\n\r\n"));
         assert!(matches!(parse(b""), Ok(None)));
         assert_eq!(err(&[b'\n'; 8193]), HttpError::HeadTooLarge);
     }
@@ -586,17 +624,18 @@ mod tests {
     fn syntax_errors() {
         assert!(is_bad(b"GET / HTTP/2.0\r\n\r\n"));
         assert!(is_bad(b"GET / FOO\r\n\r\n"));
-        assert!(is_bad(b"GET /a b HTTP/1.1\r\n\r\n"));
-        assert!(is_bad(b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n"));
-        assert!(is_bad(b"GET / HTTP/1.1\r\nName : x\r\n\r\n"));
-        assert!(is_bad(b"GET / HTTP/1.1\r\nNoColon\r\n\r\n"));
-        assert!(is_bad(b"GET / HTTP/1.1\r\nX: a\x01b\r\n\r\n"));
-        assert!(is_bad(b"GET / HTTP/1.1\r\n folded: x\r\n\r\n"));
-        assert!(is_bad(b"G(T / HTTP/1.1\r\n\r\n"));
+        assert!(is_bad(b"GET /a b HTTP/1.1\r\nHost: h\r\n\r\n"));
+        assert!(is_bad(b"GET / HTTP/1.1\r\nHost: h\r\nBad Name: x\r\n\r\n"));
+        assert!(is_bad(b"GET / HTTP/1.1\r\nHost: h\r\nName : x\r\n\r\n"));
+        assert!(is_bad(b"GET / HTTP/1.1\r\nHost: h\r\nNoColon\r\n\r\n"));
+        assert!(is_bad(b"GET / HTTP/1.1\r\nHost: h\r\nX: a\x01b\r\n\r\n"));
+        assert!(is_bad(b"GET / HTTP/1.1\r\nHost: h\r\n folded: x\r\n\r\n"));
+        assert!(is_bad(b"G(T / HTTP/1.1\r\nHost: h\r\n\r\n"));
         // Non-HTTP bytes are refused before any blank line shows up.
         assert!(is_bad(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"));
         assert!(matches!(parse(b"GE"), Ok(None)));
-        let HttpError::BadRequest(msg) = err(b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n") else {
+        let HttpError::BadRequest(msg) = err(b"GET / HTTP/1.1\r\nHost: h\r\nBad Name: x\r\n\r\n")
+        else {
             unreachable!()
         };
         assert!(msg.contains("header name"), "{msg}");
@@ -604,21 +643,23 @@ mod tests {
 
     #[test]
     fn request_target() {
-        assert!(is_bad(b"GET http://example.com/ HTTP/1.1\r\n\r\n"));
-        assert!(is_bad(b"GET example.com:80 HTTP/1.1\r\n\r\n"));
-        assert!(is_bad(b"GET * HTTP/1.1\r\n\r\n"));
-        assert!(is_bad(b"OPTIONS *x HTTP/1.1\r\n\r\n"));
-        let (head, _) = complete(b"OPTIONS * HTTP/1.1\r\n\r\n");
+        assert!(is_bad(
+            b"GET http://example.com/ HTTP/1.1\r\nHost: h\r\n\r\n"
+        ));
+        assert!(is_bad(b"GET example.com:80 HTTP/1.1\r\nHost: h\r\n\r\n"));
+        assert!(is_bad(b"GET * HTTP/1.1\r\nHost: h\r\n\r\n"));
+        assert!(is_bad(b"OPTIONS *x HTTP/1.1\r\nHost: h\r\n\r\n"));
+        let (head, _) = complete(b"OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n");
         assert_eq!((head.path.as_str(), head.query.as_str()), ("*", ""));
-        let (head, _) = complete(b"GET /p?a=1?b HTTP/1.1\r\n\r\n");
+        let (head, _) = complete(b"GET /p?a=1?b HTTP/1.1\r\nHost: h\r\n\r\n");
         assert_eq!((head.path.as_str(), head.query.as_str()), ("/p", "a=1?b"));
-        let (head, _) = complete(b"GET /p? HTTP/1.1\r\n\r\n");
+        let (head, _) = complete(b"GET /p? HTTP/1.1\r\nHost: h\r\n\r\n");
         assert_eq!((head.path.as_str(), head.query.as_str()), ("/p", ""));
     }
 
     #[test]
     fn content_length() {
-        let cl = |v: &str| parse(format!("POST / HTTP/1.1\r\n{v}\r\n\r\n").as_bytes());
+        let cl = |v: &str| parse(format!("POST / HTTP/1.1\r\nHost: h\r\n{v}\r\n\r\n").as_bytes());
         assert_eq!(
             cl("Content-Length: 0").unwrap().unwrap().0.body,
             BodyKind::Length(0)
@@ -668,7 +709,7 @@ mod tests {
 
     #[test]
     fn transfer_encoding() {
-        let te = |v: &str| parse(format!("POST / HTTP/1.1\r\n{v}\r\n\r\n").as_bytes());
+        let te = |v: &str| parse(format!("POST / HTTP/1.1\r\nHost: h\r\n{v}\r\n\r\n").as_bytes());
         assert_eq!(
             te("Transfer-Encoding: chunked").unwrap().unwrap().0.body,
             BodyKind::Chunked
@@ -715,6 +756,27 @@ mod tests {
     }
 
     #[test]
+    fn host_is_required_once_on_http11_and_at_most_once_on_http10() {
+        let msg = |buf: &[u8]| match err(buf) {
+            HttpError::BadRequest(m) => m,
+            e => panic!("{e:?}"),
+        };
+        assert_eq!(msg(b"GET / HTTP/1.1\r\n\r\n"), "missing Host header");
+        assert_eq!(
+            msg(b"GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n"),
+            "more than one Host header"
+        );
+        assert_eq!(
+            msg(b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n"),
+            "more than one Host header"
+        );
+        complete(b"GET / HTTP/1.0\r\n\r\n");
+        complete(b"GET / HTTP/1.0\r\nHost: a\r\n\r\n");
+        // An empty Host is allowed when the target URI has no authority (RFC 9112 §3.2).
+        complete(b"GET / HTTP/1.1\r\nHost:\r\n\r\n");
+    }
+
+    #[test]
     fn error_mapping() {
         let cases = [
             (HttpError::BadRequest("x".into()), 400),
@@ -740,7 +802,7 @@ mod tests {
     fn never_panics_on_junk() {
         // Cheap deterministic fuzz: every byte value at every position of a
         // small valid request.
-        let base = b"POST /a?b HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let base = b"POST /a?b HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n";
         for i in 0..base.len() {
             for b in 0..=255u8 {
                 let mut v = base.to_vec();

@@ -53,9 +53,8 @@ impl Response {
     /// real Content-Length).
     ///
     /// Statuses that cannot have content (1xx, 204, 304) get neither
-    /// Content-Type, Content-Length nor body (RFC 9110 §8.6). An extra
-    /// `Connection` header replaces the generated one, which is what a 101
-    /// `Connection: Upgrade` needs.
+    /// Content-Type, Content-Length nor body (RFC 9110 §8.6). The 101 of a
+    /// WebSocket upgrade is not built here (`ws::handshake::response`).
     pub fn encode(&self, keep_alive: bool, head_only: bool, out: &mut Vec<u8>) {
         let has_content = !matches!(self.status, 100..=199 | 204 | 304);
         out.reserve(128 + self.body.len());
@@ -77,17 +76,11 @@ impl Response {
             out.extend_from_slice(b"\r\n");
         }
 
-        if !self
-            .headers
-            .iter()
-            .any(|(name, _)| name.eq_ignore_ascii_case("connection"))
-        {
-            out.extend_from_slice(if keep_alive {
-                b"Connection: keep-alive\r\n"
-            } else {
-                b"Connection: close\r\n"
-            });
-        }
+        out.extend_from_slice(if keep_alive {
+            b"Connection: keep-alive\r\n"
+        } else {
+            b"Connection: close\r\n"
+        });
 
         for (name, value) in &self.headers {
             out.extend_from_slice(name.as_bytes());
@@ -245,14 +238,6 @@ mod tests {
         assert_eq!(
             encoded(&r, true, false),
             "HTTP/1.1 204 No Content\r\nConnection: keep-alive\r\n\r\n"
-        );
-        let r = Response::new(101, "", Vec::new())
-            .with_header("Upgrade", "websocket")
-            .with_header("Connection", "Upgrade")
-            .with_header("Sec-WebSocket-Accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
-        assert_eq!(
-            encoded(&r, true, false),
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
         );
     }
 

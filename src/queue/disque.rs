@@ -114,6 +114,7 @@ impl DisqueQueue {
             listeners: listeners.clone(),
             endpoint: endpoint.clone(),
             queue: cfg.queue_name.clone(),
+            rules: message::Rules::new(cfg),
             prefetch: cfg.queue_prefetch,
             link: Arc::new(Link::default()),
             reconnects: reconnects.clone(),
@@ -205,6 +206,7 @@ enum Ended {
 struct Consumer {
     endpoint: Endpoint,
     queue: String,
+    rules: message::Rules,
     prefetch: usize,
     link: Arc<Link>,
     reconnects: Arc<AtomicU64>,
@@ -290,7 +292,7 @@ impl Consumer {
             };
             let mut malformed = Vec::new();
             for job in jobs {
-                match message::decode_wire(&job.body) {
+                match message::decode_wire(&job.body, &self.rules) {
                     Ok(batch) => {
                         let event = Inbound::DeliverJob { batch, job: job.id };
                         if self.notifier.send(event).is_err() {

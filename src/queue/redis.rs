@@ -37,6 +37,7 @@ impl RedisQueue {
         let subscriber = Subscriber {
             endpoint: endpoint.clone(),
             channel: cfg.queue_name.clone(),
+            rules: message::Rules::new(cfg),
             link: Arc::new(Link::default()),
             reconnects: reconnects.clone(),
             notifier: notifier.clone(),
@@ -116,6 +117,7 @@ enum Ended {
 struct Subscriber {
     endpoint: Endpoint,
     channel: String,
+    rules: message::Rules,
     link: Arc<Link>,
     reconnects: Arc<AtomicU64>,
     notifier: Notifier,
@@ -195,7 +197,7 @@ impl Subscriber {
             match sub.get_message() {
                 Ok(msg) => {
                     heard = Instant::now();
-                    match message::decode_wire(msg.get_payload_bytes()) {
+                    match message::decode_wire(msg.get_payload_bytes(), &self.rules) {
                         Ok(batch) => {
                             if self.notifier.send(Inbound::Deliver(batch)).is_err() {
                                 return Ended::ReactorGone;

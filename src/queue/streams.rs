@@ -24,7 +24,7 @@ use std::fmt::Write as _;
 use ::redis::{Connection, RedisError, RedisResult, Value};
 
 use crate::history::{Epoch, Since};
-use crate::message::{Envelope, Target, encode_wire};
+use crate::message::{Envelope, Rules, Target, encode_wire};
 
 /// Messages per millisecond before the clock borrows from the next one.
 const PER_MS: u64 = 1024;
@@ -163,6 +163,8 @@ pub struct Streams {
     size: usize,
     append: Script,
     read: Script,
+    /// What another node's message must satisfy, as on the wire.
+    rules: Rules,
 }
 
 /// What the append script gave each message of a batch.
@@ -184,13 +186,14 @@ pub struct Fetched {
 }
 
 impl Streams {
-    pub fn new(name: &str, ttl_secs: u64, size: usize) -> Self {
+    pub fn new(name: &str, ttl_secs: u64, size: usize, rules: Rules) -> Self {
         Streams {
             name: name.to_string(),
             ttl_ms: ttl_secs.saturating_mul(1000).max(1),
             size: size.max(1),
             append: Script::new(APPEND),
             read: Script::new(READ),
+            rules,
         }
     }
 
@@ -267,7 +270,7 @@ impl Streams {
             since_epoch.as_bytes().to_vec(),
         ];
         let reply = self.read.run(con, &keys, &args)?;
-        parse_fetched(reply, since, limit, now_ms, self.ttl_ms)
+        parse_fetched(reply, since, limit, now_ms, self.ttl_ms, &self.rules)
     }
 }
 
@@ -326,7 +329,7 @@ struct Part {
     cut: bool,
 }
 
-fn parse_part(v: &Value, epoch: Epoch, limit: usize) -> RedisResult<Option<Part>> {
+fn parse_part(v: &Value, epoch: Epoch, limit: usize, rules: &Rules) -> RedisResult<Option<Part>> {
     let Value::Array(pair) = v else {
         return match v {
             Value::Nil | Value::Boolean(false) => Ok(None),
@@ -355,7 +358,7 @@ fn parse_part(v: &Value, epoch: Epoch, limit: usize) -> RedisResult<Option<Part>
             return Err(bad("read: entry field"));
         };
         // A malformed entry is skipped, as a malformed publish would be.
-        if let Ok(batch) = crate::message::decode_wire(body) {
+        if let Ok(batch) = crate::message::decode_wire(body, rules) {
             for mut env in batch {
                 env.set_id(seq, &epoch.id(seq));
                 entries.push((seq, env));
@@ -375,6 +378,7 @@ fn parse_fetched(
     limit: usize,
     now_ms: u64,
     ttl_ms: u64,
+    rules: &Rules,
 ) -> RedisResult<Fetched> {
     let Value::Array(items) = reply else {
         return Err(bad("read: not an array"));
@@ -398,7 +402,7 @@ fn parse_fetched(
     let mut complete = since != Since::Foreign;
     let mut merged: Vec<(u64, Envelope)> = Vec::new();
     for v in &items[1..] {
-        match parse_part(v, epoch, limit)? {
+        match parse_part(v, epoch, limit, rules)? {
             Some(part) => {
                 complete &= !part.cut
                     && match since {

@@ -14,7 +14,7 @@ use crate::auth::{self, Refusal};
 use crate::http::query;
 use crate::http::request::{Head, HttpError, Method};
 use crate::http::response::Response;
-use crate::hub::{self, TypeSet};
+use crate::hub::{self, FilterError, FilterLimits, TypeSet};
 use crate::message::{self, Envelope, MAX_UID_LEN, unix_now};
 use crate::ws::handshake::{self, UpgradeHeaders};
 
@@ -142,6 +142,15 @@ impl Server {
             Ok(params) => params,
             Err(e) => return Action::Respond(e.response()),
         };
+        let types = match hub::type_set(types.split(','), &FilterLimits::new(&self.cfg)) {
+            Ok(types) => types,
+            Err(e) => {
+                if let Some(peer) = self.conns.get(key).map(|c| c.peer) {
+                    self.count_refusal(Refusal::Types(e), peer, "/ws");
+                }
+                return Action::Refuse(refusal_response(Refusal::Types(e)));
+            }
+        };
         match self.admit_listener(key, head, uid.as_deref()) {
             Ok(client_ip) => Action::Upgrade(Upgrade {
                 accept,
@@ -190,11 +199,20 @@ impl Server {
         }
         // Here the peer is a trusted proxy (or a local tool): only a client it names
         // is counted.
-        let (forwarded, real) = (head.header("x-forwarded-for"), head.header("x-real-ip"));
+        // A proxy appends its own X-Forwarded-For line to the client's: read all of them.
+        let forwarded = head.header_joined("x-forwarded-for");
+        let real = head
+            .header_single("x-real-ip")
+            .map_err(|_| Refusal::Forwarded)?;
         if forwarded.is_none() && real.is_none() {
             return Ok(None);
         }
-        let ip = auth::client_ip(conn.peer.ip(), &self.cfg.trusted_proxies, forwarded, real);
+        let ip = auth::client_ip(
+            conn.peer.ip(),
+            &self.cfg.trusted_proxies,
+            forwarded.as_deref(),
+            real,
+        );
 
         if self.admission.has_room(ip, self.cfg.max_per_ip) {
             Ok(Some(ip))
@@ -207,7 +225,7 @@ impl Server {
         if let Some(resp) = self.shutdown.refusal() {
             return Action::Respond(resp);
         }
-        match message::parse_send(body, self.cfg.max_batch, &mut self.clock) {
+        match message::parse_send(body, &message::Rules::new(&self.cfg), &mut self.clock) {
             Ok(batch) => Action::Publish(batch),
             Err(e) => Action::Respond(Response::error(400, &e.to_string())),
         }
@@ -245,7 +263,7 @@ fn not_allowed(allow: &'static str) -> Response {
 }
 
 /// `uid` and `types` from a `/ws` query string.
-type WsParams = (Option<String>, TypeSet, Option<String>);
+type WsParams = (Option<String>, String, Option<String>);
 
 fn ws_params(query: &str) -> Result<WsParams, HttpError> {
     let uid = query::get(query, "uid")?.filter(|u| !u.is_empty());
@@ -254,24 +272,26 @@ fn ws_params(query: &str) -> Result<WsParams, HttpError> {
             "uid is longer than {MAX_UID_LEN} bytes"
         )));
     }
-    let types = query::get(query, "types")?.and_then(|t| hub::type_set(t.split(',')));
+    let types = query::get(query, "types")?.unwrap_or_default();
     let since = query::get(query, "since")?;
     if let Some(s) = &since {
-        crate::history::parse_id(s)
-            .map_err(|e| HttpError::BadRequest(format!("since: {e}")))?;
+        crate::history::parse_id(s).map_err(|e| HttpError::BadRequest(format!("since: {e}")))?;
     }
     Ok((uid, types, since))
 }
 
 /// The client's `{"op":"subscribe","types":[…]}`; anything else is not an op.
-pub(super) fn subscribe_op(text: &str) -> Option<TypeSet> {
+pub(super) fn subscribe_op(
+    text: &str,
+    limits: &FilterLimits,
+) -> Option<Result<TypeSet, FilterError>> {
     #[derive(Deserialize)]
     struct Op {
         op: String,
         types: Vec<String>,
     }
     let op: Op = serde_json::from_str(text).ok()?;
-    (op.op == "subscribe").then(|| hub::type_set(op.types))
+    (op.op == "subscribe").then(|| hub::type_set(op.types, limits))
 }
 
 #[cfg(test)]
@@ -290,22 +310,38 @@ mod tests {
     fn ws_query() {
         let (uid, types, since) = ws_params("uid=a%20b&types=notice,chat&since=1f-3").unwrap();
         assert_eq!(uid.as_deref(), Some("a b"));
-        assert_eq!(types.unwrap().len(), 2);
+        assert_eq!(types, "notice,chat");
         assert_eq!(since.as_deref(), Some("1f-3"));
-        assert_eq!(ws_params("").unwrap(), (None, None, None));
-        assert_eq!(ws_params("uid=&types=").unwrap(), (None, None, None));
+        assert_eq!(ws_params("").unwrap(), (None, String::new(), None));
+        assert_eq!(
+            ws_params("uid=&types=").unwrap(),
+            (None, String::new(), None)
+        );
         assert!(ws_params("since=yesterday").is_err());
         assert!(ws_params(&format!("uid={}", "x".repeat(300))).is_err());
     }
 
     #[test]
     fn subscribe_ops() {
+        let limits = FilterLimits {
+            max_types: 2,
+            max_type_len: 3,
+        };
+        let op = |text| subscribe_op(text, &limits);
         assert_eq!(
-            subscribe_op(r#"{"op":"subscribe","types":["a"]}"#),
-            Some(hub::type_set(["a"]))
+            op(r#"{"op":"subscribe","types":["a"]}"#),
+            Some(hub::type_set(["a"], &limits))
         );
-        assert_eq!(subscribe_op(r#"{"op":"subscribe","types":[]}"#), Some(None));
-        assert_eq!(subscribe_op(r#"{"op":"other","types":["a"]}"#), None);
-        assert_eq!(subscribe_op("hello"), None);
+        assert_eq!(op(r#"{"op":"subscribe","types":[]}"#), Some(Ok(None)));
+        assert_eq!(
+            op(r#"{"op":"subscribe","types":["a","b","c"]}"#),
+            Some(Err(FilterError::TooMany(2)))
+        );
+        assert_eq!(
+            op(r#"{"op":"subscribe","types":["abcd"]}"#),
+            Some(Err(FilterError::TooLong(3)))
+        );
+        assert_eq!(op(r#"{"op":"other","types":["a"]}"#), None);
+        assert_eq!(op("hello"), None);
     }
 }

@@ -140,8 +140,10 @@ impl Server {
                 Chunk::Owned(frame::encode(OpCode::Text, text.as_bytes())),
             ),
             Message::Text(text) => {
-                if let Some(types) = routes::subscribe_op(&text) {
-                    self.hub.subscribe(key, types);
+                match routes::subscribe_op(&text, &crate::hub::FilterLimits::new(&self.cfg)) {
+                    Some(Ok(types)) => self.hub.subscribe(key, types),
+                    Some(Err(e)) => return self.refuse_filter(key, e),
+                    None => {}
                 }
                 Liveness::Alive
             }
@@ -155,6 +157,14 @@ impl Server {
                 self.end_ws(key, close.map(|c| CloseCode::from(c.code)), "", Then::Drain)
             }
         };
+    }
+
+    /// A subscribe op over the filter limits: counted, closed 1008 (policy).
+    fn refuse_filter(&mut self, key: usize, e: crate::hub::FilterError) {
+        if let Some(peer) = self.conns.get(key).map(|c| c.peer) {
+            self.count_refusal(crate::auth::Refusal::Types(e), peer, "subscribe");
+        }
+        let _ = self.end_ws(key, Some(CloseCode::Policy), &e.to_string(), Then::Drain);
     }
 
     /// Fails the connection with the error's close code.
