@@ -511,6 +511,10 @@ fn check(c: &Config) -> Result<(), ConfigError> {
     if c.queue_ttl < Duration::from_secs(1) || c.queue_retry < Duration::from_secs(1) {
         return conflict("-queue-ttl and -queue-retry must be at least 1s");
     }
+    // Retention counts in whole seconds: a fraction would silently turn it off.
+    if !c.history_ttl.is_zero() && c.history_ttl < Duration::from_secs(1) {
+        return conflict("-history-ttl must be 0 (off) or at least 1s");
+    }
     if c.max_message < c.max_frame {
         return conflict("-max-message must be at least -max-frame");
     }

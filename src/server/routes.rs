@@ -252,6 +252,7 @@ impl Server {
             queue_backend: self.queue.name(),
             queue_state: self.queue.state(),
             queue_reconnects: self.queue.reconnects(),
+            history: self.history.stats(),
             uptime_seconds: self.started.elapsed().as_secs(),
             rss_bytes: stats::rss_bytes(),
         })
