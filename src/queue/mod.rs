@@ -12,7 +12,7 @@ pub mod redis;
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_channel::Sender;
 
@@ -93,26 +93,6 @@ impl QueueState {
             QueueState::Up => "up",
             QueueState::Connecting => "connecting",
             QueueState::Down => "down",
-        }
-    }
-}
-
-/// A state cell the backend threads write and the reactor reads.
-#[derive(Debug)]
-pub struct SharedState(AtomicU8);
-
-impl SharedState {
-    pub fn new(s: QueueState) -> Self {
-        SharedState(AtomicU8::new(s as u8))
-    }
-    pub fn set(&self, s: QueueState) {
-        self.0.store(s as u8, Ordering::Relaxed);
-    }
-    pub fn get(&self) -> QueueState {
-        match self.0.load(Ordering::Relaxed) {
-            0 => QueueState::Up,
-            1 => QueueState::Connecting,
-            _ => QueueState::Down,
         }
     }
 }
