@@ -22,7 +22,8 @@ pub enum QueueSpec {
 
 impl QueueSpec {
     fn parse(s: &str) -> Result<Self, ConfigError> {
-        let bad = || ConfigError::Invalid("queue", s.to_string());
+        // A queue URL may carry a password: never echo it.
+        let bad = || ConfigError::Invalid("queue", crate::queue::publisher::redact(s));
         if s == "list" {
             Ok(QueueSpec::List)
         } else if let Some(addr) = s.strip_prefix("redis/") {

@@ -303,6 +303,29 @@ fn a_bad_redis_url_is_refused_at_start() {
     assert!(err.contains("queue address"), "{err}");
 }
 
+#[test]
+fn a_bad_redis_url_never_shows_its_password() {
+    for url in [
+        "redis://:hunter2secret@[bad",
+        "redis://:hunter2secret@127.0.0.1:notaport",
+        "redis://user:hunter2secret@127.0.0.1:1/notadb",
+        "rediss://:hunter2secret@127.0.0.1:6379",
+        "redis://:hunter2secret@/tmp/redis.sock",
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wspush"))
+            .args(["-port=0", &format!("-queue={url}"), "-log=debug"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{url} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("hunter2"), "{url}: {err}");
+        assert!(
+            err.contains("-queue") || err.contains("queue address"),
+            "{err}"
+        );
+    }
+}
+
 /// Figures for the README, with default flags and a 10 s outage (the reconnect
 /// backoff has reached its cap by then). Not part of `make test`:
 /// `cargo test --release --test redis -- --ignored --nocapture`.
