@@ -133,8 +133,8 @@ impl DisqueQueue {
         let send: SendFn = Box::new(move |con, batch| {
             let ttl = job_ttl(batch, unix_now(), default_ttl);
             addjob_args(&queue, message::encode_wire(batch), timeout, ttl, retry)
-                .query::<String>(con)
-                .map(drop)
+                .query::<String>(con)?;
+            Ok(())
         });
         let publisher = Publisher::start(
             endpoint,

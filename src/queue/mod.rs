@@ -41,6 +41,9 @@ pub enum Inbound {
     },
     /// After [`Queue::close`]: everything the backend had accepted has been delivered.
     Drained,
+    /// A subscription that was lost is live again. What was published in between
+    /// never reached this node: this is where the gap is filled from history.
+    Resubscribed,
 }
 
 /// The immediate answer to a publish.

@@ -131,9 +131,24 @@ pub struct Job {
     pub deadline: Instant,
 }
 
-/// How a backend turns a batch into one command on its connection.
+/// Why a batch was not taken.
+#[derive(Debug)]
+pub enum SendError {
+    /// The command failed; [`is_broken`] tells whether the connection is lost.
+    Redis(::redis::RedisError),
+    /// The server ran the command but its answer says the batch will not arrive.
+    Refused(String),
+}
+
+impl From<::redis::RedisError> for SendError {
+    fn from(e: ::redis::RedisError) -> Self {
+        SendError::Redis(e)
+    }
+}
+
+/// How a backend turns a batch into commands on its connection.
 pub type SendFn =
-    Box<dyn FnMut(&mut ::redis::Connection, &[Envelope]) -> ::redis::RedisResult<()> + Send>;
+    Box<dyn FnMut(&mut ::redis::Connection, &[Envelope]) -> Result<(), SendError> + Send>;
 
 /// Settings of the publisher thread, all from flags.
 pub struct Settings {
@@ -370,19 +385,29 @@ impl Worker {
         let bounded = con
             .set_read_timeout(Some(left))
             .and_then(|()| con.set_write_timeout(Some(left)));
-        let result = bounded.and_then(|()| (self.send)(con, &job.batch));
+        let result = match bounded {
+            Ok(()) => (self.send)(con, &job.batch),
+            Err(e) => Err(SendError::Redis(e)),
+        };
         match result {
             Ok(()) => {
                 self.last_used = Instant::now();
                 Ok(())
             }
-            Err(e) if is_broken(&e) => {
+            Err(SendError::Redis(e)) if is_broken(&e) => {
                 let why = e.to_string();
                 self.failed(e);
                 unavailable(format!("{}: {why}", self.server))
             }
             // The server answered with an error: the connection itself is fine.
-            Err(e) => unavailable(format!("{} refused the message: {e}", self.server)),
+            Err(SendError::Redis(e)) => {
+                self.last_used = Instant::now();
+                unavailable(format!("{} refused the message: {e}", self.server))
+            }
+            Err(SendError::Refused(why)) => {
+                self.last_used = Instant::now();
+                unavailable(format!("{}: {why}", self.server))
+            }
         }
     }
 }

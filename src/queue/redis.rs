@@ -5,15 +5,18 @@
 //! a subscriber that decodes batches and builds their frames before the reactor
 //! sees them. Both reconnect with backoff by themselves. Pub/sub keeps nothing: a
 //! node whose subscription is down misses what is published meanwhile, which is
-//! why `/healthz` is 503 then and a load balancer routes clients elsewhere.
+//! why `/healthz` is 503 then and a load balancer routes clients elsewhere, and
+//! why `/send` on that node answers 503 too (its own connections would miss the
+//! message), as it does when PUBLISH reaches no subscriber at all. Another node
+//! that is still re-subscribing is not seen from here: that gap needs history.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::publisher::{self, BackendError, Endpoint, Publisher, SendFn, Settings};
-use super::{Backoff, Inbound, Link, Notifier, Queue, QueueState, Submit, Ticket};
+use super::publisher::{self, BackendError, Endpoint, Publisher, SendError, SendFn, Settings};
+use super::{Backoff, Inbound, Link, Notifier, Queue, QueueError, QueueState, Submit, Ticket};
 use crate::config::Config;
 use crate::message::{self, Envelope};
 
@@ -49,14 +52,7 @@ impl RedisQueue {
             .name("wspush-redis-sub".into())
             .spawn(move || subscriber.run())?;
         let channel = cfg.queue_name.clone();
-        let send: SendFn = Box::new(move |con, batch| {
-            let wire = message::encode_wire(batch);
-            ::redis::cmd("PUBLISH")
-                .arg(&channel)
-                .arg(wire)
-                .query::<i64>(con)
-                .map(drop)
-        });
+        let send: SendFn = Box::new(move |con, batch| publish(con, &channel, batch));
         let publisher = Publisher::start(
             endpoint,
             Settings {
@@ -81,6 +77,26 @@ impl RedisQueue {
     }
 }
 
+/// One batch to every subscribed node, this one included.
+fn publish(
+    con: &mut ::redis::Connection,
+    channel: &str,
+    batch: &[Envelope],
+) -> Result<(), SendError> {
+    let receivers: i64 = ::redis::cmd("PUBLISH")
+        .arg(channel)
+        .arg(message::encode_wire(batch))
+        .query(con)?;
+    // A live node counts its own subscriber, so nobody at all means this node's
+    // subscription is gone too and its connections would miss the batch.
+    if receivers == 0 {
+        return Err(SendError::Refused(
+            "no subscriber received the message, this node's is down".into(),
+        ));
+    }
+    Ok(())
+}
+
 impl Queue for RedisQueue {
     fn name(&self) -> &'static str {
         "redis"
@@ -91,6 +107,13 @@ impl Queue for RedisQueue {
     }
 
     fn publish(&mut self, ticket: Ticket, batch: Vec<Envelope>) -> Submit {
+        // Pub/sub keeps nothing: while this node is not subscribed, its own
+        // connections would miss what it publishes.
+        if self.subscriber.state() != QueueState::Up {
+            return Submit::Done(Err(QueueError::Unavailable(
+                "this node's Redis subscription is not live, resubscribing".into(),
+            )));
+        }
         self.publisher.submit(ticket, batch)
     }
 
@@ -176,9 +199,13 @@ impl Subscriber {
                 self.channel, self.endpoint.display
             );
         }
+        let again = *subscribed_before;
         *subscribed_before = true;
         self.link.set_up(true);
         self.backoff.reset();
+        if again && self.notifier.send(Inbound::Resubscribed).is_err() {
+            return Ended::ReactorGone;
+        }
         if let Err(e) = sub.set_read_timeout(Some(TICK)) {
             return Ended::Lost(e.to_string());
         }

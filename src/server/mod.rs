@@ -1013,6 +1013,8 @@ impl Server {
             }
             Inbound::Published { ticket, result } => self.on_published(ticket, result),
             Inbound::Drained => self.queue_drained = true,
+            // Nothing to refill yet: without history, what was missed is gone.
+            Inbound::Resubscribed => {}
         }
     }
 
