@@ -70,6 +70,8 @@ pub struct Config {
     pub queue_retry: Duration,
     /// Disque jobs taken by one GETJOB, i.e. delivered but not yet acknowledged.
     pub queue_prefetch: usize,
+    /// The most Disque nodes a publisher adds each job for.
+    pub queue_nodes: usize,
     pub echo: bool,
     pub log: LogLevel,
     /// Open TCP connections of every kind (push and HTTP).
@@ -113,6 +115,7 @@ impl Default for Config {
             queue_ttl: Duration::from_secs(3600),
             queue_retry: Duration::from_secs(10),
             queue_prefetch: 64,
+            queue_nodes: 64,
             echo: false,
             log: LogLevel::Info,
             max_connections: 100_000,
@@ -248,6 +251,15 @@ fn options() -> Options {
         &format!(
             "Disque jobs taken per GETJOB (default {})",
             d.queue_prefetch
+        ),
+        "N",
+    );
+    o.optopt(
+        "",
+        "queue-nodes",
+        &format!(
+            "most Disque nodes each job is added for (default {})",
+            d.queue_nodes
         ),
         "N",
     );
@@ -442,6 +454,7 @@ pub fn parse_with_env<S: AsRef<str>>(
     };
     num("queue-size", &mut c.queue_size)?;
     num("queue-prefetch", &mut c.queue_prefetch)?;
+    num("queue-nodes", &mut c.queue_nodes)?;
     num("max-connections", &mut c.max_connections)?;
     num("max-frame", &mut c.max_frame)?;
     num("max-message", &mut c.max_message)?;
