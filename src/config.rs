@@ -72,6 +72,8 @@ pub struct Config {
     pub queue_prefetch: usize,
     /// The most Disque nodes a publisher adds each job for.
     pub queue_nodes: usize,
+    /// This node's Disque queue id; empty: a fresh one at each start.
+    pub queue_node: String,
     pub echo: bool,
     pub log: LogLevel,
     /// Open TCP connections of every kind (push and HTTP).
@@ -116,6 +118,7 @@ impl Default for Config {
             queue_retry: Duration::from_secs(10),
             queue_prefetch: 64,
             queue_nodes: 64,
+            queue_node: String::new(),
             echo: false,
             log: LogLevel::Info,
             max_connections: 100_000,
@@ -262,6 +265,12 @@ fn options() -> Options {
             d.queue_nodes
         ),
         "N",
+    );
+    o.optopt(
+        "",
+        "queue-node",
+        "this node's Disque queue id, kept across restarts (default: a fresh one at each start)",
+        "ID",
     );
     o.optflag(
         "",
@@ -485,6 +494,16 @@ pub fn parse_with_env<S: AsRef<str>>(
             return Err(ConfigError::Invalid("queue-name", s));
         }
         c.queue_name = s;
+    }
+    if let Some(s) = m.opt_str("queue-node") {
+        if s.is_empty()
+            || !s
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(ConfigError::Invalid("queue-node", s));
+        }
+        c.queue_node = s;
     }
     if let Some(s) = m.opt_str("port") {
         c.port = s.parse().map_err(|_| ConfigError::Invalid("port", s))?;
