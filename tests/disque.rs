@@ -63,9 +63,15 @@ fn wait_gone(c: &mut RespClient, id: &str, within: Duration) {
 fn addjob_arguments_and_ack_after_delivery() {
     let disque = disque();
     let queue = unique_name("flow");
-    let a = node(&disque, &queue, &["-queue-retry=3s", "-queue-ttl=600s"]);
+    let a = node(
+        &disque,
+        &queue,
+        &["-queue-retry=3s", "-queue-ttl=600s", "-queue-node=a"],
+    );
     let mut ws = a.ws("uid=1");
     let mut c = disque.client();
+    // Each node consumes its own queue; the shared name is their prefix.
+    let queue = format!("{queue}:node:a");
     // Hold the consumer back so the jobs can be inspected on the server.
     assert_eq!(c.cmd(&["PAUSE", &queue, "out"]), Resp::Simple("out".into()));
 
@@ -122,9 +128,9 @@ fn addjob_arguments_and_ack_after_delivery() {
 fn a_job_taken_by_a_node_that_dies_is_redelivered() {
     let disque = disque();
     let queue = unique_name("redeliver");
-    let mut first = node(&disque, &queue, &[]);
-    // A node consumes only while it has push connections.
-    let _listener = first.ws("uid=1");
+    // The node that comes back with the same id consumes the same queue.
+    let mut first = node(&disque, &queue, &["-queue-node=n1"]);
+    let own = format!("{queue}:node:n1");
     let mut c = disque.client();
     wait_until("the node's consumer to block in GETJOB", WAIT, || {
         c.cmd(&["CLIENT", "LIST"]).text().contains("cmd=getjob")
@@ -134,7 +140,7 @@ fn a_job_taken_by_a_node_that_dies_is_redelivered() {
     signal(first.pid(), "STOP");
     let body = r#"[{"target":["7"],"types":"notice","expires":0,"push":{"types":"notice","msg":"again","time":"t"}}]"#;
     let id = c
-        .cmd(&["ADDJOB", &queue, body, "1000", "RETRY", "1", "TTL", "60"])
+        .cmd(&["ADDJOB", &own, body, "1000", "RETRY", "1", "TTL", "60"])
         .text();
     wait_until("the frozen node to take the job", WAIT, || {
         c.cmd(&["SHOW", &id])
@@ -146,11 +152,14 @@ fn a_job_taken_by_a_node_that_dies_is_redelivered() {
     first.kill();
     let died = Instant::now();
 
-    let second = node(&disque, &queue, &[]);
+    // Held until uid 7 is connected: a node takes jobs whether or not it has clients.
+    c.cmd(&["PAUSE", &own, "out"]);
+    let second = node(&disque, &queue, &["-queue-node=n1"]);
     let mut ws = second.ws("uid=7");
+    c.cmd(&["PAUSE", &own, "none"]);
     assert_eq!(recv_json(&mut ws)["msg"], "again");
     report(&format!(
-        "measured: Disque job taken by a killed node redelivered via another node after {:?} (RETRY 1 s)",
+        "measured: Disque job taken by a killed node redelivered to its restarted successor after {:?} (RETRY 1 s)",
         died.elapsed()
     ));
     wait_gone(&mut c, &id, WAIT);
@@ -161,7 +170,8 @@ fn a_job_taken_by_a_node_that_dies_is_redelivered() {
 fn a_message_that_expires_in_disque_is_dropped() {
     let disque = disque();
     let queue = unique_name("expiry");
-    let a = node(&disque, &queue, &[]);
+    let a = node(&disque, &queue, &["-queue-node=e"]);
+    let queue = format!("{queue}:node:e");
     let mut ws = a.ws("uid=3");
     let mut c = disque.client();
     c.cmd(&["PAUSE", &queue, "out"]);
@@ -200,7 +210,7 @@ fn disque_restart_recovers_without_node_restart() {
 
 #[test]
 #[ignore = "needs disque-server (DISQUE_SERVER or on PATH)"]
-fn a_running_backup_without_clients_leaves_every_job_to_the_active_node() {
+fn a_backup_takes_over_when_the_clients_fail_over() {
     let disque = disque();
     let queue = unique_name("backup");
     let active = node(&disque, &queue, &[]);
@@ -219,11 +229,75 @@ fn a_running_backup_without_clients_leaves_every_job_to_the_active_node() {
     assert_eq!(sorted, (0..20).collect::<Vec<_>>(), "{got:?}");
     assert_eq!(backup.stats()["messages_out"], 0);
 
-    // Failover: the active node goes away, its client reconnects to the backup,
-    // which now takes the jobs, including one sent while nobody was connected.
+    // Failover: the active node goes away and its client reconnects to the
+    // backup, which pushes what is sent from then on, through either node.
     drop(ws);
     drop(active);
-    backup.send_ok(r#"{"topic":"uids","topic_ids":[1],"msg":"while away"}"#);
     let mut ws = backup.ws("uid=1");
-    assert_eq!(recv_json(&mut ws)["msg"], "while away");
+    backup.send_ok(r#"{"topic":"uids","topic_ids":[1],"msg":"after failover"}"#);
+    assert_eq!(recv_json(&mut ws)["msg"], "after failover");
+}
+
+#[test]
+#[ignore = "needs disque-server (DISQUE_SERVER or on PATH)"]
+fn two_nodes_with_clients_deliver_every_message_to_its_clients() {
+    let disque = disque();
+    let queue = unique_name("both");
+    let a = node(&disque, &queue, &[]);
+    let b = node(&disque, &queue, &[]);
+    // What nginx `backup` leaves after the primary comes back: clients on both.
+    let mut a1 = a.ws("uid=1");
+    let mut b2 = b.ws("uid=2");
+    let rounds = 10;
+    for i in 0..rounds {
+        let via = if i % 2 == 0 { &a } else { &b };
+        via.send_ok(&format!(
+            r#"{{"topic":"uids","topic_ids":[1],"msg":"1-{i}"}}"#
+        ));
+        via.send_ok(&format!(
+            r#"{{"topic":"uids","topic_ids":[2],"msg":"2-{i}"}}"#
+        ));
+        via.send_ok(&format!(
+            r#"{{"topic":"uids","topic_ids":[1,2],"msg":"12-{i}"}}"#
+        ));
+        via.send_ok(&format!(r#"{{"topic":"all","msg":"all-{i}"}}"#));
+    }
+    let mut lost = 0;
+    let mut wrong = Vec::new();
+    for (ws, uid) in [(&mut a1, 1), (&mut b2, 2)] {
+        let mut want: Vec<String> = (0..rounds)
+            .flat_map(|i| [format!("{uid}-{i}"), format!("12-{i}"), format!("all-{i}")])
+            .collect();
+        want.sort();
+        let mut got = Vec::new();
+        while let Some(m) = recv_json_within(ws, Duration::from_secs(3)) {
+            got.push(m["msg"].as_str().unwrap().to_string());
+            if got.len() == want.len() {
+                break;
+            }
+        }
+        got.sort();
+        lost += want.iter().filter(|w| !got.contains(w)).count();
+        if got != want {
+            wrong.push(format!("uid {uid}: got {got:?}"));
+        }
+        assert_eq!(recv_json_within(ws, Duration::from_millis(300)), None);
+    }
+    report(&format!(
+        "measured: Disque, uid 1 on node A and uid 2 on node B: {lost} of {} deliveries lost",
+        2 * 3 * rounds
+    ));
+    assert!(wrong.is_empty(), "{wrong:?}");
+}
+
+#[test]
+#[ignore = "needs disque-server (DISQUE_SERVER or on PATH)"]
+fn a_backup_without_clients_reports_a_dead_disque() {
+    let mut disque = disque();
+    let queue = unique_name("idle");
+    let backup = node(&disque, &queue, &["-queue-timeout=1s"]);
+    disque.kill();
+    wait_health(&backup, 503);
+    disque.restart();
+    wait_health(&backup, 200);
 }

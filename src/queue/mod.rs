@@ -113,8 +113,8 @@ pub trait Queue: Send {
     /// thread, so it only passes the id on. Backends without jobs ignore it.
     fn ack(&mut self, _job: String) {}
     /// How many push connections this node holds, told when one opens and on
-    /// every timer tick. Runs on the reactor thread: must not block.
-    /// A job queue uses it to consume only where someone is listening.
+    /// every timer tick. Runs on the reactor thread: must not block. No backend
+    /// needs it any more: each Disque node consumes its own queue, clients or not.
     fn set_listeners(&mut self, _n: usize) {}
 
     /// How often the backend has re-established a lost connection.
