@@ -74,6 +74,9 @@ pub struct Config {
     pub queue_nodes: usize,
     /// This node's Disque queue id; empty: a fresh one at each start.
     pub queue_node: String,
+    /// Bytes of received Redis messages the subscriber holds while the reactor is
+    /// behind; past half of it `/send` on this node answers 503.
+    pub queue_backlog: usize,
     pub echo: bool,
     pub log: LogLevel,
     /// Open TCP connections of every kind (push and HTTP).
@@ -119,6 +122,7 @@ impl Default for Config {
             queue_prefetch: 64,
             queue_nodes: 64,
             queue_node: String::new(),
+            queue_backlog: 32 << 20,
             echo: false,
             log: LogLevel::Info,
             max_connections: 100_000,
@@ -265,6 +269,15 @@ fn options() -> Options {
             d.queue_nodes
         ),
         "N",
+    );
+    o.optopt(
+        "",
+        "queue-backlog",
+        &format!(
+            "bytes of Redis messages held while delivery is behind; /send answers 503 past half (default {})",
+            d.queue_backlog
+        ),
+        "BYTES",
     );
     o.optopt(
         "",
@@ -464,6 +477,7 @@ pub fn parse_with_env<S: AsRef<str>>(
     num("queue-size", &mut c.queue_size)?;
     num("queue-prefetch", &mut c.queue_prefetch)?;
     num("queue-nodes", &mut c.queue_nodes)?;
+    num("queue-backlog", &mut c.queue_backlog)?;
     num("max-connections", &mut c.max_connections)?;
     num("max-frame", &mut c.max_frame)?;
     num("max-message", &mut c.max_message)?;
