@@ -14,7 +14,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Sender, TrySendError};
 
 use crate::message::Envelope;
 
@@ -121,6 +121,19 @@ pub trait Queue: Send {
     fn reconnects(&self) -> u64 {
         0
     }
+
+    /// Messages received for this node but dropped because delivery was too far
+    /// behind (`-queue-backlog` full), and `/send` batches refused for that reason.
+    fn backlog(&self) -> BacklogCounts {
+        BacklogCounts::default()
+    }
+}
+
+/// See [`Queue::backlog`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BacklogCounts {
+    pub dropped: u64,
+    pub refused: u64,
 }
 
 /// Capped exponential backoff between reconnect attempts, with jitter so that
@@ -195,6 +208,15 @@ impl Link {
     }
 }
 
+/// Why [`Notifier::try_deliver`] did not send.
+#[derive(Debug)]
+pub enum TrySend {
+    /// The reactor is behind: here is the batch back.
+    Full(Vec<Envelope>),
+    /// The reactor is gone.
+    Gone,
+}
+
 /// The reactor has stopped; backend threads should end.
 #[derive(Debug)]
 pub struct ReactorGone;
@@ -239,6 +261,23 @@ impl Notifier {
         self.tx.send(event).map_err(|_| ReactorGone)?;
         if !self.pending.swap(true, Ordering::AcqRel) {
             // A failed wake means the poller is gone, i.e. the process is exiting.
+            let _ = self.waker.wake();
+        }
+        Ok(())
+    }
+
+    /// Sends `Inbound::Deliver(batch)` if the channel has room, else gives the
+    /// batch back, so a backend thread that must keep reading elsewhere can hold
+    /// it meanwhile.
+    pub fn try_deliver(&self, batch: Vec<Envelope>) -> Result<(), TrySend> {
+        match self.tx.try_send(Inbound::Deliver(batch)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(Inbound::Deliver(batch))) => return Err(TrySend::Full(batch)),
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                return Err(TrySend::Gone);
+            }
+        }
+        if !self.pending.swap(true, Ordering::AcqRel) {
             let _ = self.waker.wake();
         }
         Ok(())
