@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 
+use super::driver::{Driver, Ended, Session};
 use super::publisher::{self, BackendError, Endpoint, Publisher, SendError, SendFn, Settings};
 use super::{Backoff, Inbound, Link, Notifier, Queue, QueueState, Submit, Ticket};
 use crate::message::{self, Envelope, unix_now};
@@ -182,21 +183,25 @@ impl DisqueQueue {
             own: own.clone(),
             registry: set.registry(),
             prefetch: set.prefetch,
-            link: Arc::new(Link::default()),
-            reconnects: reconnects.clone(),
-            notifier: notifier.clone(),
             acks: ack_rx,
             stop: stop.clone(),
             timeout: set.timeout,
-            backoff: Backoff::new(publisher::FIRST_BACKOFF, set.backoff),
             unacked: 0,
             announced: VecDeque::new(),
             next_announce: Instant::now(),
         };
-        let consumer_link = consumer.link.clone();
+        let driver = Driver::new(
+            "Disque consumer",
+            endpoint.display.clone(),
+            stop.clone(),
+            notifier.clone(),
+            Backoff::new(publisher::FIRST_BACKOFF, set.backoff),
+            reconnects.clone(),
+        );
+        let consumer_link = driver.link();
         thread::Builder::new()
             .name("wspush-disque-get".into())
-            .spawn(move || consumer.run())?;
+            .spawn(move || driver.run(consumer))?;
         let mut fanout = Fanout {
             registry: set.registry(),
             own,
@@ -316,12 +321,6 @@ impl Queue for DisqueQueue {
     }
 }
 
-enum Ended {
-    Stopped,
-    ReactorGone,
-    Lost(String),
-}
-
 struct Consumer {
     endpoint: Endpoint,
     /// This node's queue.
@@ -329,13 +328,9 @@ struct Consumer {
     /// Where nodes announce their queues.
     registry: String,
     prefetch: usize,
-    link: Arc<Link>,
-    reconnects: Arc<AtomicU64>,
-    notifier: Notifier,
     acks: Receiver<String>,
     stop: Arc<AtomicBool>,
     timeout: Duration,
-    backoff: Backoff,
     /// Jobs handed to the reactor whose ids have not come back yet. Kept across a
     /// reconnect: the ids still come back and are acknowledged on the new link.
     unacked: usize,
@@ -344,32 +339,8 @@ struct Consumer {
     next_announce: Instant,
 }
 
-impl Consumer {
-    fn run(mut self) {
-        let mut connected_before = false;
-        while !self.stop.load(Ordering::Acquire) {
-            match self.session(&mut connected_before) {
-                Ended::Stopped => break,
-                Ended::ReactorGone => return,
-                Ended::Lost(why) => {
-                    if self.link.state() != QueueState::Down {
-                        warn!(
-                            "Disque consumer: {} unreachable: {why}",
-                            self.endpoint.display
-                        );
-                    }
-                    self.link.set_up(false);
-                    let until = Instant::now() + self.backoff.next_delay();
-                    while !self.stop.load(Ordering::Acquire) && Instant::now() < until {
-                        thread::sleep(POLL.min(until.saturating_duration_since(Instant::now())));
-                    }
-                }
-            }
-        }
-        let _ = self.notifier.send(Inbound::Drained);
-    }
-
-    fn session(&mut self, connected_before: &mut bool) -> Ended {
+impl Session for Consumer {
+    fn session(&mut self, driver: &mut Driver) -> Ended {
         let mut con = match self.endpoint.connect(self.timeout) {
             Ok(con) => con,
             Err(e) => return Ended::Lost(e.to_string()),
@@ -401,13 +372,7 @@ impl Consumer {
             }
             if !ready && Instant::now() >= ready_at {
                 ready = true;
-                if *connected_before {
-                    self.reconnects.fetch_add(1, Ordering::Relaxed);
-                    info!("Disque consumer reconnected to {}", self.endpoint.display);
-                }
-                *connected_before = true;
-                self.link.set_up(true);
-                self.backoff.reset();
+                driver.up();
             }
             let reply = ::redis::cmd("GETJOB")
                 .arg("TIMEOUT")
@@ -426,7 +391,7 @@ impl Consumer {
                 match message::decode_wire(&job.body) {
                     Ok(batch) => {
                         let event = Inbound::DeliverJob { batch, job: job.id };
-                        if self.notifier.send(event).is_err() {
+                        if driver.notifier.send(event).is_err() {
                             return Ended::ReactorGone;
                         }
                         self.unacked += 1;
@@ -445,7 +410,9 @@ impl Consumer {
             }
         }
     }
+}
 
+impl Consumer {
     /// Renews this node's announcement when due.
     fn announce(&mut self, con: &mut ::redis::Connection) -> Result<(), String> {
         let now = Instant::now();

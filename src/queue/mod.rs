@@ -6,6 +6,7 @@
 //! crossbeam channel and wake the reactor through the shared [`Notifier`].
 
 pub mod disque;
+pub mod driver;
 pub mod list;
 pub mod publisher;
 pub mod redis;

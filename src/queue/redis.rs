@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use super::driver::{Driver, Ended, Session};
 use super::publisher::{self, BackendError, Endpoint, Publisher, SendError, SendFn, Settings};
 use super::{
     BacklogCounts, Backoff, Inbound, Link, Notifier, Queue, QueueError, QueueState, ReactorGone,
@@ -80,18 +81,21 @@ impl RedisQueue {
         let subscriber = Subscriber {
             endpoint: endpoint.clone(),
             channel: set.channel.clone(),
-            link: Arc::new(Link::default()),
-            reconnects: reconnects.clone(),
-            notifier: notifier.clone(),
-            stop: stop.clone(),
             timeout: set.timeout,
-            backoff: Backoff::new(publisher::FIRST_BACKOFF, set.backoff),
             backlog: Backlog::new(set.backlog, held.clone(), dropped.clone()),
         };
-        let sub_link = subscriber.link.clone();
+        let driver = Driver::new(
+            "Redis subscriber",
+            endpoint.display.clone(),
+            stop.clone(),
+            notifier.clone(),
+            Backoff::new(publisher::FIRST_BACKOFF, set.backoff),
+            reconnects.clone(),
+        );
+        let sub_link = driver.link();
         thread::Builder::new()
             .name("wspush-redis-sub".into())
-            .spawn(move || subscriber.run())?;
+            .spawn(move || driver.run(subscriber))?;
         let channel = set.channel.clone();
         let send: SendFn = Box::new(move |con, batch| publish(con, &channel, batch));
         let publisher = Publisher::start(
@@ -278,70 +282,16 @@ impl Backlog {
     }
 }
 
-/// How one subscription ended.
-enum Ended {
-    /// Asked to stop, and what had arrived is delivered.
-    Stopped,
-    /// The reactor is gone; nobody is left to tell.
-    ReactorGone,
-    /// Connection lost or refused: try again after a backoff.
-    Lost(String),
-}
-
 struct Subscriber {
     endpoint: Endpoint,
     channel: String,
-    link: Arc<Link>,
-    reconnects: Arc<AtomicU64>,
-    notifier: Notifier,
-    stop: Arc<AtomicBool>,
     timeout: Duration,
-    backoff: Backoff,
     backlog: Backlog,
 }
 
-impl Subscriber {
-    fn run(mut self) {
-        let mut subscribed_before = false;
-        while !self.stop.load(Ordering::Acquire) {
-            let ended = self.session(&mut subscribed_before);
-            // What was received before the end is still delivered.
-            if self.backlog.flush_all(&self.notifier).is_err() {
-                return;
-            }
-            match ended {
-                Ended::Stopped => break,
-                Ended::ReactorGone => return,
-                Ended::Lost(why) => {
-                    if self.link.state() != QueueState::Down {
-                        warn!(
-                            "Redis subscriber: {} unreachable: {why}",
-                            self.endpoint.display
-                        );
-                    }
-                    self.link.set_up(false);
-                    let wait = self.backoff.next_delay();
-                    self.pause(wait);
-                }
-            }
-        }
-        let _ = self.notifier.send(Inbound::Drained);
-    }
-
-    /// Sleeps, but notices the stop flag within a tick.
-    fn pause(&self, wait: Duration) {
-        let until = Instant::now() + wait;
-        while !self.stop.load(Ordering::Acquire) {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return;
-            }
-            thread::sleep(left.min(TICK));
-        }
-    }
-
+impl Session for Subscriber {
     /// One connection: subscribe, then deliver until it breaks or the node stops.
-    fn session(&mut self, subscribed_before: &mut bool) -> Ended {
+    fn session(&mut self, driver: &mut Driver) -> Ended {
         let mut con = match self.endpoint.connect(self.timeout) {
             Ok(con) => con,
             Err(e) => return Ended::Lost(e.to_string()),
@@ -350,18 +300,7 @@ impl Subscriber {
         if let Err(e) = sub.subscribe(&self.channel) {
             return Ended::Lost(e.to_string());
         }
-        if *subscribed_before {
-            self.reconnects.fetch_add(1, Ordering::Relaxed);
-            info!(
-                "Redis subscriber: subscribed again to {:?} at {}",
-                self.channel, self.endpoint.display
-            );
-        }
-        let again = *subscribed_before;
-        *subscribed_before = true;
-        self.link.set_up(true);
-        self.backoff.reset();
-        if again && self.notifier.send(Inbound::Resubscribed).is_err() {
+        if driver.up() && driver.notifier.send(Inbound::Resubscribed).is_err() {
             return Ended::ReactorGone;
         }
         if let Err(e) = sub.set_read_timeout(Some(TICK)) {
@@ -371,14 +310,14 @@ impl Subscriber {
         let mut stopping: Option<Instant> = None;
         let mut wait = TICK;
         loop {
-            if stopping.is_none() && self.stop.load(Ordering::Acquire) {
+            if stopping.is_none() && driver.stop_requested() {
                 stopping = Some(Instant::now());
             }
             // Stopping ends at the first quiet tick; a never-quiet channel gets `timeout`.
             if stopping.is_some_and(|t| t.elapsed() >= self.timeout) {
                 return Ended::Stopped;
             }
-            if self.backlog.flush(&self.notifier).is_err() {
+            if self.backlog.flush(&driver.notifier).is_err() {
                 return Ended::ReactorGone;
             }
             // Batches waiting for the reactor: come back to them soon.
@@ -398,7 +337,7 @@ impl Subscriber {
                     heard = Instant::now();
                     match message::decode_wire(msg.get_payload_bytes()) {
                         Ok(batch) => {
-                            if self.backlog.push(batch, &self.notifier).is_err() {
+                            if self.backlog.push(batch, &driver.notifier).is_err() {
                                 return Ended::ReactorGone;
                             }
                         }
@@ -425,6 +364,11 @@ impl Subscriber {
                 Err(e) => return Ended::Lost(e.to_string()),
             }
         }
+    }
+
+    /// What was received before the end is still delivered.
+    fn after(&mut self, notifier: &Notifier) -> Result<(), ReactorGone> {
+        self.backlog.flush_all(notifier)
     }
 }
 
