@@ -301,3 +301,47 @@ fn a_backup_without_clients_reports_a_dead_disque() {
     disque.restart();
     wait_health(&backup, 200);
 }
+
+#[test]
+#[ignore = "needs disque-server (DISQUE_SERVER or on PATH)"]
+fn a_slow_acknowledgement_is_waited_for_not_dropped() {
+    let disque = disque();
+    let queue = unique_name("acks");
+    // A 20 ms timeout makes every acknowledgement late compared with it; with one
+    // job per GETJOB the ack channel holds a single id.
+    let a = node(
+        &disque,
+        &queue,
+        &["-queue-node=s", "-queue-timeout=20ms", "-queue-prefetch=1"],
+    );
+    let own = format!("{queue}:node:s");
+    let mut ws = a.ws("uid=1");
+    let mut c = disque.client();
+    let n = 200;
+    for i in 0..n {
+        let body = format!(
+            r#"[{{"target":["1"],"types":"notice","expires":0,"push":{{"types":"notice","msg":{i},"time":"t"}}}}]"#
+        );
+        // RETRY 1 s: a job whose ack was lost comes back within the wait below.
+        c.cmd(&["ADDJOB", &own, &body, "1000", "RETRY", "1", "TTL", "60"]);
+    }
+    let mut got = Vec::new();
+    while let Some(m) = recv_json_within(&mut ws, Duration::from_secs(3)) {
+        got.push(m["msg"].as_u64().unwrap());
+    }
+    let mut sorted = got.clone();
+    sorted.sort();
+    sorted.dedup();
+    report(&format!(
+        "measured: {n} jobs with -queue-timeout=20ms: {} pushes, {} distinct",
+        got.len(),
+        sorted.len()
+    ));
+    assert_eq!(sorted, (0..n).collect::<Vec<_>>(), "every job once");
+    assert_eq!(
+        got.len(),
+        n as usize,
+        "a job pushed twice: its ack was lost"
+    );
+    assert_eq!(c.cmd(&["QLEN", &own]), Resp::Int(0));
+}

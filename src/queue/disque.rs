@@ -345,8 +345,9 @@ impl Session for Consumer {
             Ok(con) => con,
             Err(e) => return Ended::Lost(e.to_string()),
         };
-        // A blocked GETJOB answers after POLL; the socket waits that plus the timeout.
-        if let Err(e) = con.set_read_timeout(Some(POLL + self.timeout)) {
+        // A blocked GETJOB answers after POLL, timed by the server's own clock (10 Hz
+        // by default, so up to a tick late); the socket waits twice that plus the timeout.
+        if let Err(e) = con.set_read_timeout(Some(POLL * 2 + self.timeout)) {
             return Ended::Lost(e.to_string());
         }
         // Announcements on a lost server are gone with it; announce at once.
