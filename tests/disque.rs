@@ -345,3 +345,61 @@ fn a_slow_acknowledgement_is_waited_for_not_dropped() {
     );
     assert_eq!(c.cmd(&["QLEN", &own]), Resp::Int(0));
 }
+
+#[test]
+#[ignore = "needs disque-server (DISQUE_SERVER or on PATH)"]
+fn no_200_is_lost_across_a_disque_restart_between_two_nodes() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut disque = disque();
+    let queue = unique_name("restart2");
+    let flags = ["-queue-timeout=1s", "-queue-backoff=1s"];
+    let a = node(&disque, &queue, &flags);
+    let b = node(&disque, &queue, &flags);
+    let mut ws = b.ws("uid=1");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (addr, flag) = (a.addr, stop.clone());
+    // /send to node A every 5 ms; the numbers answered 200.
+    let sender = std::thread::spawn(move || {
+        let mut accepted = Vec::new();
+        let mut n = 0u64;
+        while !flag.load(Ordering::Acquire) {
+            let r = send_to(
+                addr,
+                &format!(r#"{{"topic":"uids","topic_ids":[1],"msg":{n}}}"#),
+            );
+            if r.status == 200 {
+                accepted.push(n);
+            }
+            n += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        accepted
+    });
+    let mut got = std::collections::HashSet::new();
+    let mut read_for = |ws: &mut Ws, d: Duration| {
+        let until = Instant::now() + d;
+        while Instant::now() < until {
+            if let Some(m) = recv_json_within(ws, Duration::from_millis(100)) {
+                got.insert(m["msg"].as_u64().unwrap());
+            }
+        }
+    };
+    read_for(&mut ws, Duration::from_millis(500));
+    disque.kill();
+    wait_health(&a, 503);
+    disque.restart();
+    wait_health(&a, 200);
+    wait_health(&b, 200);
+    read_for(&mut ws, Duration::from_secs(1));
+    stop.store(true, Ordering::Release);
+    let accepted = sender.join().unwrap();
+    read_for(&mut ws, Duration::from_secs(1));
+    let lost = accepted.iter().filter(|n| !got.contains(n)).count();
+    report(&format!(
+        "measured: Disque restart, two nodes: {} answered 200, {lost} of them never delivered",
+        accepted.len()
+    ));
+    assert!(accepted.len() > 50, "too few accepted: {}", accepted.len());
+    assert_eq!(lost, 0);
+}

@@ -207,6 +207,7 @@ impl DisqueQueue {
             own,
             max_nodes: set.max_nodes,
             nodes: Vec::new(),
+            targets: Vec::new(),
             refreshed: None,
         };
         let (timeout, default_ttl, retry) = (set.timeout, set.ttl, set.retry);
@@ -249,9 +250,16 @@ struct Fanout {
     /// This node's queue: always a target, announced or not yet.
     own: String,
     max_nodes: usize,
-    nodes: Vec<String>,
+    /// Each known node's queue and since when its announcements are missing.
+    nodes: Vec<(String, Option<Instant>)>,
+    targets: Vec<String>,
     refreshed: Option<Instant>,
 }
+
+/// How long a node stays a target after its announcements went missing: as long
+/// as one lives, so a Disque restart (which loses them all) does not drop a live
+/// node from the lists before it has announced itself again.
+const KEEP: Duration = Duration::from_secs(ANNOUNCE_TTL + 1);
 
 impl Fanout {
     fn nodes(&mut self, con: &mut ::redis::Connection) -> Result<&[String], SendError> {
@@ -263,11 +271,43 @@ impl Fanout {
                 .arg(-(peek as i64))
                 .query::<::redis::Value>(con)?;
             let jobs = parse_getjob(reply).map_err(SendError::Refused)?;
-            self.nodes = live_nodes(&self.own, jobs, self.max_nodes);
-            self.refreshed = Some(Instant::now());
+            let now = Instant::now();
+            let announced = live_nodes(&self.own, jobs, self.max_nodes);
+            remember(&mut self.nodes, &announced, now, self.max_nodes);
+            self.targets.clear();
+            self.targets
+                .extend(self.nodes.iter().map(|(q, _)| q.clone()));
+            self.refreshed = Some(now);
         }
-        Ok(&self.nodes)
+        Ok(&self.targets)
     }
+}
+
+/// Merges the nodes just `announced` into `known`, each with the time it was
+/// first found missing (None: announced now). A node missing for [`KEEP`] of
+/// looks is forgotten: counted from the first look without it, so time with
+/// Disque unreachable does not count. At most `max`, announced ones first.
+pub fn remember(
+    known: &mut Vec<(String, Option<Instant>)>,
+    announced: &[String],
+    now: Instant,
+    max: usize,
+) {
+    for (name, missing) in known.iter_mut() {
+        if announced.contains(name) {
+            *missing = None;
+        } else if missing.is_none() {
+            *missing = Some(now);
+        }
+    }
+    for name in announced {
+        if !known.iter().any(|(q, _)| q == name) {
+            known.push((name.clone(), None));
+        }
+    }
+    known.retain(|(_, missing)| missing.is_none_or(|t| now.duration_since(t) < KEEP));
+    known.sort_by_key(|&(_, missing)| missing.map(std::cmp::Reverse));
+    known.truncate(max);
 }
 
 /// The queues named by announcements, this node's first, each once, at most `max`.
@@ -513,6 +553,29 @@ mod tests {
         assert_eq!(got, ["q:node:a", "q:node:b"]);
         let got = live_nodes("q:node:a", vec![job("q:node:b"), job("q:node:c")], 2);
         assert_eq!(got, ["q:node:a", "q:node:b"]);
+    }
+
+    #[test]
+    fn a_node_missing_from_one_look_stays_a_target_for_a_while() {
+        let t0 = Instant::now();
+        let names =
+            |k: &[(String, Option<Instant>)]| k.iter().map(|(q, _)| q.clone()).collect::<Vec<_>>();
+        let mut known = Vec::new();
+        remember(&mut known, &["a".into(), "b".into()], t0, 8);
+        assert_eq!(names(&known), ["a", "b"]);
+        // A Disque restart, after an outage of any length: only this node has
+        // announced itself again so far.
+        let back = t0 + Duration::from_secs(60);
+        remember(&mut known, &["a".into()], back, 8);
+        assert_eq!(names(&known), ["a", "b"]);
+        remember(&mut known, &["a".into()], back + ANNOUNCE_EVERY, 8);
+        assert_eq!(names(&known), ["a", "b"]);
+        remember(&mut known, &["a".into()], back + KEEP, 8);
+        assert_eq!(names(&known), ["a"], "gone for good");
+        // Over the bound, the announced ones stay.
+        remember(&mut known, &["b".into()], back + KEEP, 8);
+        remember(&mut known, &["c".into(), "d".into()], back + KEEP, 2);
+        assert_eq!(names(&known), ["c", "d"]);
     }
 
     #[test]
