@@ -249,6 +249,7 @@ impl Server {
             queue_backend: self.queue.name(),
             queue_state: self.queue.state(),
             queue_reconnects: self.queue.reconnects(),
+            queue_backlog: self.queue.backlog(),
             uptime_seconds: self.started.elapsed().as_secs(),
             rss_bytes: stats::rss_bytes(),
         })
