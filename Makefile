@@ -30,8 +30,14 @@ fmt:
 clippy:
 	$(CARGO) clippy --all-targets -- -D warnings
 
+# The Disque tests are ignored by default (no package ships a Disque server) and
+# run here when one is named by DISQUE_SERVER or found on PATH.
 unit:
 	$(CARGO) test --all-targets
+	@if [ -n "$${DISQUE_SERVER:-}" ] || command -v disque-server >/dev/null; then \
+		echo "$(CARGO) test --test disque -- --include-ignored"; \
+		$(CARGO) test --test disque -- --include-ignored; \
+	fi
 
 # Autobahn|Testsuite cases 1-10 (driven by kosoku from PyPI) against `wspush -echo`,
 # compared case by case with tests/autobahn/expected-results.json.

@@ -22,7 +22,7 @@ pub enum QueueSpec {
 
 impl QueueSpec {
     fn parse(s: &str) -> Result<Self, ConfigError> {
-        let bad = || ConfigError::Invalid("queue", s.to_string());
+        let bad = || ConfigError::Invalid("queue", crate::queue::publisher::redact(s));
         if s == "list" {
             Ok(QueueSpec::List)
         } else if let Some(addr) = s.strip_prefix("redis/") {
@@ -121,6 +121,18 @@ flags! {
     /// Disque jobs taken by one GETJOB, i.e. delivered but not yet acknowledged.
     queue_prefetch: usize = 64,
         "queue-prefetch" "N" positive, "Disque jobs taken per GETJOB";
+    /// The most Disque nodes a publisher adds each job for.
+    queue_nodes: usize = 64,
+        "queue-nodes" "N" positive, "most Disque nodes each job is added for";
+    /// This node's Disque queue id; empty: a fresh one at each start.
+    queue_node: String = String::new(),
+        "queue-node" "ID" node_id shown "a fresh one at each start",
+        "this node's Disque queue id, kept across restarts";
+    /// Bytes of received Redis messages the subscriber holds while the reactor is
+    /// behind; past half of it `/send` on this node answers 503.
+    queue_backlog: usize = 32 << 20,
+        "queue-backlog" "BYTES" positive,
+        "bytes of Redis messages held while delivery is behind; /send answers 503 past half";
     /// Events the queue threads may have in flight towards the reactor.
     inbound_size: usize = 1024,
         "inbound-size" "N" positive, "queue events waiting for the reactor";
@@ -357,6 +369,14 @@ fn duration_or_zero(s: &str) -> Result<Duration, Bad> {
     parse_duration(s).ok_or(Bad)
 }
 
+/// A Disque node id: letters, digits, `-`, `_` and `.`.
+fn node_id(s: &str) -> Result<String, Bad> {
+    let ok = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    ok.then(|| s.to_string()).ok_or(Bad)
+}
+
 fn text(s: &str) -> Result<String, Bad> {
     Ok(s.to_string())
 }
@@ -482,7 +502,14 @@ pub fn parse_with_env<S: AsRef<str>>(
         if let Some(v) = value {
             (f.set)(&mut c, &v).map_err(|Bad| {
                 // A secret's value is never repeated back, not even in an error.
-                let shown = if f.env.is_some() { "(empty)".into() } else { v };
+                // A queue URL may carry a password: shown redacted.
+                let shown = if f.env.is_some() {
+                    "(empty)".into()
+                } else if f.name == "queue" {
+                    crate::queue::publisher::redact(&v)
+                } else {
+                    v
+                };
                 ConfigError::Invalid(f.name, shown)
             })?;
         }
@@ -653,7 +680,8 @@ mod tests {
         for f in FLAGS {
             let arg = match (f.hint.is_empty(), (f.shown)(&d)) {
                 (true, _) => format!("-{}", f.name),
-                (false, Some(v)) if v != "any" => format!("-{}={v}", f.name),
+                // "any" and worded defaults describe a value rather than give one.
+                (false, Some(v)) if v != "any" && !v.contains(' ') => format!("-{}={v}", f.name),
                 _ => continue,
             };
             assert!(parse(&[arg.as_str()]).is_ok(), "{arg}");

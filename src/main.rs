@@ -5,8 +5,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
 
 use wspush::config::{self, Command, Config, QueueSpec};
-use wspush::queue::disque::DisqueQueue;
-use wspush::queue::redis::RedisQueue;
+use wspush::queue::disque::{DisqueQueue, DisqueSettings};
+use wspush::queue::redis::{RedisQueue, RedisSettings};
 use wspush::queue::{Notifier, Queue, list::ListQueue};
 use wspush::server::{self, Parts, Server};
 
@@ -48,8 +48,14 @@ fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     let notifier = Notifier::new(tx, waker);
     let queue: Box<dyn Queue> = match &cfg.queue {
         QueueSpec::List => Box::new(ListQueue::start(cfg.queue_size, notifier.clone())?),
-        QueueSpec::Redis(url) => Box::new(RedisQueue::start(url, &cfg, notifier.clone())?),
-        QueueSpec::Disque(addr) => Box::new(DisqueQueue::start(addr, &cfg, notifier.clone())?),
+        QueueSpec::Redis(url) => Box::new(RedisQueue::start(
+            RedisSettings::from_config(url, &cfg),
+            notifier.clone(),
+        )?),
+        QueueSpec::Disque(addr) => Box::new(DisqueQueue::start(
+            DisqueSettings::from_config(addr, &cfg),
+            notifier.clone(),
+        )?),
     };
     watch_signals(notifier.clone())?;
 

@@ -4,9 +4,67 @@
 mod common;
 use common::*;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+
+/// Posts message `n` (n = 0, 1, ...) to uid 1 through `addr` every 5 ms until
+/// `stop`; returns the numbers that were answered 200.
+fn send_every_5ms(addr: SocketAddr, stop: Arc<AtomicBool>) -> JoinHandle<Vec<u64>> {
+    thread::spawn(move || {
+        let mut accepted = Vec::new();
+        let mut n = 0u64;
+        while !stop.load(Ordering::Acquire) {
+            let r = send_to(
+                addr,
+                &format!(r#"{{"topic":"uids","topic_ids":[1],"msg":{n}}}"#),
+            );
+            match r.status {
+                200 => accepted.push(n),
+                503 => {}
+                other => panic!("unexpected {other}: {}", r.text()),
+            }
+            n += 1;
+            thread::sleep(Duration::from_millis(5));
+        }
+        accepted
+    })
+}
+
+/// Reads message numbers from `ws` until `stop` is set and the connection has
+/// been quiet for half a second.
+fn collect(mut ws: Ws, stop: Arc<AtomicBool>) -> JoinHandle<Vec<u64>> {
+    thread::spawn(move || {
+        let mut got = Vec::new();
+        loop {
+            match recv_json_within(&mut ws, Duration::from_millis(500)) {
+                Some(m) => got.push(m["msg"].as_u64().unwrap()),
+                None if stop.load(Ordering::Acquire) => return got,
+                None => {}
+            }
+        }
+    })
+}
+
+/// Runs `faults` while one thread sends to `via` and another reads `ws`; returns
+/// (messages answered 200, of those never delivered).
+fn accepted_but_lost(via: &Server, ws: Ws, faults: impl FnOnce()) -> (usize, usize) {
+    let stop_send = Arc::new(AtomicBool::new(false));
+    let stop_read = Arc::new(AtomicBool::new(false));
+    let sender = send_every_5ms(via.addr, stop_send.clone());
+    let reader = collect(ws, stop_read.clone());
+    faults();
+    stop_send.store(true, Ordering::Release);
+    let accepted = sender.join().unwrap();
+    stop_read.store(true, Ordering::Release);
+    let got: std::collections::HashSet<u64> = reader.join().unwrap().into_iter().collect();
+    let lost = accepted.iter().filter(|n| !got.contains(n)).count();
+    (accepted.len(), lost)
+}
 
 /// Two wspush nodes on one Redis channel, both subscribed and healthy.
 fn two_nodes(redis: &RedisServer, extra: &[&str]) -> (Server, Server) {
@@ -311,6 +369,29 @@ fn a_bad_redis_url_is_refused_at_start() {
     assert!(err.contains("queue address"), "{err}");
 }
 
+#[test]
+fn a_bad_redis_url_never_shows_its_password() {
+    for url in [
+        "redis://:hunter2secret@[bad",
+        "redis://:hunter2secret@127.0.0.1:notaport",
+        "redis://user:hunter2secret@127.0.0.1:1/notadb",
+        "rediss://:hunter2secret@127.0.0.1:6379",
+        "redis://:hunter2secret@/tmp/redis.sock",
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wspush"))
+            .args(["-port=0", &format!("-queue={url}"), "-log=debug"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{url} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("hunter2"), "{url}: {err}");
+        assert!(
+            err.contains("-queue") || err.contains("queue address"),
+            "{err}"
+        );
+    }
+}
+
 /// Figures for the README, with default flags and a 10 s outage (the reconnect
 /// backoff has reached its cap by then). Not part of `make test`:
 /// `cargo test --release --test redis -- --ignored --nocapture`.
@@ -350,5 +431,60 @@ fn measure_recovery_after_a_long_outage() {
          delivery resumed {resumed:?} after the restart, both nodes healthy after {:?}",
         refused.unwrap(),
         restarted.elapsed()
+    ));
+}
+
+#[test]
+fn no_200_while_the_nodes_own_subscription_is_down() {
+    let redis = RedisServer::start();
+    let name = unique_name("subdown");
+    let a = Server::start(&[&redis.queue_flag(), &format!("-queue-name={name}")]);
+    wait_health(&a, 200);
+    let ws = a.ws("uid=1");
+    let mut c = redis.client();
+    let (accepted, lost) = accepted_but_lost(&a, ws, || {
+        for round in 1..=5u64 {
+            // Drops the subscriber, not the publisher: only the former loses messages.
+            c.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+            wait_until("the subscriber to come back", WAIT, || {
+                a.stats()["queue"]["reconnects"].as_u64().unwrap() >= round
+            });
+            thread::sleep(Duration::from_millis(100));
+        }
+    });
+    report(&format!(
+        "measured: 5 subscriber kills, one node: {accepted} answered 200, {lost} of them never delivered"
+    ));
+    assert!(accepted > 20, "too few accepted: {accepted}");
+    assert_eq!(
+        lost, 0,
+        "{lost} of {accepted} messages answered 200 were lost"
+    );
+}
+
+/// The figure of #10 item 1: two nodes on one Redis, a client on node B, /send to
+/// node A every 5 ms, Redis killed and restarted twice. Counts the messages answered
+/// 200 that never arrived. The window left (node B re-subscribing after node A's
+/// links are back) is closed by history in Redis, not here.
+/// `cargo test --test redis -- --ignored --nocapture measure_loss`.
+#[test]
+#[ignore = "measurement, about 10 s, run by hand"]
+fn measure_loss_across_two_redis_restarts() {
+    let mut redis = RedisServer::start();
+    let (a, b) = two_nodes(&redis, &[]);
+    let ws = b.ws("uid=1");
+    let (accepted, lost) = accepted_but_lost(&a, ws, || {
+        for _ in 0..2 {
+            thread::sleep(Duration::from_secs(1));
+            redis.kill();
+            wait_health(&a, 503);
+            redis.restart();
+            wait_health(&a, 200);
+            wait_health(&b, 200);
+        }
+        thread::sleep(Duration::from_secs(1));
+    });
+    report(&format!(
+        "measured: two Redis restarts, two nodes: {accepted} answered 200, {lost} of them never delivered"
     ));
 }

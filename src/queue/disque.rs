@@ -1,38 +1,104 @@
-//! Disque: `/send` adds a job (`ADDJOB`) to one queue; a consumer thread takes jobs
-//! (`GETJOB`), hands them to the reactor and acknowledges them (`ACKJOB`) only after
-//! the reactor has delivered them. A node that dies in between leaves its jobs
-//! unacknowledged, and Disque queues them again after `-queue-retry`.
+//! Disque: every node consumes its own queue, and `/send` adds each job to the
+//! queue of every live node, so each node pushes to its own matching connections,
+//! whichever node the message came in on.
 //!
-//! Each job goes to one consumer, so this backend suits the active/backup layout:
-//! a node takes jobs only while it has push connections, so an idle backup behind
-//! nginx leaves every job to the active node and starts consuming when clients fail
-//! over to it. Jobs published while no node has clients wait in Disque (up to their
-//! TTL). Two nodes that both hold clients would split the jobs between them; Redis
-//! pub/sub is for active/active.
+//! Nodes find each other through announcements: each node's consumer keeps a
+//! short-lived job naming its queue in `NAME:nodes` (added every
+//! [`ANNOUNCE_EVERY`], TTL [`ANNOUNCE_TTL`]), which nobody takes; publishers read
+//! that queue with QPEEK at most every [`ANNOUNCE_EVERY`] and ADDJOB the batch to
+//! every queue named there, in one pipeline. A starting node reports up only once
+//! every publisher can have seen its announcement, and a stopping node deletes
+//! its announcements. The consumer acknowledges (`ACKJOB`) a job only after the
+//! reactor has delivered it; one taken by a node that dies is queued again after
+//! `-queue-retry`, for the node that comes back with the same `-queue-node`.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 
-use super::publisher::{self, BackendError, Endpoint, Publisher, SendFn, Settings};
+use super::driver::{Driver, Ended, Session};
+use super::publisher::{self, BackendError, Endpoint, Publisher, SendError, SendFn, Settings};
 use super::{Backoff, Inbound, Link, Notifier, Queue, QueueState, Submit, Ticket};
-use crate::config::Config;
 use crate::message::{self, Envelope, unix_now};
 
 /// How long one GETJOB blocks on the server. The consumer looks at its stop flag
 /// between calls, so shutdown waits at most this long; it bounds no resource.
 const POLL: Duration = Duration::from_millis(200);
 
+/// How often a node renews its announcement, and how stale a publisher's list of
+/// nodes may be.
+pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
+
+/// The life of one announcement in whole seconds: a node that stops renewing is
+/// out of every list after at most this long plus [`ANNOUNCE_EVERY`].
+pub const ANNOUNCE_TTL: u64 = 3;
+
+/// The settings a Disque backend needs, from flags.
+#[derive(Clone, Debug)]
+pub struct DisqueSettings {
+    /// `HOST:PORT`.
+    pub addr: String,
+    /// The prefix every node shares: node queues are `NAME:node:ID`.
+    pub name: String,
+    /// This node's id: a fixed one keeps its queue (and jobs it took but never
+    /// acknowledged) across a restart; empty picks a fresh one.
+    pub node: String,
+    /// The most nodes a publisher fans out to.
+    pub max_nodes: usize,
+    pub capacity: usize,
+    pub timeout: Duration,
+    pub backoff: Duration,
+    pub ttl: Duration,
+    pub retry: Duration,
+    pub prefetch: usize,
+    /// What another node's batch must satisfy, as `/send` does.
+    pub rules: message::Rules,
+}
+
+impl DisqueSettings {
+    pub fn from_config(addr: &str, cfg: &crate::config::Config) -> Self {
+        DisqueSettings {
+            addr: addr.to_string(),
+            name: cfg.queue_name.clone(),
+            node: cfg.queue_node.clone(),
+            max_nodes: cfg.queue_nodes,
+            capacity: cfg.queue_size,
+            timeout: cfg.queue_timeout,
+            backoff: cfg.queue_backoff,
+            ttl: cfg.queue_ttl,
+            retry: cfg.queue_retry,
+            prefetch: cfg.queue_prefetch,
+            rules: message::Rules::new(cfg),
+        }
+    }
+
+    fn registry(&self) -> String {
+        format!("{}:nodes", self.name)
+    }
+}
+
+/// A fresh node id: 64 random bits from the standard library's hash seed.
+fn random_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    format!("{:016x}", h.finish())
+}
+
 pub struct DisqueQueue {
     publisher: Publisher,
     consumer: Arc<Link>,
     /// Job ids the reactor has delivered, on their way to ACKJOB.
     acks: Sender<String>,
-    /// Push connections on this node; the consumer takes jobs only while non-zero.
-    listeners: Arc<AtomicUsize>,
     reconnects: Arc<AtomicU64>,
 }
 
@@ -101,50 +167,72 @@ pub fn parse_getjob(reply: ::redis::Value) -> Result<Vec<Job>, String> {
 }
 
 impl DisqueQueue {
-    /// Starts the publisher and consumer threads; `addr` is `HOST:PORT`.
-    pub fn start(addr: &str, cfg: &Config, notifier: Notifier) -> Result<Self, BackendError> {
-        let endpoint = Endpoint::parse(&format!("redis://{addr}"))?;
+    /// Starts the publisher and consumer threads.
+    pub fn start(set: DisqueSettings, notifier: Notifier) -> Result<Self, BackendError> {
+        let endpoint = Endpoint::parse(&format!("redis://{}", set.addr))?;
         let reconnects = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        // The consumer waits for every job it handed out before it takes more, so
-        // at most `prefetch` ids are ever in this channel.
-        let (acks, ack_rx) = crossbeam_channel::bounded(cfg.queue_prefetch);
-        let listeners = Arc::new(AtomicUsize::new(0));
+        let node = if set.node.is_empty() {
+            random_id()
+        } else {
+            set.node.clone()
+        };
+        let own = format!("{}:node:{node}", set.name);
+        // The consumer takes no job while any it handed out is not acknowledged,
+        // so at most `prefetch` ids are ever in this channel: `ack` never drops one.
+        let (acks, ack_rx) = crossbeam_channel::bounded(set.prefetch);
         let consumer = Consumer {
-            listeners: listeners.clone(),
             endpoint: endpoint.clone(),
-            queue: cfg.queue_name.clone(),
-            rules: message::Rules::new(cfg),
-            prefetch: cfg.queue_prefetch,
-            link: Arc::new(Link::default()),
-            reconnects: reconnects.clone(),
-            notifier: notifier.clone(),
+            own: own.clone(),
+            registry: set.registry(),
+            prefetch: set.prefetch,
+            rules: set.rules,
             acks: ack_rx,
             stop: stop.clone(),
-            timeout: cfg.queue_timeout,
-            backoff: Backoff::new(publisher::FIRST_BACKOFF, cfg.queue_backoff),
+            timeout: set.timeout,
             unacked: 0,
+            announced: VecDeque::new(),
+            next_announce: Instant::now(),
         };
-        let consumer_link = consumer.link.clone();
+        let driver = Driver::new(
+            "Disque consumer",
+            endpoint.display.clone(),
+            stop.clone(),
+            notifier.clone(),
+            Backoff::new(publisher::FIRST_BACKOFF, set.backoff),
+            reconnects.clone(),
+        );
+        let consumer_link = driver.link();
         thread::Builder::new()
             .name("wspush-disque-get".into())
-            .spawn(move || consumer.run())?;
-        let queue = cfg.queue_name.clone();
-        let (timeout, default_ttl, retry) = (cfg.queue_timeout, cfg.queue_ttl, cfg.queue_retry);
+            .spawn(move || driver.run(consumer))?;
+        let mut fanout = Fanout {
+            registry: set.registry(),
+            own,
+            max_nodes: set.max_nodes,
+            nodes: Vec::new(),
+            targets: Vec::new(),
+            refreshed: None,
+        };
+        let (timeout, default_ttl, retry) = (set.timeout, set.ttl, set.retry);
         let send: SendFn = Box::new(move |con, batch| {
             let ttl = job_ttl(batch, unix_now(), default_ttl);
-            addjob_args(&queue, message::encode_wire(batch), timeout, ttl, retry)
-                .query::<String>(con)
-                .map(drop)
+            let body = message::encode_wire(batch);
+            let mut pipe = ::redis::pipe();
+            for queue in fanout.nodes(con)? {
+                pipe.add_command(addjob_args(queue, body.clone(), timeout, ttl, retry));
+            }
+            pipe.query::<Vec<String>>(con)?;
+            Ok(())
         });
         let publisher = Publisher::start(
             endpoint,
             Settings {
                 name: "wspush-disque-add",
                 server: "Disque",
-                capacity: cfg.queue_size,
-                timeout: cfg.queue_timeout,
-                backoff: cfg.queue_backoff,
+                capacity: set.capacity,
+                timeout: set.timeout,
+                backoff: set.backoff,
             },
             reconnects.clone(),
             notifier,
@@ -155,10 +243,94 @@ impl DisqueQueue {
             publisher,
             consumer: consumer_link,
             acks,
-            listeners,
             reconnects,
         })
     }
+}
+
+/// The publisher's view of the live nodes, read from their announcements.
+struct Fanout {
+    registry: String,
+    /// This node's queue: always a target, announced or not yet.
+    own: String,
+    max_nodes: usize,
+    /// Each known node's queue and since when its announcements are missing.
+    nodes: Vec<(String, Option<Instant>)>,
+    targets: Vec<String>,
+    refreshed: Option<Instant>,
+}
+
+/// How long a node stays a target after its announcements went missing: as long
+/// as one lives, so a Disque restart (which loses them all) does not drop a live
+/// node from the lists before it has announced itself again.
+const KEEP: Duration = Duration::from_secs(ANNOUNCE_TTL + 1);
+
+impl Fanout {
+    fn nodes(&mut self, con: &mut ::redis::Connection) -> Result<&[String], SendError> {
+        if self.refreshed.is_none_or(|t| t.elapsed() >= ANNOUNCE_EVERY) {
+            // Newest first; each node has at most ANNOUNCE_TTL + 1 announcements alive.
+            let peek = self.max_nodes * (ANNOUNCE_TTL as usize + 1);
+            let reply = ::redis::cmd("QPEEK")
+                .arg(&self.registry)
+                .arg(-(peek as i64))
+                .query::<::redis::Value>(con)?;
+            let jobs = parse_getjob(reply).map_err(SendError::Refused)?;
+            let now = Instant::now();
+            let announced = live_nodes(&self.own, jobs, self.max_nodes);
+            remember(&mut self.nodes, &announced, now, self.max_nodes);
+            self.targets.clear();
+            self.targets
+                .extend(self.nodes.iter().map(|(q, _)| q.clone()));
+            self.refreshed = Some(now);
+        }
+        Ok(&self.targets)
+    }
+}
+
+/// Merges the nodes just `announced` into `known`, each with the time it was
+/// first found missing (None: announced now). A node missing for [`KEEP`] of
+/// looks is forgotten: counted from the first look without it, so time with
+/// Disque unreachable does not count. At most `max`, announced ones first.
+pub fn remember(
+    known: &mut Vec<(String, Option<Instant>)>,
+    announced: &[String],
+    now: Instant,
+    max: usize,
+) {
+    for (name, missing) in known.iter_mut() {
+        if announced.contains(name) {
+            *missing = None;
+        } else if missing.is_none() {
+            *missing = Some(now);
+        }
+    }
+    for name in announced {
+        if !known.iter().any(|(q, _)| q == name) {
+            known.push((name.clone(), None));
+        }
+    }
+    known.retain(|(_, missing)| missing.is_none_or(|t| now.duration_since(t) < KEEP));
+    known.sort_by_key(|&(_, missing)| missing.map(std::cmp::Reverse));
+    known.truncate(max);
+}
+
+/// The queues named by announcements, this node's first, each once, at most `max`.
+pub fn live_nodes(own: &str, announcements: Vec<Job>, max: usize) -> Vec<String> {
+    let mut nodes = vec![own.to_string()];
+    for job in announcements {
+        if nodes.len() >= max {
+            if !nodes.iter().any(|n| n.as_bytes() == job.body) {
+                warn!("Disque: more than {max} nodes announced; the rest get no messages");
+            }
+            break;
+        }
+        if let Ok(name) = String::from_utf8(job.body)
+            && !nodes.contains(&name)
+        {
+            nodes.push(name);
+        }
+    }
+    nodes
 }
 
 impl Queue for DisqueQueue {
@@ -178,10 +350,6 @@ impl Queue for DisqueQueue {
         self.publisher.close();
     }
 
-    fn set_listeners(&mut self, n: usize) {
-        self.listeners.store(n, Ordering::Release);
-    }
-
     fn ack(&mut self, job: String) {
         // Never blocks the reactor. The channel has room for every job handed out,
         // so this fails only when the consumer is gone; Disque then redelivers.
@@ -197,86 +365,60 @@ impl Queue for DisqueQueue {
     }
 }
 
-enum Ended {
-    Stopped,
-    ReactorGone,
-    Lost(String),
-}
-
 struct Consumer {
     endpoint: Endpoint,
-    queue: String,
-    rules: message::Rules,
+    /// This node's queue.
+    own: String,
+    /// Where nodes announce their queues.
+    registry: String,
     prefetch: usize,
-    link: Arc<Link>,
-    reconnects: Arc<AtomicU64>,
-    notifier: Notifier,
+    rules: message::Rules,
     acks: Receiver<String>,
     stop: Arc<AtomicBool>,
-    listeners: Arc<AtomicUsize>,
     timeout: Duration,
-    backoff: Backoff,
-    /// Jobs handed to the reactor whose ids have not come back yet.
+    /// Jobs handed to the reactor whose ids have not come back yet. Kept across a
+    /// reconnect: the ids still come back and are acknowledged on the new link.
     unacked: usize,
+    /// Ids of this node's live announcements, deleted when it stops.
+    announced: VecDeque<(String, Instant)>,
+    next_announce: Instant,
 }
 
-impl Consumer {
-    fn run(mut self) {
-        let mut connected_before = false;
-        while !self.stop.load(Ordering::Acquire) {
-            match self.session(&mut connected_before) {
-                Ended::Stopped => break,
-                Ended::ReactorGone => return,
-                Ended::Lost(why) => {
-                    if self.link.state() != QueueState::Down {
-                        warn!(
-                            "Disque consumer: {} unreachable: {why}",
-                            self.endpoint.display
-                        );
-                    }
-                    self.link.set_up(false);
-                    let until = Instant::now() + self.backoff.next_delay();
-                    while !self.stop.load(Ordering::Acquire) && Instant::now() < until {
-                        thread::sleep(POLL.min(until.saturating_duration_since(Instant::now())));
-                    }
-                }
-            }
-        }
-        let _ = self.notifier.send(Inbound::Drained);
-    }
-
-    fn session(&mut self, connected_before: &mut bool) -> Ended {
+impl Session for Consumer {
+    fn session(&mut self, driver: &mut Driver) -> Ended {
         let mut con = match self.endpoint.connect(self.timeout) {
             Ok(con) => con,
             Err(e) => return Ended::Lost(e.to_string()),
         };
-        // Jobs taken on a lost connection stay unacknowledged; Disque redelivers
-        // them, so their ids are of no use any more.
-        self.unacked = 0;
-        while self.acks.try_recv().is_ok() {}
-        if *connected_before {
-            self.reconnects.fetch_add(1, Ordering::Relaxed);
-            info!("Disque consumer reconnected to {}", self.endpoint.display);
-        }
-        *connected_before = true;
-        self.link.set_up(true);
-        self.backoff.reset();
-        // A blocked GETJOB answers after POLL; the socket waits that plus the timeout.
-        if let Err(e) = con.set_read_timeout(Some(POLL + self.timeout)) {
+        // A blocked GETJOB answers after POLL, timed by the server's own clock (10 Hz
+        // by default, so up to a tick late); the socket waits twice that plus the timeout.
+        if let Err(e) = con.set_read_timeout(Some(POLL * 2 + self.timeout)) {
             return Ended::Lost(e.to_string());
         }
+        // Announcements on a lost server are gone with it; announce at once.
+        self.announced.clear();
+        self.next_announce = Instant::now();
+        if let Err(e) = self.announce(&mut con) {
+            return Ended::Lost(e);
+        }
+        // Up (and counted as a reconnect) once every publisher's list can hold
+        // this node, so that nothing accepted meanwhile misses its connections.
+        let ready_at = Instant::now() + ANNOUNCE_EVERY;
+        let mut ready = false;
         loop {
             if let Err(e) = self.acknowledge(&mut con) {
                 return Ended::Lost(e);
             }
+            if let Err(e) = self.announce(&mut con) {
+                return Ended::Lost(e);
+            }
             if self.stop.load(Ordering::Acquire) {
+                self.withdraw(&mut con);
                 return Ended::Stopped;
             }
-            if self.listeners.load(Ordering::Acquire) == 0 {
-                // Nobody here to push to: leave the jobs to a node with clients.
-                // The connection stays open, so consuming resumes within POLL.
-                thread::sleep(POLL);
-                continue;
+            if !ready && Instant::now() >= ready_at {
+                ready = true;
+                driver.up();
             }
             let reply = ::redis::cmd("GETJOB")
                 .arg("TIMEOUT")
@@ -284,7 +426,7 @@ impl Consumer {
                 .arg("COUNT")
                 .arg(self.prefetch)
                 .arg("FROM")
-                .arg(&self.queue)
+                .arg(&self.own)
                 .query::<::redis::Value>(&mut con);
             let jobs = match reply.map_err(|e| e.to_string()).and_then(parse_getjob) {
                 Ok(jobs) => jobs,
@@ -295,14 +437,14 @@ impl Consumer {
                 match message::decode_wire(&job.body, &self.rules) {
                     Ok(batch) => {
                         let event = Inbound::DeliverJob { batch, job: job.id };
-                        if self.notifier.send(event).is_err() {
+                        if driver.notifier.send(event).is_err() {
                             return Ended::ReactorGone;
                         }
                         self.unacked += 1;
                     }
                     Err(e) => {
                         // Acknowledged anyway: redelivering it would only fail again.
-                        warn!("Disque job {} in {:?}: {e}; skipped", job.id, self.queue);
+                        warn!("Disque job {} in {:?}: {e}; skipped", job.id, self.own);
                         malformed.push(job.id);
                     }
                 }
@@ -314,32 +456,75 @@ impl Consumer {
             }
         }
     }
+}
 
-    /// Waits (bounded by the timeout) for the reactor to take every job handed out,
-    /// then acknowledges them in one ACKJOB.
+impl Consumer {
+    /// Renews this node's announcement when due.
+    fn announce(&mut self, con: &mut ::redis::Connection) -> Result<(), String> {
+        let now = Instant::now();
+        if now < self.next_announce {
+            return Ok(());
+        }
+        let life = Duration::from_secs(ANNOUNCE_TTL);
+        self.announced
+            .retain(|(_, at)| now.duration_since(*at) < life);
+        let id = ::redis::cmd("ADDJOB")
+            .arg(&self.registry)
+            .arg(&self.own)
+            .arg(self.timeout.as_millis().max(1) as u64)
+            .arg("TTL")
+            .arg(ANNOUNCE_TTL)
+            .arg("RETRY")
+            .arg(0)
+            .query::<String>(con)
+            .map_err(|e| e.to_string())?;
+        self.announced.push_back((id, now));
+        self.next_announce = now + ANNOUNCE_EVERY;
+        Ok(())
+    }
+
+    /// Stopping: publishers leave this node out from their next look on.
+    fn withdraw(&mut self, con: &mut ::redis::Connection) {
+        let ids: Vec<&str> = self.announced.iter().map(|(id, _)| id.as_str()).collect();
+        if !ids.is_empty()
+            && let Err(e) = ::redis::cmd("DELJOB").arg(&ids).exec(con)
+        {
+            debug!("Disque: announcements left to expire: {e}");
+        }
+        self.announced.clear();
+    }
+
+    /// Waits for the reactor to take every job handed out, then acknowledges them
+    /// in one ACKJOB. A slow reactor makes this wait longer, never skip: taking
+    /// more jobs first would overflow the ack channel. The announcement is kept
+    /// alive meanwhile, and a stop gives up after the timeout (Disque redelivers).
     fn acknowledge(&mut self, con: &mut ::redis::Connection) -> Result<(), String> {
         if self.unacked == 0 {
             return Ok(());
         }
         let mut ids = Vec::with_capacity(self.unacked);
-        let deadline = Instant::now() + self.timeout;
+        let started = Instant::now();
+        let mut warned = false;
         while self.unacked > 0 {
-            match self
-                .acks
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
+            match self.acks.recv_timeout(POLL) {
                 Ok(id) => {
                     ids.push(id);
                     self.unacked -= 1;
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    // Late ids are acknowledged next round; Disque redelivers any
-                    // that never come back.
-                    warn!(
-                        "Disque: {} jobs not yet delivered after {:?}",
-                        self.unacked, self.timeout
-                    );
-                    break;
+                    let waited = started.elapsed();
+                    if waited >= self.timeout && !warned {
+                        warned = true;
+                        warn!(
+                            "Disque: {} jobs not yet delivered after {waited:?}",
+                            self.unacked
+                        );
+                    }
+                    if waited >= self.timeout && self.stop.load(Ordering::Acquire) {
+                        self.unacked = 0;
+                        break;
+                    }
+                    self.announce(con)?;
                 }
                 Err(RecvTimeoutError::Disconnected) => return Err("reactor gone".into()),
             }
@@ -358,6 +543,50 @@ impl Consumer {
 mod tests {
     use super::*;
     use crate::message::Target;
+
+    #[test]
+    fn the_node_list_starts_with_this_node_and_is_bounded() {
+        let job = |b: &str| Job {
+            id: "D-x".into(),
+            body: b.as_bytes().to_vec(),
+        };
+        let got = live_nodes(
+            "q:node:a",
+            vec![job("q:node:b"), job("q:node:a"), job("q:node:b")],
+            8,
+        );
+        assert_eq!(got, ["q:node:a", "q:node:b"]);
+        let got = live_nodes("q:node:a", vec![job("q:node:b"), job("q:node:c")], 2);
+        assert_eq!(got, ["q:node:a", "q:node:b"]);
+    }
+
+    #[test]
+    fn a_node_missing_from_one_look_stays_a_target_for_a_while() {
+        let t0 = Instant::now();
+        let names =
+            |k: &[(String, Option<Instant>)]| k.iter().map(|(q, _)| q.clone()).collect::<Vec<_>>();
+        let mut known = Vec::new();
+        remember(&mut known, &["a".into(), "b".into()], t0, 8);
+        assert_eq!(names(&known), ["a", "b"]);
+        // A Disque restart, after an outage of any length: only this node has
+        // announced itself again so far.
+        let back = t0 + Duration::from_secs(60);
+        remember(&mut known, &["a".into()], back, 8);
+        assert_eq!(names(&known), ["a", "b"]);
+        remember(&mut known, &["a".into()], back + ANNOUNCE_EVERY, 8);
+        assert_eq!(names(&known), ["a", "b"]);
+        remember(&mut known, &["a".into()], back + KEEP, 8);
+        assert_eq!(names(&known), ["a"], "gone for good");
+        // Over the bound, the announced ones stay.
+        remember(&mut known, &["b".into()], back + KEEP, 8);
+        remember(&mut known, &["c".into(), "d".into()], back + KEEP, 2);
+        assert_eq!(names(&known), ["c", "d"]);
+    }
+
+    #[test]
+    fn node_ids_differ() {
+        assert_ne!(random_id(), random_id());
+    }
 
     fn env(expires: u64) -> Envelope {
         Envelope {

@@ -6,6 +6,7 @@
 //! crossbeam channel and wake the reactor through the shared [`Notifier`].
 
 pub mod disque;
+pub mod driver;
 pub mod list;
 pub mod publisher;
 pub mod redis;
@@ -13,9 +14,9 @@ pub mod streams;
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Sender, TrySendError};
 
 use crate::message::Envelope;
 
@@ -42,6 +43,9 @@ pub enum Inbound {
     },
     /// After [`Queue::close`]: everything the backend had accepted has been delivered.
     Drained,
+    /// A subscription that was lost is live again. What was published in between
+    /// never reached this node: this is where the gap is filled from history.
+    Resubscribed,
 }
 
 /// The immediate answer to a publish.
@@ -98,26 +102,6 @@ impl QueueState {
     }
 }
 
-/// A state cell the backend threads write and the reactor reads.
-#[derive(Debug)]
-pub struct SharedState(AtomicU8);
-
-impl SharedState {
-    pub fn new(s: QueueState) -> Self {
-        SharedState(AtomicU8::new(s as u8))
-    }
-    pub fn set(&self, s: QueueState) {
-        self.0.store(s as u8, Ordering::Relaxed);
-    }
-    pub fn get(&self) -> QueueState {
-        match self.0.load(Ordering::Relaxed) {
-            0 => QueueState::Up,
-            1 => QueueState::Connecting,
-            _ => QueueState::Down,
-        }
-    }
-}
-
 pub trait Queue: Send {
     /// The backend's name for `/stats`.
     fn name(&self) -> &'static str;
@@ -131,14 +115,27 @@ pub trait Queue: Send {
     /// thread, so it only passes the id on. Backends without jobs ignore it.
     fn ack(&mut self, _job: String) {}
     /// How many push connections this node holds, told when one opens and on
-    /// every timer tick. Runs on the reactor thread: must not block.
-    /// A job queue uses it to consume only where someone is listening.
+    /// every timer tick. Runs on the reactor thread: must not block. No backend
+    /// needs it any more: each Disque node consumes its own queue, clients or not.
     fn set_listeners(&mut self, _n: usize) {}
 
     /// How often the backend has re-established a lost connection.
     fn reconnects(&self) -> u64 {
         0
     }
+
+    /// Messages received for this node but dropped because delivery was too far
+    /// behind (`-queue-backlog` full), and `/send` batches refused for that reason.
+    fn backlog(&self) -> BacklogCounts {
+        BacklogCounts::default()
+    }
+}
+
+/// See [`Queue::backlog`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BacklogCounts {
+    pub dropped: u64,
+    pub refused: u64,
 }
 
 /// Capped exponential backoff between reconnect attempts, with jitter so that
@@ -213,6 +210,15 @@ impl Link {
     }
 }
 
+/// Why [`Notifier::try_deliver`] did not send.
+#[derive(Debug)]
+pub enum TrySend {
+    /// The reactor is behind: here is the batch back.
+    Full(Vec<Envelope>),
+    /// The reactor is gone.
+    Gone,
+}
+
 /// The reactor has stopped; backend threads should end.
 #[derive(Debug)]
 pub struct ReactorGone;
@@ -257,6 +263,23 @@ impl Notifier {
         self.tx.send(event).map_err(|_| ReactorGone)?;
         if !self.pending.swap(true, Ordering::AcqRel) {
             // A failed wake means the poller is gone, i.e. the process is exiting.
+            let _ = self.waker.wake();
+        }
+        Ok(())
+    }
+
+    /// Sends `Inbound::Deliver(batch)` if the channel has room, else gives the
+    /// batch back, so a backend thread that must keep reading elsewhere can hold
+    /// it meanwhile.
+    pub fn try_deliver(&self, batch: Vec<Envelope>) -> Result<(), TrySend> {
+        match self.tx.try_send(Inbound::Deliver(batch)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(Inbound::Deliver(batch))) => return Err(TrySend::Full(batch)),
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                return Err(TrySend::Gone);
+            }
+        }
+        if !self.pending.swap(true, Ordering::AcqRel) {
             let _ = self.waker.wake();
         }
         Ok(())

@@ -48,6 +48,35 @@ impl From<std::io::Error> for BackendError {
     }
 }
 
+/// The credentials part of a URL (`user:pass` in `redis://user:pass@host`), if any.
+fn userinfo(url: &str) -> Option<&str> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    // The last `@`: a password may hold an unescaped `@`, a host never does.
+    rest.rfind('@').map(|at| &rest[..at])
+}
+
+/// `url` as it may appear in logs and errors: credentials replaced by `***`.
+pub fn redact(url: &str) -> String {
+    match userinfo(url) {
+        Some(secret) if !secret.is_empty() => url.replacen(secret, "***", 1),
+        _ => url.to_string(),
+    }
+}
+
+/// An error text about `url` with its credentials removed, wherever they appear.
+fn scrub(text: &str, url: &str) -> String {
+    let mut out = text.replace(url, &redact(url));
+    if let Some(secret) = userinfo(url) {
+        let pass = secret.split_once(':').map_or(secret, |(_, pass)| pass);
+        for part in [secret, pass] {
+            if !part.is_empty() {
+                out = out.replace(part, "***");
+            }
+        }
+    }
+    out
+}
+
 /// Where a RESP server (Redis or Disque) is, and how to open a connection to it.
 #[derive(Clone)]
 pub struct Endpoint {
@@ -60,20 +89,21 @@ impl Endpoint {
     /// `url` is `redis://[:PASS@]HOST:PORT[/DB]`; Disque addresses use the same form.
     pub fn parse(url: &str) -> Result<Self, BackendError> {
         use ::redis::IntoConnectionInfo;
-        let info = url
-            .into_connection_info()
-            .map_err(|e| BackendError::Address(format!("{url:?}: {e}")))?;
+        // Never the password, in any error this may produce.
+        let bad = |why: &dyn fmt::Display| {
+            BackendError::Address(scrub(&format!("{:?}: {why}", redact(url)), url))
+        };
+        let info = url.into_connection_info().map_err(|e| bad(&e))?;
         let display = match info.addr() {
             ::redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
-            _ => return Err(BackendError::Address(format!("{url:?}: not a TCP address"))),
+            _ => return Err(bad(&"not a TCP address")),
         };
         // No CLIENT SETINFO on connect: Disque does not know it, and Redis does not need it.
         let redis = info.redis_settings().clone().set_skip_set_lib_name();
         // Requests are small and answered one at a time: Nagle would only add latency.
         let tcp = info.tcp_settings().clone().set_nodelay(true);
         let info = info.set_redis_settings(redis).set_tcp_settings(tcp);
-        let client = ::redis::Client::open(info)
-            .map_err(|e| BackendError::Address(format!("{url:?}: {e}")))?;
+        let client = ::redis::Client::open(info).map_err(|e| bad(&e))?;
         Ok(Endpoint { client, display })
     }
 
@@ -101,9 +131,24 @@ pub struct Job {
     pub deadline: Instant,
 }
 
-/// How a backend turns a batch into one command on its connection.
+/// Why a batch was not taken.
+#[derive(Debug)]
+pub enum SendError {
+    /// The command failed; [`is_broken`] tells whether the connection is lost.
+    Redis(::redis::RedisError),
+    /// The server ran the command but its answer says the batch will not arrive.
+    Refused(String),
+}
+
+impl From<::redis::RedisError> for SendError {
+    fn from(e: ::redis::RedisError) -> Self {
+        SendError::Redis(e)
+    }
+}
+
+/// How a backend turns a batch into commands on its connection.
 pub type SendFn =
-    Box<dyn FnMut(&mut ::redis::Connection, &[Envelope]) -> ::redis::RedisResult<()> + Send>;
+    Box<dyn FnMut(&mut ::redis::Connection, &[Envelope]) -> Result<(), SendError> + Send>;
 
 /// Settings of the publisher thread, all from flags.
 pub struct Settings {
@@ -340,19 +385,44 @@ impl Worker {
         let bounded = con
             .set_read_timeout(Some(left))
             .and_then(|()| con.set_write_timeout(Some(left)));
-        let result = bounded.and_then(|()| (self.send)(con, &job.batch));
+        let result = match bounded {
+            Ok(()) => (self.send)(con, &job.batch),
+            Err(e) => Err(SendError::Redis(e)),
+        };
         match result {
             Ok(()) => {
                 self.last_used = Instant::now();
                 Ok(())
             }
-            Err(e) if is_broken(&e) => {
+            Err(SendError::Redis(e)) if is_broken(&e) => {
                 let why = e.to_string();
                 self.failed(e);
                 unavailable(format!("{}: {why}", self.server))
             }
             // The server answered with an error: the connection itself is fine.
-            Err(e) => unavailable(format!("{} refused the message: {e}", self.server)),
+            Err(SendError::Redis(e)) => {
+                self.last_used = Instant::now();
+                unavailable(format!("{} refused the message: {e}", self.server))
+            }
+            Err(SendError::Refused(why)) => {
+                self.last_used = Instant::now();
+                unavailable(format!("{}: {why}", self.server))
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_never_show() {
+        assert_eq!(redact("redis://:pw@h:1/2"), "redis://***@h:1/2");
+        assert_eq!(redact("redis://u:p@w@h:1"), "redis://***@h:1");
+        assert_eq!(redact("redis://h:1"), "redis://h:1");
+        assert_eq!(redact("u:pw@h"), "***@h");
+        let msg = scrub("bad \"redis://u:pw@h\": pw rejected", "redis://u:pw@h");
+        assert!(!msg.contains("pw"), "{msg}");
     }
 }

@@ -5,67 +5,111 @@
 //! a subscriber that decodes batches and builds their frames before the reactor
 //! sees them. Both reconnect with backoff by themselves. Pub/sub keeps nothing: a
 //! node whose subscription is down misses what is published meanwhile, which is
-//! why `/healthz` is 503 then and a load balancer routes clients elsewhere.
+//! why `/healthz` is 503 then and a load balancer routes clients elsewhere, and
+//! why `/send` on that node answers 503 too (its own connections would miss the
+//! message), as it does when PUBLISH reaches no subscriber at all. Another node
+//! that is still re-subscribing is not seen from here: that gap needs history.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::publisher::{self, BackendError, Endpoint, Publisher, SendFn, Settings};
-use super::{Backoff, Inbound, Link, Notifier, Queue, QueueState, Submit, Ticket};
-use crate::config::Config;
+use super::driver::{Driver, Ended, Session};
+use super::publisher::{self, BackendError, Endpoint, Publisher, SendError, SendFn, Settings};
+use super::{
+    BacklogCounts, Backoff, Inbound, Link, Notifier, Queue, QueueError, QueueState, ReactorGone,
+    Submit, Ticket, TrySend,
+};
 use crate::message::{self, Envelope};
 
 /// How often a blocked subscriber looks at its stop flag. Shutdown waits at most
 /// this long for it; it bounds no resource.
 const TICK: Duration = Duration::from_millis(100);
 
+/// While batches wait for room in the reactor's channel, how long one read from
+/// Redis may block before the hand-off is tried again.
+const HANDOFF: Duration = Duration::from_millis(2);
+
+/// The settings a Redis backend needs, from flags.
+#[derive(Clone, Debug)]
+pub struct RedisSettings {
+    /// `redis://[:PASS@]HOST:PORT[/DB]`.
+    pub url: String,
+    pub channel: String,
+    pub capacity: usize,
+    pub timeout: Duration,
+    pub backoff: Duration,
+    /// Bytes of received batches held while the reactor is behind.
+    pub backlog: usize,
+    /// What another node's batch must satisfy, as `/send` does.
+    pub rules: message::Rules,
+}
+
+impl RedisSettings {
+    pub fn from_config(url: &str, cfg: &crate::config::Config) -> Self {
+        RedisSettings {
+            url: url.to_string(),
+            channel: cfg.queue_name.clone(),
+            capacity: cfg.queue_size,
+            timeout: cfg.queue_timeout,
+            backoff: cfg.queue_backoff,
+            backlog: cfg.queue_backlog,
+            rules: message::Rules::new(cfg),
+        }
+    }
+}
+
 pub struct RedisQueue {
     publisher: Publisher,
     subscriber: Arc<Link>,
     reconnects: Arc<AtomicU64>,
+    /// Bytes the subscriber holds for the reactor, and the bound on them.
+    held: Arc<AtomicUsize>,
+    backlog: usize,
+    dropped: Arc<AtomicU64>,
+    refused: u64,
 }
 
 impl RedisQueue {
     /// Starts the publisher and subscriber threads; both connect at once and keep
     /// retrying, so a Redis that is down at start is not an error.
-    pub fn start(url: &str, cfg: &Config, notifier: Notifier) -> Result<Self, BackendError> {
-        let endpoint = Endpoint::parse(url)?;
+    pub fn start(set: RedisSettings, notifier: Notifier) -> Result<Self, BackendError> {
+        let endpoint = Endpoint::parse(&set.url)?;
         let reconnects = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(AtomicUsize::new(0));
+        let dropped = Arc::new(AtomicU64::new(0));
         let subscriber = Subscriber {
             endpoint: endpoint.clone(),
-            channel: cfg.queue_name.clone(),
-            rules: message::Rules::new(cfg),
-            link: Arc::new(Link::default()),
-            reconnects: reconnects.clone(),
-            notifier: notifier.clone(),
-            stop: stop.clone(),
-            timeout: cfg.queue_timeout,
-            backoff: Backoff::new(publisher::FIRST_BACKOFF, cfg.queue_backoff),
+            channel: set.channel.clone(),
+            timeout: set.timeout,
+            backlog: Backlog::new(set.backlog, held.clone(), dropped.clone()),
+            rules: set.rules,
         };
-        let sub_link = subscriber.link.clone();
+        let driver = Driver::new(
+            "Redis subscriber",
+            endpoint.display.clone(),
+            stop.clone(),
+            notifier.clone(),
+            Backoff::new(publisher::FIRST_BACKOFF, set.backoff),
+            reconnects.clone(),
+        );
+        let sub_link = driver.link();
         thread::Builder::new()
             .name("wspush-redis-sub".into())
-            .spawn(move || subscriber.run())?;
-        let channel = cfg.queue_name.clone();
-        let send: SendFn = Box::new(move |con, batch| {
-            let wire = message::encode_wire(batch);
-            ::redis::cmd("PUBLISH")
-                .arg(&channel)
-                .arg(wire)
-                .query::<i64>(con)
-                .map(drop)
-        });
+            .spawn(move || driver.run(subscriber))?;
+        let channel = set.channel.clone();
+        let send: SendFn = Box::new(move |con, batch| publish(con, &channel, batch));
         let publisher = Publisher::start(
             endpoint,
             Settings {
                 name: "wspush-redis-pub",
                 server: "Redis",
-                capacity: cfg.queue_size,
-                timeout: cfg.queue_timeout,
-                backoff: cfg.queue_backoff,
+                capacity: set.capacity,
+                timeout: set.timeout,
+                backoff: set.backoff,
             },
             reconnects.clone(),
             notifier,
@@ -78,8 +122,32 @@ impl RedisQueue {
             publisher,
             subscriber: sub_link,
             reconnects,
+            held,
+            backlog: set.backlog,
+            dropped,
+            refused: 0,
         })
     }
+}
+
+/// One batch to every subscribed node, this one included.
+fn publish(
+    con: &mut ::redis::Connection,
+    channel: &str,
+    batch: &[Envelope],
+) -> Result<(), SendError> {
+    let receivers: i64 = ::redis::cmd("PUBLISH")
+        .arg(channel)
+        .arg(message::encode_wire(batch))
+        .query(con)?;
+    // A live node counts its own subscriber, so nobody at all means this node's
+    // subscription is gone too and its connections would miss the batch.
+    if receivers == 0 {
+        return Err(SendError::Refused(
+            "no subscriber received the message, this node's is down".into(),
+        ));
+    }
+    Ok(())
 }
 
 impl Queue for RedisQueue {
@@ -92,6 +160,21 @@ impl Queue for RedisQueue {
     }
 
     fn publish(&mut self, ticket: Ticket, batch: Vec<Envelope>) -> Submit {
+        // Pub/sub keeps nothing: while this node is not subscribed, its own
+        // connections would miss what it publishes.
+        if self.subscriber.state() != QueueState::Up {
+            return Submit::Done(Err(QueueError::Unavailable(
+                "this node's Redis subscription is not live, resubscribing".into(),
+            )));
+        }
+        // Delivery is behind: refuse here, while the backlog still has room for
+        // what is already on its way from Redis.
+        if self.held.load(Ordering::Acquire) > self.backlog / 2 {
+            self.refused += 1;
+            return Submit::Done(Err(QueueError::Unavailable(
+                "this node is behind on delivering Redis messages".into(),
+            )));
+        }
         self.publisher.submit(ticket, batch)
     }
 
@@ -102,67 +185,118 @@ impl Queue for RedisQueue {
     fn reconnects(&self) -> u64 {
         self.reconnects.load(Ordering::Relaxed)
     }
+
+    fn backlog(&self) -> BacklogCounts {
+        BacklogCounts {
+            dropped: self.dropped.load(Ordering::Relaxed),
+            refused: self.refused,
+        }
+    }
 }
 
-/// How one subscription ended.
-enum Ended {
-    /// Asked to stop, and what had arrived is delivered.
-    Stopped,
-    /// The reactor is gone; nobody is left to tell.
-    ReactorGone,
-    /// Connection lost or refused: try again after a backoff.
-    Lost(String),
+/// Batches received from Redis that the reactor's channel has no room for yet.
+///
+/// The subscriber keeps reading Redis while they wait: a subscriber that stops
+/// reading makes Redis buffer, and past `client-output-buffer-limit pubsub` Redis
+/// cuts the connection and everything in flight is lost unseen. Here the bound is
+/// ours, the overflow is counted, and `/send` on this node is refused first.
+struct Backlog {
+    batches: VecDeque<(Vec<Envelope>, usize)>,
+    limit: usize,
+    /// Bytes held, read by the reactor to refuse `/send`.
+    held: Arc<AtomicUsize>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Backlog {
+    fn new(limit: usize, held: Arc<AtomicUsize>, dropped: Arc<AtomicU64>) -> Self {
+        Backlog {
+            batches: VecDeque::new(),
+            limit,
+            held,
+            dropped,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+
+    fn bytes(batch: &[Envelope]) -> usize {
+        batch.iter().map(|e| e.frame.len() + e.types.len()).sum()
+    }
+
+    /// Hands over a batch, or holds it while the reactor is behind; drops (and
+    /// counts) it when the backlog is full.
+    fn push(&mut self, batch: Vec<Envelope>, notifier: &Notifier) -> Result<(), ReactorGone> {
+        if self.batches.is_empty() {
+            match notifier.try_deliver(batch) {
+                Ok(()) => return Ok(()),
+                Err(TrySend::Gone) => return Err(ReactorGone),
+                Err(TrySend::Full(batch)) => {
+                    self.hold(batch);
+                    return Ok(());
+                }
+            }
+        }
+        self.hold(batch);
+        self.flush(notifier)
+    }
+
+    fn hold(&mut self, batch: Vec<Envelope>) {
+        let n = Self::bytes(&batch);
+        let held = self.held.load(Ordering::Acquire);
+        if held + n > self.limit {
+            self.dropped
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            warn!(
+                "Redis subscriber: delivery is {held} bytes behind (-queue-backlog); {} messages dropped",
+                batch.len()
+            );
+            return;
+        }
+        self.held.fetch_add(n, Ordering::AcqRel);
+        self.batches.push_back((batch, n));
+    }
+
+    /// Hands over what the channel has room for, oldest first, without blocking.
+    fn flush(&mut self, notifier: &Notifier) -> Result<(), ReactorGone> {
+        while let Some((batch, n)) = self.batches.pop_front() {
+            match notifier.try_deliver(batch) {
+                Ok(()) => {
+                    self.held.fetch_sub(n, Ordering::AcqRel);
+                }
+                Err(TrySend::Gone) => return Err(ReactorGone),
+                Err(TrySend::Full(batch)) => {
+                    self.batches.push_front((batch, n));
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands over everything, waiting for room: nothing is left to read.
+    fn flush_all(&mut self, notifier: &Notifier) -> Result<(), ReactorGone> {
+        while let Some((batch, n)) = self.batches.pop_front() {
+            notifier.send(Inbound::Deliver(batch))?;
+            self.held.fetch_sub(n, Ordering::AcqRel);
+        }
+        Ok(())
+    }
 }
 
 struct Subscriber {
     endpoint: Endpoint,
     channel: String,
-    rules: message::Rules,
-    link: Arc<Link>,
-    reconnects: Arc<AtomicU64>,
-    notifier: Notifier,
-    stop: Arc<AtomicBool>,
     timeout: Duration,
-    backoff: Backoff,
+    backlog: Backlog,
+    rules: message::Rules,
 }
 
-impl Subscriber {
-    fn run(mut self) {
-        let mut subscribed_before = false;
-        while !self.stop.load(Ordering::Acquire) {
-            match self.session(&mut subscribed_before) {
-                Ended::Stopped => break,
-                Ended::ReactorGone => return,
-                Ended::Lost(why) => {
-                    if self.link.state() != QueueState::Down {
-                        warn!(
-                            "Redis subscriber: {} unreachable: {why}",
-                            self.endpoint.display
-                        );
-                    }
-                    self.link.set_up(false);
-                    let wait = self.backoff.next_delay();
-                    self.pause(wait);
-                }
-            }
-        }
-        let _ = self.notifier.send(Inbound::Drained);
-    }
-
-    /// Sleeps, but notices the stop flag within a tick.
-    fn pause(&self, wait: Duration) {
-        let until = Instant::now() + wait;
-        while !self.stop.load(Ordering::Acquire) {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return;
-            }
-            thread::sleep(left.min(TICK));
-        }
-    }
-
+impl Session for Subscriber {
     /// One connection: subscribe, then deliver until it breaks or the node stops.
-    fn session(&mut self, subscribed_before: &mut bool) -> Ended {
+    fn session(&mut self, driver: &mut Driver) -> Ended {
         let mut con = match self.endpoint.connect(self.timeout) {
             Ok(con) => con,
             Err(e) => return Ended::Lost(e.to_string()),
@@ -171,35 +305,44 @@ impl Subscriber {
         if let Err(e) = sub.subscribe(&self.channel) {
             return Ended::Lost(e.to_string());
         }
-        if *subscribed_before {
-            self.reconnects.fetch_add(1, Ordering::Relaxed);
-            info!(
-                "Redis subscriber: subscribed again to {:?} at {}",
-                self.channel, self.endpoint.display
-            );
+        if driver.up() && driver.notifier.send(Inbound::Resubscribed).is_err() {
+            return Ended::ReactorGone;
         }
-        *subscribed_before = true;
-        self.link.set_up(true);
-        self.backoff.reset();
         if let Err(e) = sub.set_read_timeout(Some(TICK)) {
             return Ended::Lost(e.to_string());
         }
         let mut heard = Instant::now();
         let mut stopping: Option<Instant> = None;
+        let mut wait = TICK;
         loop {
-            if stopping.is_none() && self.stop.load(Ordering::Acquire) {
+            if stopping.is_none() && driver.stop_requested() {
                 stopping = Some(Instant::now());
             }
             // Stopping ends at the first quiet tick; a never-quiet channel gets `timeout`.
             if stopping.is_some_and(|t| t.elapsed() >= self.timeout) {
                 return Ended::Stopped;
             }
+            if self.backlog.flush(&driver.notifier).is_err() {
+                return Ended::ReactorGone;
+            }
+            // Batches waiting for the reactor: come back to them soon.
+            let want = if self.backlog.is_empty() {
+                TICK
+            } else {
+                HANDOFF
+            };
+            if want != wait {
+                if let Err(e) = sub.set_read_timeout(Some(want)) {
+                    return Ended::Lost(e.to_string());
+                }
+                wait = want;
+            }
             match sub.get_message() {
                 Ok(msg) => {
                     heard = Instant::now();
                     match message::decode_wire(msg.get_payload_bytes(), &self.rules) {
                         Ok(batch) => {
-                            if self.notifier.send(Inbound::Deliver(batch)).is_err() {
+                            if self.backlog.push(batch, &driver.notifier).is_err() {
                                 return Ended::ReactorGone;
                             }
                         }
@@ -207,7 +350,7 @@ impl Subscriber {
                     }
                 }
                 Err(e) if e.is_timeout() => {
-                    if stopping.is_some() {
+                    if stopping.is_some() && self.backlog.is_empty() {
                         return Ended::Stopped;
                     }
                     // A silent channel may be a dead server (stopped, unplugged):
@@ -216,7 +359,7 @@ impl Subscriber {
                         let ping = sub
                             .set_read_timeout(Some(self.timeout))
                             .and_then(|()| sub.ping::<::redis::Value>())
-                            .and_then(|_| sub.set_read_timeout(Some(TICK)));
+                            .and_then(|_| sub.set_read_timeout(Some(wait)));
                         if let Err(e) = ping {
                             return Ended::Lost(format!("no answer to PING: {e}"));
                         }
@@ -226,5 +369,53 @@ impl Subscriber {
                 Err(e) => return Ended::Lost(e.to_string()),
             }
         }
+    }
+
+    /// What was received before the end is still delivered.
+    fn after(&mut self, notifier: &Notifier) -> Result<(), ReactorGone> {
+        self.backlog.flush_all(notifier)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Target;
+
+    fn batch(n: u8) -> Vec<Envelope> {
+        vec![Envelope {
+            target: Target::All,
+            types: "t".into(),
+            expires: 0,
+            seq: 0,
+            frame: Arc::from(&[n; 9][..]),
+        }]
+    }
+
+    #[test]
+    fn a_slow_reactor_is_waited_for_within_the_bound_and_overflow_is_counted() {
+        let poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let notifier = Notifier::new(tx, waker);
+        let held = Arc::new(AtomicUsize::new(0));
+        let dropped = Arc::new(AtomicU64::new(0));
+        // Room for two batches of 10 bytes besides the one in the channel.
+        let mut backlog = Backlog::new(25, held.clone(), dropped.clone());
+        for n in 1..=4 {
+            backlog.push(batch(n), &notifier).unwrap();
+        }
+        assert_eq!(held.load(Ordering::Acquire), 20);
+        assert_eq!(dropped.load(Ordering::Relaxed), 1, "the fourth batch");
+        let mut seen = vec![];
+        while seen.len() < 3 {
+            if let Ok(Inbound::Deliver(b)) = rx.try_recv() {
+                seen.push(b[0].frame[0]);
+            }
+            backlog.flush(&notifier).unwrap();
+        }
+        assert_eq!(seen, [1, 2, 3], "in order, nothing held twice");
+        assert!(backlog.is_empty());
+        assert_eq!(held.load(Ordering::Acquire), 0);
     }
 }

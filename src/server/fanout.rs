@@ -81,6 +81,8 @@ impl Server {
             }
             Inbound::Published { ticket, result } => self.on_published(ticket, result),
             Inbound::Drained => self.shutdown.set_queue_drained(),
+            // Nothing to refill yet: without history, what was missed is gone.
+            Inbound::Resubscribed => {}
         }
     }
 

@@ -253,6 +253,7 @@ impl Server {
             queue_state: self.queue.state(),
             queue_reconnects: self.queue.reconnects(),
             history: self.history.stats(),
+            queue_backlog: self.queue.backlog(),
             uptime_seconds: self.started.elapsed().as_secs(),
             rss_bytes: stats::rss_bytes(),
         })

@@ -82,6 +82,8 @@ pub struct Snapshot<'a> {
     pub queue_state: QueueState,
     /// Connections to the queue backend re-established after a loss.
     pub queue_reconnects: u64,
+    /// Messages dropped and `/send` batches refused because delivery was behind.
+    pub queue_backlog: crate::queue::BacklogCounts,
     pub uptime_seconds: u64,
     pub rss_bytes: Option<u64>,
     /// What this node retains for resumes.
@@ -209,6 +211,18 @@ impl Snapshot<'_> {
             "Connections to the queue backend re-established after a loss.",
             self.queue_reconnects,
         ));
+        m.push((
+            "queue_dropped_behind_total",
+            "counter",
+            "Messages received from the queue backend and dropped because delivery was -queue-backlog behind.",
+            self.queue_backlog.dropped,
+        ));
+        m.push((
+            "queue_refused_behind_total",
+            "counter",
+            "/send batches refused because delivery was behind.",
+            self.queue_backlog.refused,
+        ));
         m
     }
 
@@ -244,6 +258,8 @@ impl Snapshot<'_> {
                 "backend": self.queue_backend,
                 "state": self.queue_state.as_str(),
                 "reconnects": self.queue_reconnects,
+                "dropped_behind": self.queue_backlog.dropped,
+                "refused_behind": self.queue_backlog.refused,
             },
         });
         v.to_string().into_bytes()
@@ -309,6 +325,10 @@ mod tests {
             queue_backend: "list",
             queue_state: QueueState::Up,
             queue_reconnects: 2,
+            queue_backlog: crate::queue::BacklogCounts {
+                dropped: 3,
+                refused: 4,
+            },
             uptime_seconds: 9,
             rss_bytes: Some(4096),
             history: HistoryStats {
@@ -347,6 +367,8 @@ mod tests {
         assert_eq!(v["history"]["messages"], 4);
         assert_eq!(v["history"]["trimmed"]["size"], 3);
         assert_eq!(v["resumes"]["incomplete"], 0);
+        assert_eq!(v["queue"]["dropped_behind"], 3);
+        assert_eq!(v["queue"]["refused_behind"], 4);
     }
 
     #[test]
@@ -360,6 +382,8 @@ mod tests {
         assert!(text.contains("\nwspush_queue_reconnects_total 2\n"));
         assert!(text.contains("\nwspush_history_messages 4\n"));
         assert!(text.contains("wspush_history_trimmed_total{reason=\"size\"} 3\n"));
+        assert!(text.contains("\nwspush_queue_dropped_behind_total 3\n"));
+        assert!(text.contains("\nwspush_queue_refused_behind_total 4\n"));
         assert!(text.contains("wspush_queue_up{backend=\"list\",state=\"up\"} 1"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, value) = line.rsplit_once(' ').unwrap();
