@@ -17,6 +17,9 @@
  *       onState(state, detail) {       // "connecting" | "open" | "reconnecting" | "closed"
  *         console.log(state, detail);  // see "States" below
  *       },
+ *       onResume(complete, since) {    // after every (re)connect, before the replayed messages
+ *         if (!complete) refetchFromYourBackend();  // something after `since` may be missing
+ *       },
  *     });
  *     c.connect();
  *     c.subscribe(["chat"]);           // change types live; also remembered for reconnects
@@ -24,8 +27,18 @@
  *   </script>
  *
  * Options: url (default: same origin, ws: or wss: from location.protocol, path /ws),
- * uid, types, expires, token, onMessage, onState, minDelay = 500, maxDelay = 30000,
- * stableAfter = 5000 (ms a connection must stay open before the backoff resets).
+ * uid, types, expires, token, onMessage, onState, onResume, minDelay = 500,
+ * maxDelay = 30000, stableAfter = 5000 (ms a connection must stay open before the
+ * backoff resets), resume = true, storage (default: localStorage where the page has it).
+ *
+ * Resume: every message carries an opaque "id". The client keeps the last one per uid
+ * (in `storage`, so it survives a reload) and connects with ?since=<last id>, or since=0
+ * the first time, so the server replays what was sent while it was away (within the
+ * server's retention) before live messages. The server answers each resume with
+ * {"op":"resumed","complete":true|false}; onResume(complete, since) reports it, and
+ * complete=false means something after `since` may be missing (trimmed, expired from
+ * retention, or a restarted server). A message id seen before is never passed to
+ * onMessage twice. `resume: false` connects without since (live messages only).
  *
  * States and their detail object:
  *   connecting    {url, attempt}           opening the WebSocket (attempt 0 = first try)
@@ -81,7 +94,48 @@
     this._retryTimer = null;
     this._stableTimer = null;
     this._urlTypes = "";
+    this.onResume = opts.onResume || null;
+    this.resume = opts.resume !== false;
+    this._storage = opts.storage !== undefined ? opts.storage : defaultStorage();
+    this._lastId = null;
+    this._seen = [];
+    this._seenSet = Object.create(null);
   }
+
+  /** Ids remembered to drop a message seen twice (a replay overlapping what arrived). */
+  var SEEN_MAX = 1024;
+
+  function defaultStorage() {
+    try {
+      if (typeof localStorage !== "undefined" && localStorage) return localStorage;
+    } catch (e) { /* storage blocked (privacy mode, sandboxed frame) */ }
+    return null;
+  }
+
+  WsPush.prototype._storageKey = function () {
+    return "wspush:last-id:" + this.uid;
+  };
+
+  /** The id of the last message received for this uid, or null. */
+  WsPush.prototype.lastId = function () {
+    if (this._lastId != null) return this._lastId;
+    if (this._storage) {
+      try { return this._storage.getItem(this._storageKey()); } catch (e) { /* ignore */ }
+    }
+    return null;
+  };
+
+  WsPush.prototype._remember = function (id) {
+    if (this._seenSet[id]) return false;
+    this._seenSet[id] = true;
+    this._seen.push(id);
+    if (this._seen.length > SEEN_MAX) delete this._seenSet[this._seen.shift()];
+    this._lastId = id;
+    if (this._storage) {
+      try { this._storage.setItem(this._storageKey(), id); } catch (e) { /* quota: keep it in memory */ }
+    }
+    return true;
+  };
 
   /** The full /ws URL with uid, types, expires and token as query parameters. */
   WsPush.prototype.buildUrl = function () {
@@ -91,6 +145,7 @@
     if (this.types.length) q.push("types=" + this.types.map(encodeURIComponent).join(","));
     if (this.expires) q.push("expires=" + encodeURIComponent(this.expires));
     if (this.token) q.push("token=" + encodeURIComponent(this.token));
+    if (this.resume) q.push("since=" + encodeURIComponent(this.lastId() || "0"));
     if (!q.length) return base;
     return base + (base.indexOf("?") < 0 ? "?" : "&") + q.join("&");
   };
@@ -117,6 +172,7 @@
 
   WsPush.prototype._open = function () {
     var self = this;
+    var since = this.resume ? this.lastId() || "0" : null;
     var url = this.buildUrl();
     this._urlTypes = this.types.join(",");
     this._setState("connecting", { url: url, attempt: this.attempt });
@@ -150,6 +206,11 @@
       var m;
       try { m = JSON.parse(raw); } catch (e) { m = null; }
       if (!m || typeof m !== "object" || Array.isArray(m)) m = { types: null, msg: raw, time: null };
+      if (m.op === "resumed" && m.msg === undefined) {
+        if (self.onResume) self.onResume(m.complete === true, since);
+        return;
+      }
+      if (typeof m.id === "string" && !self._remember(m.id)) return;
       if (self.onMessage) self.onMessage(m, raw);
     };
 

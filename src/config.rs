@@ -186,6 +186,17 @@ flags! {
     /// Unsent bytes a connection may hold before it is dropped as too slow.
     max_backlog: usize = 2 * 1024 * 1024,
         "max-backlog" "BYTES" positive, "unsent bytes per connection before it is dropped as slow";
+    /// How long a message is kept for resume and offline delivery at most (a message
+    /// with an earlier `timeout` leaves then); 0 keeps nothing.
+    history_ttl: Duration = Duration::from_secs(300),
+        "history-ttl" "DUR" duration_or_zero,
+        "keep messages for resume (?since=) this long at most, 0 = no retention";
+    /// Messages kept per uid, and for `all`.
+    history_size: usize = 100,
+        "history-size" "N" positive, "messages kept for resume per uid (and for all)";
+    /// Bytes of retained messages on this node (list and Disque; with Redis, Redis holds them).
+    history_bytes: usize = 32 * 1024 * 1024,
+        "history-bytes" "BYTES" positive, "bytes of messages this node keeps for resume, oldest dropped first";
     ping_interval: Duration = Duration::from_secs(30),
         "ping-interval" "DUR" duration, "ping a silent connection after";
     idle_timeout: Duration = Duration::from_secs(75),
@@ -231,6 +242,14 @@ pub struct QueueSettings {
 }
 
 impl Config {
+    pub fn history_limits(&self) -> crate::history::Limits {
+        crate::history::Limits {
+            ttl: self.history_ttl.as_secs(),
+            size: self.history_size,
+            bytes: self.history_bytes,
+        }
+    }
+
     pub fn queue_settings(&self) -> QueueSettings {
         QueueSettings {
             name: self.queue_name.clone(),
@@ -343,6 +362,11 @@ fn port(s: &str) -> Result<u16, Bad> {
 /// A duration above zero: `30`, `30s`, `500ms`, `2m`.
 fn duration(s: &str) -> Result<Duration, Bad> {
     parse_duration(s).filter(|d| !d.is_zero()).ok_or(Bad)
+}
+
+/// A duration where 0 turns the feature off.
+fn duration_or_zero(s: &str) -> Result<Duration, Bad> {
+    parse_duration(s).ok_or(Bad)
 }
 
 /// A Disque node id: letters, digits, `-`, `_` and `.`.
@@ -513,6 +537,10 @@ fn check(c: &Config) -> Result<(), ConfigError> {
     // Disque counts TTL and RETRY in whole seconds and refuses a TTL of 0.
     if c.queue_ttl < Duration::from_secs(1) || c.queue_retry < Duration::from_secs(1) {
         return conflict("-queue-ttl and -queue-retry must be at least 1s");
+    }
+    // Retention counts in whole seconds: a fraction would silently turn it off.
+    if !c.history_ttl.is_zero() && c.history_ttl < Duration::from_secs(1) {
+        return conflict("-history-ttl must be 0 (off) or at least 1s");
     }
     if c.max_message < c.max_frame {
         return conflict("-max-message must be at least -max-frame");

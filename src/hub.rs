@@ -232,6 +232,15 @@ impl Hub {
         }
     }
 
+    /// Whether the connection's type filter takes `types` (for a replay, which
+    /// does not go through `for_each_receiver`).
+    pub fn accepts(&self, key: usize, types: &str) -> bool {
+        self.members
+            .get(key)
+            .and_then(Option::as_ref)
+            .is_some_and(|m| accepts(&m.types, self.types.id(types)))
+    }
+
     pub fn uid(&self, key: usize) -> Option<&str> {
         self.members.get(key)?.as_ref()?.uid.as_deref()
     }
@@ -293,6 +302,7 @@ mod tests {
             target,
             types: types.into(),
             expires: 0,
+            seq: 0,
             frame: Arc::from(&b"x"[..]),
         }
     }
@@ -371,6 +381,7 @@ mod cost {
             target: Target::All,
             types: types.into(),
             expires: 0,
+            seq: 0,
             frame: Arc::from(&b"x"[..]),
         }
     }

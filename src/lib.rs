@@ -10,6 +10,7 @@ pub mod log;
 pub mod auth;
 pub mod config;
 
+pub mod history;
 pub mod http;
 pub mod hub;
 pub mod message;

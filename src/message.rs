@@ -36,6 +36,9 @@ pub struct Envelope {
     pub types: Box<str>,
     /// Unix seconds after which the message must not be pushed; 0 = never expires.
     pub expires: u64,
+    /// Its place in the history, once it has one (0 before): orders a connection's
+    /// messages and names the last one it saw.
+    pub seq: u64,
     /// The complete text frame `{"types","msg","time"}`, shared by every receiver.
     pub frame: Arc<[u8]>,
 }
@@ -43,6 +46,21 @@ pub struct Envelope {
 impl Envelope {
     pub fn is_expired(&self, now_unix: u64) -> bool {
         self.expires != 0 && now_unix >= self.expires
+    }
+
+    /// Gives the message its place in the history and its delivery id in the push
+    /// JSON, `{…,"id":"<id>"}`: the frame is rebuilt once, then shared by every
+    /// receiver as before.
+    pub fn set_id(&mut self, seq: u64, id: &str) {
+        self.seq = seq;
+        let json = self.push_json();
+        let body = json.strip_suffix(b"}").unwrap_or(json);
+        let mut push = Vec::with_capacity(body.len() + id.len() + 8);
+        push.extend_from_slice(body);
+        push.extend_from_slice(b",\"id\":");
+        write_json_string(&mut push, id);
+        push.push(b'}');
+        self.frame = text_frame(&push);
     }
 
     /// The push JSON inside the frame. The frame is the one stored representation;
@@ -367,6 +385,7 @@ fn parse_one<'a>(
         frame: push_frame(&types, msg.get(), &time),
         types: Box::from(&*types),
         expires,
+        seq: 0,
     })
 }
 
@@ -530,6 +549,7 @@ pub fn decode_wire(bytes: &[u8], rules: &Rules) -> Result<Vec<Envelope>, WireErr
             target,
             types: item.types.into(),
             expires: item.expires,
+            seq: 0,
             frame: text_frame(item.push.get().as_bytes()),
         });
     }

@@ -107,10 +107,13 @@ fn addjob_arguments_and_ack_after_delivery() {
 
     // Let the consumer run: both jobs are delivered in order, then acknowledged.
     c.cmd(&["PAUSE", &queue, "none"]);
-    assert_eq!(
-        recv_json(&mut ws),
-        json!({"types":"notice","msg":{"x":1},"time":"t"})
+    let mut first = recv_json(&mut ws);
+    let id = first.as_object_mut().unwrap().remove("id");
+    assert!(
+        id.is_some_and(|id| id.is_string()),
+        "the delivering node gives it an id"
     );
+    assert_eq!(first, json!({"types":"notice","msg":{"x":1},"time":"t"}));
     assert_eq!(recv_json(&mut ws)["msg"], "a");
     assert_eq!(recv_json(&mut ws)["msg"], "b");
     for (id, _) in &jobs {

@@ -593,6 +593,7 @@ mod tests {
             target: Target::All,
             types: "notice".into(),
             expires,
+            seq: 0,
             frame: Arc::from(&b"\x81\x02{}"[..]),
         }
     }

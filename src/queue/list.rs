@@ -97,6 +97,7 @@ mod tests {
             target: Target::All,
             types: "notice".into(),
             expires: 0,
+            seq: 0,
             frame: Arc::from(&[n][..]),
         }
     }

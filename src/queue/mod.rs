@@ -10,6 +10,7 @@ pub mod driver;
 pub mod list;
 pub mod publisher;
 pub mod redis;
+pub mod streams;
 
 use std::fmt;
 use std::sync::Arc;

@@ -387,6 +387,7 @@ mod tests {
             target: Target::All,
             types: "t".into(),
             expires: 0,
+            seq: 0,
             frame: Arc::from(&[n; 9][..]),
         }]
     }

@@ -90,7 +90,9 @@ impl Server {
     /// are taken in slices of up to 64: each receiver gets its frames of a slice in
     /// one vectored write, so the syscalls are per receiver and slice rather than
     /// per message, and nothing is allocated per receiver.
-    fn deliver(&mut self, batch: Vec<Envelope>) {
+    fn deliver(&mut self, mut batch: Vec<Envelope>) {
+        self.sequence(&mut batch);
+        self.counters.messages_routed += batch.len() as u64;
         let now = unix_now();
         let live: Vec<&Envelope> = batch.iter().filter(|e| !e.is_expired(now)).collect();
         self.counters.expired += (batch.len() - live.len()) as u64;

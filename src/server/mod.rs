@@ -10,6 +10,7 @@
 //! - `routes.rs`: the URL table (`Route`) and what each URL answers
 //! - `ws_conn.rs`: the WebSocket phase: frames, control frames, subscribe, the close
 //! - `fanout.rs`: the queue's events and delivery to push receivers, back-pressure
+//! - `resume.rs`: delivery ids and retention of what is delivered, replay on `?since=`
 //! - `timers.rs`: the periodic scan, per-phase timeouts and the `Shutdown`
 //! - `conn.rs`: one connection's state and its output queue
 //! - `stats.rs`: counters, `/stats` and `/metrics`
@@ -22,6 +23,7 @@ mod admission;
 mod conn;
 mod fanout;
 mod http_conn;
+mod resume;
 mod routes;
 pub mod stats;
 mod stream;
@@ -39,6 +41,7 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use crate::config::Config;
+use crate::history::{Epoch, History};
 use crate::hub::Hub;
 use crate::message::Clock;
 use crate::queue::{Inbound, Notifier, Queue};
@@ -105,6 +108,10 @@ pub struct Server {
     scratch: Vec<u8>,
     admission: Admission,
     fanout: FanOut,
+    /// What this node delivered, kept for resumes (list and Disque backends).
+    history: History,
+    /// The last sequence number this node gave a message.
+    last_seq: u64,
     /// Connections whose read budget ran out with input perhaps left: edge-triggered
     /// readiness will not report it again, so they are read once more before the
     /// next wait. Serials tell a slot reused meanwhile.
@@ -147,6 +154,7 @@ impl Server {
         let now = Instant::now();
         let tick = timers::tick_for(&cfg);
         let scratch = vec![0; cfg.read_buffer];
+        let history = History::new(cfg.history_limits(), Epoch::new());
         Ok(Server {
             cfg,
             poll,
@@ -161,6 +169,8 @@ impl Server {
             scratch,
             admission: Admission::new(),
             fanout: FanOut::default(),
+            history,
+            last_seq: 0,
             unread: Vec::new(),
             inbound_left: false,
             started: now,

@@ -67,6 +67,8 @@ pub(super) struct Upgrade {
     pub types: TypeSet,
     /// The client behind a trusted proxy, to count against `-max-per-ip`.
     pub client_ip: Option<IpAddr>,
+    /// `?since=`: resume after this delivery id (`0`: everything retained).
+    pub since: Option<String>,
 }
 
 const DEMO_PAGE: &[u8] = include_bytes!("../../demo/socket.html");
@@ -136,7 +138,7 @@ impl Server {
                 });
             }
         };
-        let (uid, types) = match ws_params(&head.query) {
+        let (uid, types, since) = match ws_params(&head.query) {
             Ok(params) => params,
             Err(e) => return Action::Respond(e.response()),
         };
@@ -155,6 +157,7 @@ impl Server {
                 uid,
                 types,
                 client_ip,
+                since,
             }),
             Err(r) => {
                 if let Some(peer) = self.conns.get(key).map(|c| c.peer) {
@@ -249,6 +252,7 @@ impl Server {
             queue_backend: self.queue.name(),
             queue_state: self.queue.state(),
             queue_reconnects: self.queue.reconnects(),
+            history: self.history.stats(),
             queue_backlog: self.queue.backlog(),
             uptime_seconds: self.started.elapsed().as_secs(),
             rss_bytes: stats::rss_bytes(),
@@ -261,7 +265,9 @@ fn not_allowed(allow: &'static str) -> Response {
 }
 
 /// `uid` and `types` from a `/ws` query string.
-fn ws_params(query: &str) -> Result<(Option<String>, String), HttpError> {
+type WsParams = (Option<String>, String, Option<String>);
+
+fn ws_params(query: &str) -> Result<WsParams, HttpError> {
     let uid = query::get(query, "uid")?.filter(|u| !u.is_empty());
     if uid.as_ref().is_some_and(|u| u.len() > MAX_UID_LEN) {
         return Err(HttpError::BadRequest(format!(
@@ -269,7 +275,11 @@ fn ws_params(query: &str) -> Result<(Option<String>, String), HttpError> {
         )));
     }
     let types = query::get(query, "types")?.unwrap_or_default();
-    Ok((uid, types))
+    let since = query::get(query, "since")?;
+    if let Some(s) = &since {
+        crate::history::parse_id(s).map_err(|e| HttpError::BadRequest(format!("since: {e}")))?;
+    }
+    Ok((uid, types, since))
 }
 
 /// The client's `{"op":"subscribe","types":[…]}`; anything else is not an op.
@@ -300,11 +310,16 @@ mod tests {
 
     #[test]
     fn ws_query() {
-        let (uid, types) = ws_params("uid=a%20b&types=notice,chat").unwrap();
+        let (uid, types, since) = ws_params("uid=a%20b&types=notice,chat&since=1f-3").unwrap();
         assert_eq!(uid.as_deref(), Some("a b"));
         assert_eq!(types, "notice,chat");
-        assert_eq!(ws_params("").unwrap(), (None, String::new()));
-        assert_eq!(ws_params("uid=&types=").unwrap(), (None, String::new()));
+        assert_eq!(since.as_deref(), Some("1f-3"));
+        assert_eq!(ws_params("").unwrap(), (None, String::new(), None));
+        assert_eq!(
+            ws_params("uid=&types=").unwrap(),
+            (None, String::new(), None)
+        );
+        assert!(ws_params("since=yesterday").is_err());
         assert!(ws_params(&format!("uid={}", "x".repeat(300))).is_err());
     }
 

@@ -3,6 +3,7 @@
 use std::fmt::Write;
 
 use crate::auth::Refusal;
+use crate::history::{HistoryStats, Trim};
 use crate::queue::QueueState;
 
 /// Limits a request or connection ran into, counted beside the [`Refusal`]s.
@@ -41,6 +42,8 @@ pub struct Counters {
     pub messages_in: u64,
     /// Pushes handed to connections (one per receiver).
     pub messages_out: u64,
+    /// Messages taken from the queue and fanned out to this node's connections.
+    pub messages_routed: u64,
     /// Messages that reached their `timeout` before delivery.
     pub expired: u64,
     /// Pushes discarded unsent: the receiver was evicted or went away with a backlog.
@@ -51,6 +54,11 @@ pub struct Counters {
     pub refused: [u64; Refusal::LABELS.len()],
     /// Requests and connections cut off at a limit, by [`Limit::index`].
     pub limited: [u64; Limit::LABELS.len()],
+    /// Resumes (`?since=`) that had everything after `since`, and ones that did not.
+    pub resumes_complete: u64,
+    pub resumes_incomplete: u64,
+    /// Messages sent again by resumes.
+    pub replayed: u64,
     pub http_requests: u64,
     pub ws_opened: u64,
     pub ws_closed: u64,
@@ -78,6 +86,8 @@ pub struct Snapshot<'a> {
     pub queue_backlog: crate::queue::BacklogCounts,
     pub uptime_seconds: u64,
     pub rss_bytes: Option<u64>,
+    /// What this node retains for resumes.
+    pub history: HistoryStats,
 }
 
 /// A Prometheus metric: name, kind, help and value.
@@ -114,6 +124,12 @@ impl Snapshot<'_> {
                 c.messages_out,
             ),
             (
+                "messages_routed_total",
+                "counter",
+                "Messages taken from the queue and fanned out.",
+                c.messages_routed,
+            ),
+            (
                 "expired_total",
                 "counter",
                 "Messages expired before delivery.",
@@ -148,6 +164,36 @@ impl Snapshot<'_> {
                 "counter",
                 "Push connections closed.",
                 c.ws_closed,
+            ),
+            (
+                "resumes_complete_total",
+                "counter",
+                "Resumes (?since=) with nothing missing after since.",
+                c.resumes_complete,
+            ),
+            (
+                "resumes_incomplete_total",
+                "counter",
+                "Resumes answered complete:false.",
+                c.resumes_incomplete,
+            ),
+            (
+                "replayed_total",
+                "counter",
+                "Messages sent again by resumes.",
+                c.replayed,
+            ),
+            (
+                "history_messages",
+                "gauge",
+                "Messages retained for resumes on this node.",
+                self.history.messages as u64,
+            ),
+            (
+                "history_bytes",
+                "gauge",
+                "Bytes of messages retained for resumes on this node.",
+                self.history.bytes as u64,
             ),
             (
                 "uptime_seconds",
@@ -188,6 +234,7 @@ impl Snapshot<'_> {
             "users": self.users,
             "messages_in": c.messages_in,
             "messages_out": c.messages_out,
+            "messages_routed": c.messages_routed,
             "expired": c.expired,
             "dropped": c.dropped,
             "evicted_slow": c.evicted_slow,
@@ -195,6 +242,16 @@ impl Snapshot<'_> {
             "http_requests": c.http_requests,
             "ws_opened": c.ws_opened,
             "ws_closed": c.ws_closed,
+            "resumes": {
+                "complete": c.resumes_complete,
+                "incomplete": c.resumes_incomplete,
+                "replayed": c.replayed,
+            },
+            "history": {
+                "messages": self.history.messages,
+                "bytes": self.history.bytes,
+                "trimmed": Trim::ALL.iter().map(|t| (t.label().to_string(), self.history.trimmed(*t).into())).collect::<serde_json::Map<String, serde_json::Value>>(),
+            },
             "uptime_seconds": self.uptime_seconds,
             "rss_bytes": self.rss_bytes,
             "queue": {
@@ -223,6 +280,18 @@ impl Snapshot<'_> {
         );
         for (label, n) in c.refusals() {
             let _ = writeln!(s, "wspush_refused_total{{reason=\"{label}\"}} {n}");
+        }
+        let _ = writeln!(
+            s,
+            "# HELP wspush_history_trimmed_total Retained messages dropped before their time, by bound.\n# TYPE wspush_history_trimmed_total counter"
+        );
+        for t in Trim::ALL {
+            let _ = writeln!(
+                s,
+                "wspush_history_trimmed_total{{reason=\"{}\"}} {}",
+                t.label(),
+                self.history.trimmed(t)
+            );
         }
         let up = u64::from(self.queue_state == QueueState::Up);
         let _ = writeln!(
@@ -262,6 +331,11 @@ mod tests {
             },
             uptime_seconds: 9,
             rss_bytes: Some(4096),
+            history: HistoryStats {
+                messages: 4,
+                trimmed_size: 3,
+                ..Default::default()
+            },
         }
     }
 
@@ -290,6 +364,9 @@ mod tests {
         assert_eq!(v["queue"]["backend"], "list");
         assert_eq!(v["queue"]["state"], "up");
         assert_eq!(v["queue"]["reconnects"], 2);
+        assert_eq!(v["history"]["messages"], 4);
+        assert_eq!(v["history"]["trimmed"]["size"], 3);
+        assert_eq!(v["resumes"]["incomplete"], 0);
         assert_eq!(v["queue"]["dropped_behind"], 3);
         assert_eq!(v["queue"]["refused_behind"], 4);
     }
@@ -303,6 +380,8 @@ mod tests {
         let text = String::from_utf8(snap(&c).to_prometheus()).unwrap();
         assert!(text.contains("\nwspush_dropped_total 7\n"));
         assert!(text.contains("\nwspush_queue_reconnects_total 2\n"));
+        assert!(text.contains("\nwspush_history_messages 4\n"));
+        assert!(text.contains("wspush_history_trimmed_total{reason=\"size\"} 3\n"));
         assert!(text.contains("\nwspush_queue_dropped_behind_total 3\n"));
         assert!(text.contains("\nwspush_queue_refused_behind_total 4\n"));
         assert!(text.contains("wspush_queue_up{backend=\"list\",state=\"up\"} 1"));

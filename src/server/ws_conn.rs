@@ -88,10 +88,14 @@ impl Server {
         self.hub.join(key, up.uid.as_deref(), up.types);
         self.queue.set_listeners(self.hub.connections());
         self.counters.ws_opened += 1;
-        self.send(
+        let opened = self.send(
             key,
             Chunk::Owned(crate::ws::handshake::response(&up.accept)),
-        )
+        );
+        match up.since {
+            Some(since) if opened.alive() => self.replay(key, &since),
+            _ => opened,
+        }
     }
 
     pub(super) fn ws_step(&mut self, key: usize, buf: &mut [u8]) -> Step {

@@ -183,7 +183,8 @@ test("demo page: two uids, send form, reconnect after a server restart", { timeo
     await Promise.all([stateIs(a, "open"), stateIs(b, "open")]);
     assert.equal(await a.inputValue("#uid"), UID_A);
     assert.equal(await a.inputValue("#topic-ids"), UID_A);
-    assert.match(await a.textContent("#state-detail"), new RegExp(`/ws\\?uid=${UID_A}$`));
+    assert.match(await a.textContent("#state-detail"), new RegExp(`/ws\\?uid=${UID_A}&since=0$`));
+    assert.match(await a.textContent("#resume"), /first visit: nothing missed/);
     assert.equal(await a.textContent("#count"), "0");
 
     // From tab A to uid B only, msg as JSON.
@@ -254,6 +255,12 @@ test("demo page: two uids, send form, reconnect after a server restart", { timeo
     server = await startServer(port);
     assert.equal(server.port, port);
     await Promise.all([stateIs(a, "open"), stateIs(b, "open")]);
+    // A restarted list node has no history: the pages are told, not left guessing.
+    await a.waitForFunction(
+      () => /may be missing/.test(document.getElementById("resume").textContent),
+      null,
+      POLL,
+    );
 
     // After the restart: to uid A (its "chat" subscription kept), then to everyone.
     await sendOk(b, { topic: "uids", ids: UID_A, types: "chat", msg: '{"after":"restart"}', json: true });
@@ -288,5 +295,63 @@ test("demo page: two uids, send form, reconnect after a server restart", { timeo
       const exit = await stopServer(server);
       assert.equal(exit.code, 0, `graceful shutdown; stderr:\n${server.stderr}`);
     }
+  }
+});
+
+/** POST /send straight from the test, as a backend would. */
+async function backendSend(port, body) {
+  const res = await fetch(`http://127.0.0.1:${port}/send`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  assert.equal(res.status, 200, await res.text());
+}
+
+test("a reloaded page gets what was sent while it was away, once", { timeout: 60_000 }, async (t) => {
+  const server = await startServer();
+  const base = `http://127.0.0.1:${server.port}`;
+  const own = await chromium.launch({
+    executablePath: CHROMIUM,
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  });
+  try {
+    const page = await (await own.newContext()).newPage();
+    const pageErrors = [];
+    page.on("pageerror", (e) => pageErrors.push(String(e)));
+    await page.goto(`${base}/?uid=303&autoconnect=1`);
+    await stateIs(page, "open");
+    await backendSend(server.port, { topic: "uids", topic_ids: ["303"], msg: "before the reload" });
+    await countIs(page, 1);
+
+    // Away: the tab is gone while two messages are sent, one of them expiring at once.
+    await page.goto("about:blank");
+    await backendSend(server.port, { topic: "uids", topic_ids: ["303"], msg: "while away" });
+    await backendSend(server.port, { topic: "all", msg: "broadcast while away" });
+    const past = Math.floor(Date.now() / 1000) - 1;
+    await backendSend(server.port, { topic: "uids", topic_ids: ["303"], msg: "expired", timeout: past });
+
+    // Back: the page resumes from the id it kept in localStorage.
+    await page.goto(`${base}/?uid=303&autoconnect=1`);
+    await stateIs(page, "open");
+    await countIs(page, 2);
+    assert.deepEqual(
+      (await messages(page)).map((m) => m.body),
+      ["broadcast while away", "while away"],
+      "what was sent while away, newest first, and not what was seen before the reload",
+    );
+    assert.match(await page.textContent("#resume"), /resumed from last id .*: nothing missed/);
+    assert.match(await page.textContent("#state-detail"), /since=[0-9a-f]+-\d+$/);
+    await backendSend(server.port, { topic: "uids", topic_ids: ["303"], msg: "live again" });
+    await countIs(page, 3);
+    assert.deepEqual(pageErrors, []);
+    const shot = path.join(ARTIFACTS, "resume.png");
+    await page.screenshot({ path: shot, fullPage: true });
+    t.diagnostic(`screenshot: ${shot}`);
+  } finally {
+    await own.close().catch(() => {});
+    const exit = await stopServer(server);
+    assert.equal(exit.code, 0, `graceful shutdown; stderr:\n${server.stderr}`);
   }
 });

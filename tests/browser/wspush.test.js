@@ -107,11 +107,44 @@ function client(opts = {}) {
 
 const last = (a) => a[a.length - 1];
 
-test("the URL carries uid, types, expires and token", () => {
+test("the URL carries uid, types, expires, token and since", () => {
   const { c } = client({ uid: "7 8", types: " notice, chat,notice,", expires: 1767225600, token: "ab&c" });
-  assert.equal(c.buildUrl(), `${URL}?uid=7%208&types=notice,chat&expires=1767225600&token=ab%26c`);
-  assert.equal(client().c.buildUrl(), URL);
-  assert.equal(client({ url: `${URL}?x=1`, uid: "1" }).c.buildUrl(), `${URL}?x=1&uid=1`);
+  assert.equal(c.buildUrl(), `${URL}?uid=7%208&types=notice,chat&expires=1767225600&token=ab%26c&since=0`);
+  assert.equal(client({ resume: false }).c.buildUrl(), URL);
+  assert.equal(client({ url: `${URL}?x=1`, uid: "1", resume: false }).c.buildUrl(), `${URL}?x=1&uid=1`);
+});
+
+/** A Storage stand-in: what localStorage offers the client. */
+function memoryStorage() {
+  const m = new Map();
+  return { getItem: (k) => (m.has(k) ? m.get(k) : null), setItem: (k, v) => m.set(k, String(v)), map: m };
+}
+
+test("reconnects resume from the last id, kept per uid in storage across page loads", () => {
+  const storage = memoryStorage();
+  const resumes = [];
+  const { c, msgs } = client({ uid: "7", storage, onResume: (complete, since) => resumes.push([complete, since]) });
+  c.connect();
+  assert.match(FakeWebSocket.all[0].url, /[?&]since=0$/, "first visit asks for everything retained");
+  FakeWebSocket.all[0].accept();
+  FakeWebSocket.all[0].push('{"op":"resumed","complete":true}');
+  FakeWebSocket.all[0].push('{"types":"notice","msg":1,"time":"t","id":"a-1"}');
+  FakeWebSocket.all[0].push('{"types":"notice","msg":2,"time":"t","id":"a-2"}');
+  assert.equal(storage.getItem("wspush:last-id:7"), "a-2");
+  FakeWebSocket.all[0].drop(1006);
+  clock.tick(60_000);
+  assert.match(FakeWebSocket.all[1].url, /[?&]since=a-2$/);
+  FakeWebSocket.all[1].accept();
+  FakeWebSocket.all[1].push('{"op":"resumed","complete":false}');
+  // An overlap between a replay and what arrived before is never shown twice.
+  FakeWebSocket.all[1].push('{"types":"notice","msg":2,"time":"t","id":"a-2"}');
+  FakeWebSocket.all[1].push('{"types":"notice","msg":3,"time":"t","id":"a-3"}');
+  assert.deepEqual(msgs.map(([m]) => m.msg), [1, 2, 3]);
+  assert.deepEqual(resumes, [[true, "0"], [false, "a-2"]]);
+  // A new page for the same uid starts from the stored id; another uid from 0.
+  const again = client({ uid: "7", storage });
+  assert.match(again.c.buildUrl(), /[?&]since=a-3$/);
+  assert.match(client({ uid: "8", storage }).c.buildUrl(), /[?&]since=0$/);
 });
 
 test("backoff doubles from minDelay up to maxDelay, with full jitter and a 100 ms floor", () => {
@@ -139,9 +172,9 @@ test("reconnects after the server goes away, waiting longer each time, and reset
   Math.random = () => 1;
   const { c, states } = client({ uid: "1", stableAfter: 5000 });
   c.connect();
-  assert.deepEqual(last(states), ["connecting", { url: `${URL}?uid=1`, attempt: 0 }]);
+  assert.deepEqual(last(states), ["connecting", { url: `${URL}?uid=1&since=0`, attempt: 0 }]);
   FakeWebSocket.all[0].accept();
-  assert.deepEqual(last(states), ["open", { url: `${URL}?uid=1` }]);
+  assert.deepEqual(last(states), ["open", { url: `${URL}?uid=1&since=0` }]);
 
   FakeWebSocket.all[0].drop(1001, "shutting down");
   assert.deepEqual(last(states), [
@@ -153,7 +186,7 @@ test("reconnects after the server goes away, waiting longer each time, and reset
   assert.equal(FakeWebSocket.all.length, 1);
   clock.tick(1);
   assert.equal(FakeWebSocket.all.length, 2);
-  assert.equal(FakeWebSocket.all[1].url, `${URL}?uid=1`);
+  assert.equal(FakeWebSocket.all[1].url, `${URL}?uid=1&since=0`);
 
   // Refused twice: the waits double.
   FakeWebSocket.all[1].drop(1006);
@@ -210,7 +243,7 @@ test("subscribe sends the op frame when open, or on open, and keeps the types fo
 
   FakeWebSocket.all[0].drop(1001);
   clock.tick(60_000);
-  assert.equal(FakeWebSocket.all[1].url, `${URL}?uid=5&types=chat`);
+  assert.equal(FakeWebSocket.all[1].url, `${URL}?uid=5&types=chat&since=0`);
   FakeWebSocket.all[1].accept();
   assert.deepEqual(FakeWebSocket.all[1].sent, [], "the URL already carries the types");
 });
