@@ -180,7 +180,8 @@ fn redis_restart_recovers_without_node_restart() {
     let (a, b) = two_nodes(&redis, &["-queue-timeout=1s", "-queue-backoff=1s"]);
     let mut ws = b.ws("uid=5");
     a.send_ok(r#"{"topic":"uids","topic_ids":[5],"msg":"before"}"#);
-    assert_eq!(recv_json(&mut ws)["msg"], "before");
+    let before = recv_json(&mut ws);
+    assert_eq!(before["msg"], "before");
 
     redis.kill();
     let killed = Instant::now();
@@ -214,7 +215,18 @@ fn redis_restart_recovers_without_node_restart() {
 
     redis.restart();
     let restarted = Instant::now();
-    // Delivery resumes by itself: keep sending until a message reaches node B.
+    // This Redis keeps nothing on disk: it came back empty, so node B cannot tell
+    // what its connections missed and sends them off to resume (close 1012), and
+    // the resume says that something may be missing.
+    match ws.read() {
+        Ok(tungstenite::Message::Close(Some(c))) => assert_eq!(u16::from(c.code), 1012),
+        other => panic!("expected close 1012, got {other:?}"),
+    }
+    wait_health(&b, 200);
+    let mut ws = b.ws(&format!("uid=5&since={}", before["id"].as_str().unwrap()));
+    let head = recv_json(&mut ws);
+    assert_eq!(head, json!({"op":"resumed","complete":false}));
+    // Delivery goes on: keep sending until a message reaches node B.
     let mut n = 0;
     let resumed = loop {
         assert!(
