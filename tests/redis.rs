@@ -474,29 +474,3 @@ fn no_200_while_the_nodes_own_subscription_is_down() {
     );
 }
 
-/// The figure of #10 item 1: two nodes on one Redis, a client on node B, /send to
-/// node A every 5 ms, Redis killed and restarted twice. Counts the messages answered
-/// 200 that never arrived. The window left (node B re-subscribing after node A's
-/// links are back) is closed by history in Redis, not here.
-/// `cargo test --test redis -- --ignored --nocapture measure_loss`.
-#[test]
-#[ignore = "measurement, about 10 s, run by hand"]
-fn measure_loss_across_two_redis_restarts() {
-    let mut redis = RedisServer::start();
-    let (a, b) = two_nodes(&redis, &[]);
-    let ws = b.ws("uid=1");
-    let (accepted, lost) = accepted_but_lost(&a, ws, || {
-        for _ in 0..2 {
-            thread::sleep(Duration::from_secs(1));
-            redis.kill();
-            wait_health(&a, 503);
-            redis.restart();
-            wait_health(&a, 200);
-            wait_health(&b, 200);
-        }
-        thread::sleep(Duration::from_secs(1));
-    });
-    report(&format!(
-        "measured: two Redis restarts, two nodes: {accepted} answered 200, {lost} of them never delivered"
-    ));
-}

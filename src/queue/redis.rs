@@ -176,13 +176,12 @@ fn publish(
     batch: &[Envelope],
     fresh: Epoch,
 ) -> Result<(), SendError> {
-    let receivers = streams.append(con, channel, batch, fresh)?.receivers;
-    // A live node counts its own subscriber, so nobody at all means this node's
-    // subscription is gone too and its connections would miss the batch.
-    if receivers == 0 {
-        return Err(SendError::Refused(
-            "no subscriber received the message, this node's is down".into(),
-        ));
+    let appended = streams.append(con, channel, batch, fresh)?;
+    // Nobody subscribed (this node's subscriber included) is no loss now: the
+    // message is in the history, and a subscriber that comes back catches up on
+    // it before anything newer. A 503 here would only make the sender repeat it.
+    if appended.receivers == 0 {
+        debug!("Redis: published to no subscriber; kept in history");
     }
     Ok(())
 }
