@@ -101,6 +101,10 @@ fn send_on_one_node_reaches_clients_on_every_node() {
     let want = json!({"types":"notice","msg":{"k":[1,2.5]},"time":"2019-12-12 12:12:12"});
     let (on_b, on_a) = (recv_json(&mut b_u1), recv_json(&mut a_u1));
     assert!(on_b["id"].is_string(), "{on_b}");
+    assert_eq!(
+        on_b["id"], on_a["id"],
+        "the history gives one id on every node"
+    );
     assert_eq!(without_id(on_b), want);
     assert_eq!(without_id(on_a), want);
 
@@ -473,4 +477,3 @@ fn no_200_while_the_nodes_own_subscription_is_down() {
         "{lost} of {accepted} messages answered 200 were lost"
     );
 }
-

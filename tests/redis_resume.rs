@@ -31,11 +31,18 @@ fn a_client_resumes_on_the_other_node_with_the_same_ids() {
     let redis = RedisServer::start();
     let (a, b) = two_nodes(&redis, &[]);
     let mut on_a = a.ws("uid=7&since=0");
-    assert_eq!(recv_json(&mut on_a), json!({"op":"resumed","complete":true}));
+    assert_eq!(
+        recv_json(&mut on_a),
+        json!({"op":"resumed","complete":true})
+    );
     let mut watcher = b.ws("uid=7");
     a.send_ok(&json!({"topic":"uids","topic_ids":["7"],"msg":"seen"}).to_string());
     let seen = recv_json(&mut on_a);
-    assert_eq!(recv_json(&mut watcher)["id"], seen["id"], "one id on every node");
+    assert_eq!(
+        recv_json(&mut watcher)["id"],
+        seen["id"],
+        "one id on every node"
+    );
     drop(on_a);
     a.send_ok(&json!({"topic":"uids","topic_ids":["7"],"msg":"missed 1"}).to_string());
     b.send_ok(&json!({"topic":"all","msg":"missed 2"}).to_string());
@@ -46,9 +53,14 @@ fn a_client_resumes_on_the_other_node_with_the_same_ids() {
 
     let id = seen["id"].as_str().unwrap();
     let mut on_b = b.ws(&format!("uid=7&since={id}"));
-    assert_eq!(recv_json(&mut on_b), json!({"op":"resumed","complete":true}));
+    assert_eq!(
+        recv_json(&mut on_b),
+        json!({"op":"resumed","complete":true})
+    );
     a.send_ok(&json!({"topic":"uids","topic_ids":["7"],"msg":"live"}).to_string());
-    let got: Vec<Value> = (0..3).map(|_| recv_json(&mut on_b)["msg"].clone()).collect();
+    let got: Vec<Value> = (0..3)
+        .map(|_| recv_json(&mut on_b)["msg"].clone())
+        .collect();
     assert_eq!(got, [json!("missed 1"), json!("missed 2"), json!("live")]);
     let stats = b.stats();
     assert_eq!(stats["resumes"]["complete"], 1, "{stats}");
@@ -116,7 +128,10 @@ fn every_accepted_message_arrives_once(
         .map(|&addr| {
             let got = Arc::new(Mutex::new(Vec::new()));
             let g = got.clone();
-            (got, std::thread::spawn(move || resuming_client(addr, g, deadline)))
+            (
+                got,
+                std::thread::spawn(move || resuming_client(addr, g, deadline)),
+            )
         })
         .collect();
     // Both clients are subscribed before the first message.
@@ -134,13 +149,19 @@ fn every_accepted_message_arrives_once(
         });
         fault(redis);
     }
-    wait_until("more accepted after the last fault", Duration::from_secs(30), || {
-        accepted.load(Ordering::Acquire) >= (faults + 1) * every
-    });
+    wait_until(
+        "more accepted after the last fault",
+        Duration::from_secs(30),
+        || accepted.load(Ordering::Acquire) >= (faults + 1) * every,
+    );
     stop.store(true, Ordering::Release);
     let ok = sender.join().unwrap();
     wait_until("an end marker accepted", Duration::from_secs(20), || {
-        send_to(a.addr, &json!({"topic":"uids","topic_ids":["r"],"msg":"end"}).to_string()).status
+        send_to(
+            a.addr,
+            &json!({"topic":"uids","topic_ids":["r"],"msg":"end"}).to_string(),
+        )
+        .status
             == 200
     });
     for (got, client) in clients {
@@ -160,7 +181,10 @@ fn every_accepted_message_arrives_once(
             lost.len()
         ));
         assert!(lost.is_empty(), "answered 200, never received: {lost:?}");
-        assert!(got.windows(2).all(|w| w[0] < w[1] || w[0] % 2 != w[1] % 2), "order per sender node");
+        assert!(
+            got.windows(2).all(|w| w[0] < w[1] || w[0] % 2 != w[1] % 2),
+            "order per sender node"
+        );
     }
 }
 
