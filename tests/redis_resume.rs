@@ -83,9 +83,12 @@ fn flood(nodes: [SocketAddr; 2], stop: Arc<AtomicBool>, accepted: Arc<AtomicU64>
     ok
 }
 
+/// The message numbers a client received, in order.
+type Received = Arc<Mutex<Vec<u64>>>;
+
 /// A client as `wspush.js` is: it keeps the last id and reconnects with `since`
 /// whenever its connection ends, until it has seen the message `"end"`.
-fn resuming_client(addr: SocketAddr, got: Arc<Mutex<Vec<u64>>>, deadline: Instant) {
+fn resuming_client(addr: SocketAddr, got: Received, deadline: Instant) {
     let mut last = "0".to_string();
     loop {
         assert!(Instant::now() < deadline, "the client never saw the end");
@@ -123,7 +126,7 @@ fn every_accepted_message_arrives_once(
     let (a, b) = nodes;
     let addrs = [a.addr, b.addr];
     let deadline = Instant::now() + Duration::from_secs(60);
-    let clients: Vec<(Arc<Mutex<Vec<u64>>>, std::thread::JoinHandle<()>)> = addrs
+    let clients: Vec<(Received, std::thread::JoinHandle<()>)> = addrs
         .iter()
         .map(|&addr| {
             let got = Arc::new(Mutex::new(Vec::new()));
