@@ -197,6 +197,10 @@ flags! {
     /// Bytes of retained messages on this node (list and Disque; with Redis, Redis holds them).
     history_bytes: usize = 32 * 1024 * 1024,
         "history-bytes" "BYTES" positive, "bytes of messages this node keeps for resume, oldest dropped first";
+    /// Messages Redis keeps in the node-wide log a node reads after a lost
+    /// subscription (a gap longer than this sends its connections off to resume).
+    history_log: usize = 100_000,
+        "history-log" "N" positive, "messages Redis keeps for nodes catching up after a lost subscription";
     ping_interval: Duration = Duration::from_secs(30),
         "ping-interval" "DUR" duration, "ping a silent connection after";
     idle_timeout: Duration = Duration::from_secs(75),

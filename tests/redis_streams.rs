@@ -79,7 +79,7 @@ fn appends_publish_in_order_and_a_resume_merges_uid_and_all() {
     let mut sub = connect(&redis);
     let mut pubsub = sub.as_pubsub();
     pubsub.subscribe("ch").unwrap();
-    let s = Streams::new("t", 300, 100, Rules::default());
+    let s = Streams::new("t", 300, 100, 1000, Rules::default());
     let a = s
         .append(
             &mut con,
@@ -129,7 +129,7 @@ fn appends_publish_in_order_and_a_resume_merges_uid_and_all() {
 fn expired_messages_are_not_replayed_and_are_not_missing() {
     let redis = RedisServer::start();
     let mut con = connect(&redis);
-    let s = Streams::new("t", 300, 100, Rules::default());
+    let s = Streams::new("t", 300, 100, 1000, Rules::default());
     let past = now_ms() / 1000 - 1;
     let a = s
         .append(
@@ -155,7 +155,7 @@ fn expired_messages_are_not_replayed_and_are_not_missing() {
 fn a_size_trim_makes_older_resumes_incomplete() {
     let redis = RedisServer::start();
     let mut con = connect(&redis);
-    let s = Streams::new("t", 300, 2, Rules::default());
+    let s = Streams::new("t", 300, 2, 1000, Rules::default());
     let batch: Vec<Envelope> = (0..4)
         .map(|i| env(uids(&["1"]), "notice", 0, &format!("m{i}")))
         .collect();
@@ -180,7 +180,7 @@ fn a_size_trim_makes_older_resumes_incomplete() {
 fn a_redis_that_lost_its_data_never_answers_complete_for_an_old_id() {
     let redis = RedisServer::start();
     let mut con = connect(&redis);
-    let s = Streams::new("t", 300, 100, Rules::default());
+    let s = Streams::new("t", 300, 100, 1000, Rules::default());
     let a = s
         .append(
             &mut con,
@@ -222,7 +222,7 @@ fn a_redis_that_lost_its_data_never_answers_complete_for_an_old_id() {
 fn an_expired_stream_is_complete_only_for_a_recent_id() {
     let redis = RedisServer::start();
     let mut con = connect(&redis);
-    let s = Streams::new("t", 300, 100, Rules::default());
+    let s = Streams::new("t", 300, 100, 1000, Rules::default());
     let a = s
         .append(
             &mut con,
@@ -256,7 +256,7 @@ fn an_expired_stream_is_complete_only_for_a_recent_id() {
 fn a_read_cut_by_its_limit_is_incomplete() {
     let redis = RedisServer::start();
     let mut con = connect(&redis);
-    let s = Streams::new("t", 300, 100, Rules::default());
+    let s = Streams::new("t", 300, 100, 1000, Rules::default());
     let batch: Vec<Envelope> = (0..5)
         .map(|i| env(uids(&["1"]), "notice", 0, &format!("m{i}")))
         .collect();

@@ -9,6 +9,7 @@ pub mod disque;
 pub mod driver;
 pub mod list;
 pub mod publisher;
+pub mod reader;
 pub mod redis;
 pub mod streams;
 
@@ -46,6 +47,26 @@ pub enum Inbound {
     /// A subscription that was lost is live again. What was published in between
     /// never reached this node: this is where the gap is filled from history.
     Resubscribed,
+    /// A lost subscription's gap could not be filled (history trimmed past it, or
+    /// Redis lost its data): the node's connections may have missed messages and
+    /// are told to reconnect, so that each resumes from its own last id.
+    Unfilled,
+    /// The history a resuming connection asked for ([`Queue::resume`]).
+    History {
+        ticket: Ticket,
+        fetched: Result<streams::Fetched, String>,
+    },
+}
+
+/// Where a resume's history comes from.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Resume {
+    /// The node's own retention (`list`, Disque): the reactor replays at once.
+    Local,
+    /// The backend reads it and answers with [`Inbound::History`].
+    Pending,
+    /// It cannot be read now (too many reads waiting): answer `complete:false`.
+    Unavailable,
 }
 
 /// The immediate answer to a publish.
@@ -118,6 +139,12 @@ pub trait Queue: Send {
     /// every timer tick. Runs on the reactor thread: must not block. No backend
     /// needs it any more: each Disque node consumes its own queue, clients or not.
     fn set_listeners(&mut self, _n: usize) {}
+
+    /// Asks for the history after `since` for a resuming connection. Runs on the
+    /// reactor thread: must not block.
+    fn resume(&mut self, _ticket: Ticket, _uid: Option<&str>, _since: &str) -> Resume {
+        Resume::Local
+    }
 
     /// How often the backend has re-established a lost connection.
     fn reconnects(&self) -> u64 {

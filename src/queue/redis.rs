@@ -1,14 +1,15 @@
-//! Redis pub/sub: `/send` on any node PUBLISHes to one channel, every node
-//! SUBSCRIBEs to it and pushes what arrives to its own connections (active/active).
+//! Redis: `/send` on any node appends each message to the history streams and
+//! PUBLISHes it in one script (`streams.rs`); every node SUBSCRIBEs to the channel
+//! and pushes what arrives to its own connections (active/active).
 //!
-//! Two threads, two connections: the shared publisher thread (`publisher.rs`) and
-//! a subscriber that decodes batches and builds their frames before the reactor
-//! sees them. Both reconnect with backoff by themselves. Pub/sub keeps nothing: a
-//! node whose subscription is down misses what is published meanwhile, which is
-//! why `/healthz` is 503 then and a load balancer routes clients elsewhere, and
-//! why `/send` on that node answers 503 too (its own connections would miss the
-//! message), as it does when PUBLISH reaches no subscriber at all. Another node
-//! that is still re-subscribing is not seen from here: that gap needs history.
+//! Three threads, three connections: the shared publisher thread (`publisher.rs`),
+//! a subscriber that decodes messages and builds their frames (with their delivery
+//! ids) before the reactor sees them, and a reader for resumes (`reader.rs`). Each
+//! reconnects by itself. Pub/sub keeps nothing, the history does: a subscriber that
+//! was cut off reads what it missed from the log stream before it goes on with live
+//! messages, skipping those it already has by their ids, so a Redis restart or a
+//! network fault costs this node's connections nothing. While it is not subscribed
+//! `/healthz` and `/send` answer 503, as before.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -18,10 +19,13 @@ use std::time::{Duration, Instant};
 
 use super::driver::{Driver, Ended, Session};
 use super::publisher::{self, BackendError, Endpoint, Publisher, SendError, SendFn, Settings};
+use super::reader::Reader;
+use super::streams::{Streams, seq_of};
 use super::{
     BacklogCounts, Backoff, Inbound, Link, Notifier, Queue, QueueError, QueueState, ReactorGone,
-    Submit, Ticket, TrySend,
+    Resume, Submit, Ticket, TrySend,
 };
+use crate::history::Epoch;
 use crate::message::{self, Envelope};
 
 /// How often a blocked subscriber looks at its stop flag. Shutdown waits at most
@@ -45,6 +49,10 @@ pub struct RedisSettings {
     pub backlog: usize,
     /// What another node's batch must satisfy, as `/send` does.
     pub rules: message::Rules,
+    /// `-history-ttl` (seconds), `-history-size`, `-history-log`.
+    pub history_ttl: u64,
+    pub history_size: usize,
+    pub history_log: usize,
 }
 
 impl RedisSettings {
@@ -57,7 +65,20 @@ impl RedisSettings {
             backoff: cfg.queue_backoff,
             backlog: cfg.queue_backlog,
             rules: message::Rules::new(cfg),
+            history_ttl: cfg.history_ttl.as_secs(),
+            history_size: cfg.history_size,
+            history_log: cfg.history_log,
         }
+    }
+
+    fn streams(&self) -> Streams {
+        Streams::new(
+            &self.channel,
+            self.history_ttl,
+            self.history_size,
+            self.history_log,
+            self.rules,
+        )
     }
 }
 
@@ -70,6 +91,7 @@ pub struct RedisQueue {
     backlog: usize,
     dropped: Arc<AtomicU64>,
     refused: u64,
+    reader: Reader,
 }
 
 impl RedisQueue {
@@ -87,6 +109,9 @@ impl RedisQueue {
             timeout: set.timeout,
             backlog: Backlog::new(set.backlog, held.clone(), dropped.clone()),
             rules: set.rules,
+            streams: set.streams(),
+            seen: None,
+            log_limit: set.history_log,
         };
         let driver = Driver::new(
             "Redis subscriber",
@@ -100,8 +125,20 @@ impl RedisQueue {
         thread::Builder::new()
             .name("wspush-redis-sub".into())
             .spawn(move || driver.run(subscriber))?;
+        let reader = Reader::start(
+            endpoint.clone(),
+            set.streams(),
+            set.timeout,
+            set.capacity,
+            set.history_size,
+            notifier.clone(),
+        )?;
         let channel = set.channel.clone();
-        let send: SendFn = Box::new(move |con, batch| publish(con, &channel, batch));
+        let streams = set.streams();
+        // The epoch a Redis without one takes: the first node to publish sets it.
+        let fresh = Epoch::new();
+        let send: SendFn =
+            Box::new(move |con, batch| publish(con, &streams, &channel, batch, fresh));
         let publisher = Publisher::start(
             endpoint,
             Settings {
@@ -126,26 +163,25 @@ impl RedisQueue {
             backlog: set.backlog,
             dropped,
             refused: 0,
+            reader,
         })
     }
 }
 
-/// One batch to every subscribed node, this one included.
+/// One batch into the history and to every subscribed node, this one included.
 fn publish(
     con: &mut ::redis::Connection,
+    streams: &Streams,
     channel: &str,
     batch: &[Envelope],
+    fresh: Epoch,
 ) -> Result<(), SendError> {
-    let receivers: i64 = ::redis::cmd("PUBLISH")
-        .arg(channel)
-        .arg(message::encode_wire(batch))
-        .query(con)?;
-    // A live node counts its own subscriber, so nobody at all means this node's
-    // subscription is gone too and its connections would miss the batch.
-    if receivers == 0 {
-        return Err(SendError::Refused(
-            "no subscriber received the message, this node's is down".into(),
-        ));
+    let appended = streams.append(con, channel, batch, fresh)?;
+    // Nobody subscribed (this node's subscriber included) is no loss now: the
+    // message is in the history, and a subscriber that comes back catches up on
+    // it before anything newer. A 503 here would only make the sender repeat it.
+    if appended.receivers == 0 {
+        debug!("Redis: published to no subscriber; kept in history");
     }
     Ok(())
 }
@@ -180,6 +216,10 @@ impl Queue for RedisQueue {
 
     fn close(&mut self) {
         self.publisher.close();
+    }
+
+    fn resume(&mut self, ticket: Ticket, uid: Option<&str>, since: &str) -> Resume {
+        self.reader.request(ticket, uid, since)
     }
 
     fn reconnects(&self) -> u64 {
@@ -292,6 +332,83 @@ struct Subscriber {
     timeout: Duration,
     backlog: Backlog,
     rules: message::Rules,
+    streams: Streams,
+    /// The epoch and sequence number of the newest message delivered: where a
+    /// re-subscription picks up, and below which a live message is a repeat.
+    seen: Option<(Epoch, u64)>,
+    /// The most messages one catch-up reads from the log.
+    log_limit: usize,
+}
+
+impl Subscriber {
+    /// A published message, `<epoch> <stream id> <wire batch>`, with its delivery
+    /// id in its frame; `None` for a repeat of one already delivered. A bare wire
+    /// batch (a node without history) is delivered as it is.
+    fn decode(&mut self, payload: &[u8]) -> Result<Option<Vec<Envelope>>, String> {
+        let mut parts = payload.splitn(3, |&b| b == b' ');
+        let (Some(epoch), Some(id), Some(wire)) = (parts.next(), parts.next(), parts.next()) else {
+            return message::decode_wire(payload, &self.rules)
+                .map(Some)
+                .map_err(|e| e.to_string());
+        };
+        let epoch = std::str::from_utf8(epoch)
+            .ok()
+            .filter(|e| !e.is_empty() && e.len() <= 8)
+            .and_then(|e| u32::from_str_radix(e, 16).ok())
+            .map(Epoch)
+            .ok_or("bad epoch")?;
+        let seq = std::str::from_utf8(id)
+            .ok()
+            .and_then(seq_of)
+            .ok_or("bad id")?;
+        if self.seen.is_some_and(|(e, last)| e == epoch && seq <= last) {
+            return Ok(None);
+        }
+        let mut batch = message::decode_wire(wire, &self.rules).map_err(|e| e.to_string())?;
+        let id = epoch.id(seq);
+        for env in &mut batch {
+            env.set_id(seq, &id);
+        }
+        self.seen = Some((epoch, seq));
+        Ok(Some(batch))
+    }
+
+    /// After a re-subscription: what was published while this node was not
+    /// listening, from the log, before any live message. A gap the log cannot
+    /// fill whole makes the reactor send its connections off to resume.
+    fn catch_up(&mut self, driver: &mut Driver) -> Result<(), Ended> {
+        let Some((epoch, after)) = self.seen else {
+            return Ok(());
+        };
+        let fetched = self
+            .endpoint
+            .connect(self.timeout)
+            .and_then(|mut con| self.streams.fill(&mut con, epoch, after, self.log_limit, 0));
+        let event = match fetched {
+            Ok(f) if f.complete => {
+                if let Some(last) = f.batch.last() {
+                    self.seen = Some((epoch, last.seq));
+                }
+                info!(
+                    "Redis subscriber: {} missed messages read from history",
+                    f.batch.len()
+                );
+                (!f.batch.is_empty()).then_some(Inbound::Deliver(f.batch))
+            }
+            Ok(_) => {
+                warn!("Redis subscriber: the gap is no longer in history; connections resume");
+                self.seen = None;
+                Some(Inbound::Unfilled)
+            }
+            Err(e) => return Err(Ended::Lost(format!("reading history: {e}"))),
+        };
+        if let Some(event) = event
+            && driver.notifier.send(event).is_err()
+        {
+            return Err(Ended::ReactorGone);
+        }
+        Ok(())
+    }
 }
 
 impl Session for Subscriber {
@@ -305,8 +422,14 @@ impl Session for Subscriber {
         if let Err(e) = sub.subscribe(&self.channel) {
             return Ended::Lost(e.to_string());
         }
-        if driver.up() && driver.notifier.send(Inbound::Resubscribed).is_err() {
-            return Ended::ReactorGone;
+        if driver.up() {
+            if driver.notifier.send(Inbound::Resubscribed).is_err() {
+                return Ended::ReactorGone;
+            }
+            // Live messages wait unread in the socket meanwhile, in order.
+            if let Err(ended) = self.catch_up(driver) {
+                return ended;
+            }
         }
         if let Err(e) = sub.set_read_timeout(Some(TICK)) {
             return Ended::Lost(e.to_string());
@@ -340,12 +463,13 @@ impl Session for Subscriber {
             match sub.get_message() {
                 Ok(msg) => {
                     heard = Instant::now();
-                    match message::decode_wire(msg.get_payload_bytes(), &self.rules) {
-                        Ok(batch) => {
+                    match self.decode(msg.get_payload_bytes()) {
+                        Ok(Some(batch)) => {
                             if self.backlog.push(batch, &driver.notifier).is_err() {
                                 return Ended::ReactorGone;
                             }
                         }
+                        Ok(None) => {}
                         Err(e) => warn!("Redis channel {:?}: {e}; skipped", self.channel),
                     }
                 }

@@ -8,6 +8,8 @@
 //! - `<name>:{meta}:epoch` — who issued the ids: a Redis that restarted empty gets a
 //!   new one, so resumes from before it answer `complete:false`.
 //! - `<name>:{meta}:clock` — the last stream id issued, so ids grow across all streams.
+//! - `<name>:{meta}:log` — every message once, in order, bounded by `-history-log`: a
+//!   node whose subscription was interrupted reads what it missed from here.
 //!
 //! A delivery id is `<epoch hex>-<seq>` with `seq = ms * 1024 + n`: one number orders
 //! a uid's messages and the broadcasts among each other (the script runs serially, so
@@ -57,9 +59,10 @@ local ms = tonumber(clock[1]) or 0
 local n = tonumber(clock[2]) or -1
 local ttl = tonumber(ARGV[2])
 local maxlen = tonumber(ARGV[3])
+local loglen = tonumber(ARGV[5])
 local out = {epoch}
 local fewest = -1
-local i = 5
+local i = 6
 while i <= #ARGV do
   if now > ms then ms = now; n = 0 else n = n + 1 end
   if n >= 1024 then ms = ms + 1; n = 0 end
@@ -87,6 +90,8 @@ while i <= #ARGV do
     if lost then redis.call('XSETID', key, id, 'MAXDELETEDID', lost) end
     redis.call('PEXPIRE', key, ttl)
   end
+  redis.call('XADD', KEYS[3], 'MAXLEN', loglen, id, 'm', payload)
+  redis.call('XTRIM', KEYS[3], 'MINID', string.format('%d-0', ms - ttl))
   local got = redis.call('PUBLISH', ARGV[1], epoch .. ' ' .. id .. ' ' .. payload)
   if fewest < 0 or got < fewest then fewest = got end
   out[#out + 1] = id
@@ -101,7 +106,8 @@ return out
 /// its entries after a stream id, in one atomic step.
 const READ: &str = r#"
 local epoch = redis.call('GET', KEYS[1])
-local out = {epoch or false}
+local t = redis.call('TIME')
+local out = {epoch or false, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
 -- An id of another epoch says nothing about these streams: read them whole.
 local start = ARGV[1]
 if epoch ~= ARGV[3] then start = '-' end
@@ -161,6 +167,8 @@ pub struct Streams {
     ttl_ms: u64,
     /// `-history-size`: entries per stream.
     size: usize,
+    /// `-history-log`: entries of the node-wide log.
+    log: usize,
     append: Script,
     read: Script,
     /// What another node's message must satisfy, as on the wire.
@@ -186,11 +194,12 @@ pub struct Fetched {
 }
 
 impl Streams {
-    pub fn new(name: &str, ttl_secs: u64, size: usize, rules: Rules) -> Self {
+    pub fn new(name: &str, ttl_secs: u64, size: usize, log: usize, rules: Rules) -> Self {
         Streams {
             name: name.to_string(),
             ttl_ms: ttl_secs.saturating_mul(1000).max(1),
             size: size.max(1),
+            log: log.max(1),
             append: Script::new(APPEND),
             read: Script::new(READ),
             rules,
@@ -218,12 +227,13 @@ impl Streams {
         batch: &[Envelope],
         fresh: Epoch,
     ) -> RedisResult<Appended> {
-        let mut keys = vec![self.meta("epoch"), self.meta("clock")];
+        let mut keys = vec![self.meta("epoch"), self.meta("clock"), self.meta("log")];
         let mut args: Vec<Vec<u8>> = vec![
             channel.as_bytes().to_vec(),
             self.ttl_ms.to_string().into_bytes(),
             self.size.to_string().into_bytes(),
             format!("{:x}", fresh.0).into_bytes(),
+            self.log.to_string().into_bytes(),
         ];
         for env in batch {
             let streams: Vec<String> = match &env.target {
@@ -241,6 +251,28 @@ impl Streams {
             args.push(encode_wire(std::slice::from_ref(env)));
         }
         parse_appended(self.append.run(con, &keys, &args)?, batch.len())
+    }
+
+    /// What a node missed while it was not subscribed: the log after `after`, at most
+    /// `limit` messages, and whether that is all of it (nothing trimmed in between,
+    /// same epoch, not cut by `limit`).
+    pub fn fill(
+        &self,
+        con: &mut Connection,
+        epoch: Epoch,
+        after: u64,
+        limit: usize,
+        now_ms: u64,
+    ) -> RedisResult<Fetched> {
+        let keys = vec![self.meta("epoch"), self.meta("log")];
+        let since = epoch.id(after);
+        let args = vec![
+            format!("({}", stream_id(after)).into_bytes(),
+            limit.max(1).to_string().into_bytes(),
+            format!("{:x}", epoch.0).into_bytes(),
+        ];
+        let reply = self.read.run(con, &keys, &args)?;
+        parse_fetched(reply, &since, limit, now_ms, u64::MAX, &self.rules)
     }
 
     /// Reads what `uid` and `all` got after `since`, at most `limit` per stream.
@@ -383,9 +415,12 @@ fn parse_fetched(
     let Value::Array(items) = reply else {
         return Err(bad("read: not an array"));
     };
-    let Some(epoch) = items.first().map(epoch_of) else {
-        return Err(bad("read: empty"));
+    let (Some(epoch), Some(Value::Int(redis_now))) = (items.first().map(epoch_of), items.get(1))
+    else {
+        return Err(bad("read: head"));
     };
+    // Redis's clock decides what left retention; a later `now_ms` (a test's) wins.
+    let now_ms = now_ms.max(u64::try_from(*redis_now).unwrap_or(0));
     // No epoch: Redis holds no history at all (restarted empty, or nothing sent yet).
     let Some(epoch) = epoch else {
         return Ok(Fetched {
@@ -401,7 +436,7 @@ fn parse_fetched(
     let window_start = now_ms.saturating_sub(ttl_ms) * PER_MS;
     let mut complete = since != Since::Foreign;
     let mut merged: Vec<(u64, Envelope)> = Vec::new();
-    for v in &items[1..] {
+    for v in &items[2..] {
         match parse_part(v, epoch, limit, rules)? {
             Some(part) => {
                 complete &= !part.cut

@@ -63,6 +63,57 @@ pub struct PendingRequest {
 pub struct WsState {
     pub assembler: Assembler,
     pub ping_sent: bool,
+    /// The newest message this connection has (by sequence number): a message
+    /// that reaches it again (a catch-up overlapping a resume) is skipped.
+    pub last_seq: u64,
+    /// While its history is being read elsewhere (Redis), live pushes wait here.
+    pub resuming: Option<Box<Held>>,
+}
+
+/// Pushes held for a connection until its replay has been sent.
+#[derive(Default)]
+pub struct Held {
+    pub frames: Vec<(u64, Arc<[u8]>)>,
+    pub bytes: usize,
+}
+
+impl WsState {
+    pub fn new(assembler: Assembler) -> Self {
+        WsState {
+            assembler,
+            ping_sent: false,
+            last_seq: 0,
+            resuming: None,
+        }
+    }
+
+    /// Takes the pushes of `frames` (sequence number, frame) this connection should
+    /// write now, in order: none while it is resuming (they are held, up to
+    /// `max_held` bytes; false when that overflows), and none it already has.
+    pub fn admit<'a>(
+        &mut self,
+        frames: impl Iterator<Item = (u64, &'a Arc<[u8]>)>,
+        max_held: usize,
+        mut take: impl FnMut(&'a Arc<[u8]>),
+    ) -> bool {
+        for (seq, frame) in frames {
+            if seq != 0 && seq <= self.last_seq {
+                continue;
+            }
+            self.last_seq = self.last_seq.max(seq);
+            match &mut self.resuming {
+                Some(held) => {
+                    held.bytes += frame.len();
+                    held.frames.push((seq, frame.clone()));
+                    if held.bytes > max_held {
+                        return false;
+                    }
+                }
+                None => take(frame),
+            }
+        }
+        true
+    }
 }
 
 /// An output chunk: shared push frames or bytes owned by this connection.

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use super::conn::{Chunk, Phase};
+use super::conn::Phase;
 use super::stats::Limit;
 use super::ws_conn::{CloseCode, Then};
 use super::{Liveness, Reason, Server};
@@ -81,8 +81,10 @@ impl Server {
             }
             Inbound::Published { ticket, result } => self.on_published(ticket, result),
             Inbound::Drained => self.shutdown.set_queue_drained(),
-            // Nothing to refill yet: without history, what was missed is gone.
+            // The backend catches up from history before its next live message.
             Inbound::Resubscribed => {}
+            Inbound::Unfilled => self.restart_push_connections(),
+            Inbound::History { ticket, fetched } => self.on_history(ticket, fetched),
         }
     }
 
@@ -101,7 +103,7 @@ impl Server {
             receivers.clear();
             self.hub.for_each_receiver(env, |k| receivers.push(k));
             for &key in &receivers {
-                let _ = self.push(key, &env.frame);
+                let _ = self.push(key, env);
             }
         } else {
             let mut masks = std::mem::take(&mut self.fanout.masks);
@@ -141,24 +143,47 @@ impl Server {
     }
 
     /// Hands a push frame to a receiver.
-    fn push(&mut self, key: usize, frame: &Arc<[u8]>) -> Liveness {
-        self.counters.messages_out += 1;
-        self.begin_turn(key);
-        self.send(key, Chunk::Shared(frame.clone()))
+    fn push(&mut self, key: usize, env: &Envelope) -> Liveness {
+        self.push_many(key, &[env], 1)
     }
 
-    /// Hands a receiver the frames of `slice` whose bits are set in `mask`, in order.
+    /// Hands a receiver the frames of `slice` whose bits are set in `mask`, in
+    /// order: those it does not have yet, or holds them while it is resuming.
     fn push_many(&mut self, key: usize, slice: &[&Envelope], mask: u64) -> Liveness {
-        self.counters.messages_out += u64::from(mask.count_ones());
         self.begin_turn(key);
+        let max_held = self.cfg.max_backlog;
         let Some(conn) = self.conns.get_mut(key) else {
             return Liveness::Closed;
         };
-        let frames = slice
+        let picked = slice
             .iter()
             .enumerate()
             .filter(move |&(i, _)| mask >> i & 1 == 1)
-            .map(|(_, e)| &e.frame);
+            .map(|(_, e)| (e.seq, &e.frame));
+        // At most one slice (64) of frames: no allocation per receiver.
+        let mut now: [Option<&Arc<[u8]>>; u64::BITS as usize] = [None; u64::BITS as usize];
+        let mut n = 0;
+        let held_ok = match &mut conn.phase {
+            Phase::Ws(ws) => ws.admit(picked, max_held, |f| {
+                now[n] = Some(f);
+                n += 1;
+            }),
+            _ => {
+                for (_, f) in picked {
+                    now[n] = Some(f);
+                    n += 1;
+                }
+                true
+            }
+        };
+        if !held_ok {
+            return self.evict(key);
+        }
+        self.counters.messages_out += n as u64;
+        if n == 0 {
+            return Liveness::Alive;
+        }
+        let frames = now[..n].iter().map(|f| f.expect("filled up to n"));
         if let Err(e) = conn.send_shared(frames) {
             return self.remove(key, Reason::Io(e.0));
         }
@@ -188,7 +213,7 @@ impl Server {
     }
 
     /// A receiver that does not keep up is cut off so it never holds back the others.
-    fn evict(&mut self, key: usize) -> Liveness {
+    pub(super) fn evict(&mut self, key: usize) -> Liveness {
         let Some(conn) = self.conns.get_mut(key) else {
             return Liveness::Closed;
         };

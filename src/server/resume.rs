@@ -4,13 +4,21 @@
 //! retained messages after `since` in the same reactor turn as it joins the hub, so
 //! nothing delivered can fall between the replay and its live pushes, and nothing
 //! is in both: delivery and retention happen together, on this thread.
+//!
+//! With Redis the history is read on a backend thread: the connection joins the hub
+//! at once and its live pushes are held (`WsState::resuming`) until the read comes
+//! back; then the replay goes out, and of what was held only what is newer than the
+//! replay. Every push carries its sequence number, so a message in both is sent once.
 
 use std::sync::Arc;
 
-use super::conn::Chunk;
+use super::conn::{Chunk, Held, Phase};
+use super::ws_conn::{CloseCode, Then};
 use super::{Liveness, Server};
 use crate::history::Since;
 use crate::message::{Envelope, unix_now};
+use crate::queue::streams::Fetched;
+use crate::queue::{Resume, Ticket};
 use crate::ws::frame::{self, OpCode};
 
 impl Server {
@@ -26,9 +34,121 @@ impl Server {
         }
     }
 
+    /// A connection opened with `?since=`: replayed from this node's retention now,
+    /// or from the backend's history when it answers.
+    pub(super) fn resume_from(&mut self, key: usize, since: &str) -> Liveness {
+        let Some(serial) = self.conns.get(key).map(|c| c.serial) else {
+            return Liveness::Closed;
+        };
+        let uid = self.hub.uid(key).map(str::to_owned);
+        match self
+            .queue
+            .resume(Ticket { key, serial }, uid.as_deref(), since)
+        {
+            Resume::Local => self.replay(key, since),
+            Resume::Pending => {
+                if let Some(Phase::Ws(ws)) = self.conns.get_mut(key).map(|c| &mut c.phase) {
+                    ws.resuming = Some(Box::default());
+                }
+                Liveness::Alive
+            }
+            Resume::Unavailable => {
+                self.counters.resumes_incomplete += 1;
+                self.send_resumed(key, false)
+            }
+        }
+    }
+
+    /// The backend's answer to a resume: the replay, then what was held meanwhile
+    /// and is newer. A read that failed is answered `complete:false`.
+    pub(super) fn on_history(&mut self, ticket: Ticket, fetched: Result<Fetched, String>) {
+        let held = match self.conns.get_mut(ticket.key) {
+            Some(conn) if conn.serial == ticket.serial => match &mut conn.phase {
+                Phase::Ws(ws) => ws.resuming.take(),
+                _ => None,
+            },
+            _ => None,
+        };
+        let Some(held) = held else {
+            return; // gone, or closing, meanwhile
+        };
+        let (complete, batch) = match fetched {
+            Ok(f) => (f.complete, f.batch),
+            Err(e) => {
+                warn!("resume: history unreadable: {e}");
+                (false, Vec::new())
+            }
+        };
+        let key = ticket.key;
+        let now = unix_now();
+        let frames: Vec<(u64, Arc<[u8]>)> = batch
+            .into_iter()
+            .filter(|e| !e.is_expired(now) && self.hub.accepts(key, &e.types))
+            .map(|e| (e.seq, e.frame))
+            .collect();
+        self.count_resume(complete, frames.len());
+        if !self.send_resumed(key, complete).alive() {
+            return;
+        }
+        let replayed_up_to = frames.last().map_or(0, |(seq, _)| *seq);
+        let Held { frames: live, .. } = *held;
+        let newer = live.into_iter().filter(|(seq, _)| *seq > replayed_up_to);
+        let all: Vec<Arc<[u8]>> = frames
+            .into_iter()
+            .map(|(_, f)| f)
+            .chain(newer.map(|(_, f)| f))
+            .collect();
+        self.counters.messages_out += all.len() as u64;
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if let Phase::Ws(ws) = &mut conn.phase {
+            ws.last_seq = ws.last_seq.max(replayed_up_to);
+        }
+        for chunk in all.chunks(64) {
+            if let Err(e) = conn.send_shared(chunk.iter()) {
+                let _ = self.remove(key, super::Reason::Io(e.0));
+                return;
+            }
+        }
+        let _ = self.check_backlog(key);
+    }
+
+    /// Messages were lost to this node beyond what history can refill: its push
+    /// connections are closed with 1012, and each resumes from its own last id
+    /// (which then says honestly whether something is missing).
+    pub(super) fn restart_push_connections(&mut self) {
+        for key in self.keys_where(|c| c.phase.receives_pushes()) {
+            let _ = self.end_ws(
+                key,
+                Some(CloseCode::Restart),
+                "missed messages, resume",
+                Then::AwaitPeer,
+            );
+        }
+    }
+
+    fn count_resume(&mut self, complete: bool, replayed: usize) {
+        if complete {
+            self.counters.resumes_complete += 1;
+        } else {
+            self.counters.resumes_incomplete += 1;
+        }
+        self.counters.replayed += replayed as u64;
+    }
+
+    fn send_resumed(&mut self, key: usize, complete: bool) -> Liveness {
+        let head = if complete {
+            &br#"{"op":"resumed","complete":true}"#[..]
+        } else {
+            &br#"{"op":"resumed","complete":false}"#[..]
+        };
+        self.send(key, Chunk::Owned(frame::encode(OpCode::Text, head)))
+    }
+
     /// Sends a resuming connection its `resumed` frame and what it missed, oldest
     /// first, filtered by its types. Runs right after it joined the hub.
-    pub(super) fn replay(&mut self, key: usize, since: &str) -> Liveness {
+    fn replay(&mut self, key: usize, since: &str) -> Liveness {
         let since = self
             .history
             .epoch()
@@ -44,27 +164,17 @@ impl Server {
             |types| hub.accepts(key, types),
             |f| frames.push(f.clone()),
         );
-        if done.complete {
-            self.counters.resumes_complete += 1;
-        } else {
-            self.counters.resumes_incomplete += 1;
-        }
-        self.counters.replayed += frames.len() as u64;
+        self.count_resume(done.complete, frames.len());
         self.counters.messages_out += frames.len() as u64;
-        let head = if done.complete {
-            &br#"{"op":"resumed","complete":true}"#[..]
-        } else {
-            &br#"{"op":"resumed","complete":false}"#[..]
-        };
-        if !self
-            .send(key, Chunk::Owned(frame::encode(OpCode::Text, head)))
-            .alive()
-        {
+        if !self.send_resumed(key, done.complete).alive() {
             return Liveness::Closed;
         }
         let Some(conn) = self.conns.get_mut(key) else {
             return Liveness::Closed;
         };
+        if let Phase::Ws(ws) = &mut conn.phase {
+            ws.last_seq = ws.last_seq.max(done.last_seq);
+        }
         for chunk in frames.chunks(64) {
             if let Err(e) = conn.send_shared(chunk.iter()) {
                 return self.remove(key, super::Reason::Io(e.0));

@@ -26,6 +26,9 @@ pub enum CloseCode {
     Policy,
     /// 1009: a frame or message over `-max-frame` / `-max-message`.
     TooBig,
+    /// 1012: the server restarts the connection's service; reconnect (here: its
+    /// node lost messages it could not recover, and a resume tells what is missing).
+    Restart,
     /// Any other code, as the peer sent it.
     Other(u16),
 }
@@ -38,6 +41,7 @@ impl CloseCode {
             CloseCode::Invalid => 1007,
             CloseCode::Policy => 1008,
             CloseCode::TooBig => 1009,
+            CloseCode::Restart => 1012,
             CloseCode::Other(code) => code,
         }
     }
@@ -51,6 +55,7 @@ impl From<u16> for CloseCode {
             1007 => CloseCode::Invalid,
             1008 => CloseCode::Policy,
             1009 => CloseCode::TooBig,
+            1012 => CloseCode::Restart,
             other => CloseCode::Other(other),
         }
     }
@@ -73,10 +78,7 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return Liveness::Closed;
         };
-        conn.phase = Phase::Ws(WsState {
-            assembler: Assembler::new(self.cfg.max_message),
-            ping_sent: false,
-        });
+        conn.phase = Phase::Ws(WsState::new(Assembler::new(self.cfg.max_message)));
         conn.last_seen = Instant::now();
         info!(
             "ws open uid={} peer={} ip={}",
@@ -93,7 +95,7 @@ impl Server {
             Chunk::Owned(crate::ws::handshake::response(&up.accept)),
         );
         match up.since {
-            Some(since) if opened.alive() => self.replay(key, &since),
+            Some(since) if opened.alive() => self.resume_from(key, &since),
             _ => opened,
         }
     }
