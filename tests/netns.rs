@@ -357,6 +357,64 @@ fn a_node_partitioned_from_redis_answers_503_while_the_other_serves() {
     ));
 }
 
+#[test]
+#[ignore = "needs root and ip netns"]
+fn a_node_refused_by_redis_answers_503_at_once_and_recovers() {
+    let tb = Testbed::new(&["redis", "a", "clients"]);
+    let dir = common::TempDir::new("netns-redis");
+    let _redis = start_redis(&tb, "redis", &dir);
+    let queue = format!("-queue=redis/{}", tb.host("redis").addr(REDIS_PORT));
+    let a = start_node(
+        &tb,
+        "a",
+        &[&queue, "-queue-timeout=2s", "-queue-backoff=1s"],
+    );
+    let at = At {
+        tb: &tb,
+        host: "clients",
+    };
+    at.wait_health(a.addr, 200);
+    let mut client = at.ws(a.addr, "uid=u").expect("client on a");
+    at.wait_stats(a.addr, "the client", |s| s["connections"] == 1);
+    at.send_ok(a.addr, &uid_msg("u", "before"));
+    assert_eq!(next_msg(&mut client), "before");
+
+    // Redis's host answers every packet from a with a reset: unlike a partition,
+    // the node learns at once and need not wait for -queue-timeout.
+    let fault = tb.refuse("redis", "a", REDIS_PORT);
+    let cut = Instant::now();
+    let r = at.send(a.addr, &uid_msg("u", "refused"));
+    let answered = cut.elapsed();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(
+        answered < Duration::from_secs(1),
+        "a reset took {answered:?} to become a 503"
+    );
+    at.wait_health(a.addr, 503);
+    let unhealthy = cut.elapsed();
+    // The idle subscriber meets the reset with its next PING.
+    common::wait_until("a to drop its Redis connections", WAIT, || {
+        tb.established("a", "redis", REDIS_PORT) == 0
+    });
+    let dropped = cut.elapsed();
+
+    tb.heal(fault);
+    let healed = Instant::now();
+    at.wait_health(a.addr, 200);
+    let healthy = healed.elapsed();
+    at.send_ok(a.addr, &uid_msg("u", "after"));
+    assert_eq!(
+        next_msg(&mut client),
+        "after",
+        "the refused one never went out"
+    );
+    report(&format!(
+        "measured: redis port refused (tcp reset): /send on a answered 503 after \
+         {answered:?} (-queue-timeout=2s), /healthz 503 after {unhealthy:?}, both connections gone after \
+         {dropped:?}; healed: /healthz 200 after {healthy:?} (-queue-backoff=1s)"
+    ));
+}
+
 // ---- nginx failover and fail-back across hosts -----------------------------------
 
 /// A push client that connects through nginx and keeps what it got, so a resume
@@ -453,6 +511,9 @@ fn nginx_fails_over_to_the_backup_host_and_back() {
     assert_eq!(read_until_closed(&mut c1.ws), 0);
     assert_eq!(read_until_closed(&mut c2.ws), 0);
     let noticed = gone.elapsed();
+    // The first handshake nginx sends to the dead host goes out on a keep-alive
+    // connection left from an earlier /send, so nginx waits proxy_read_timeout (not
+    // proxy_connect_timeout) before it takes the primary out and tries the backup.
     c1.reconnect(at, nginx);
     c2.reconnect(at, nginx);
     let reconnected = gone.elapsed();
@@ -528,8 +589,8 @@ fn nginx_fails_over_to_the_backup_host_and_back() {
     report(&format!(
         "measured: primary host unplugged and killed -> clients' tunnels closed by nginx \
          after {noticed:?} (proxy_read_timeout 3s), both reconnected to the backup after \
-         {reconnected:?} (proxy_connect_timeout 2s on the dead host), receiving after \
-         {receiving:?}; primary healthy again -> a new client landed on it after \
+         {reconnected:?} (the first retry waits for the dead host once more), receiving \
+         after {receiving:?}; primary healthy again -> a new client landed on it after \
          {failed_back:?} (fail_timeout=2s)"
     ));
 }

@@ -243,6 +243,9 @@ impl Testbed {
     /// "no route to host").
     pub fn plug(&self, host: &str) {
         let h = self.host(host);
+        // A host that comes back starts with an empty neighbour table; its old one
+        // holds the failures of sockets that outlived their process.
+        run("ip", &["-n", &h.ns, "neigh", "flush", "all"]);
         run("ip", &["-n", &self.bridge, "link", "set", &h.port, "up"]);
         wait_link_up(&h.ns);
     }
