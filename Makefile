@@ -31,12 +31,23 @@ clippy:
 	$(CARGO) clippy --all-targets -- -D warnings
 
 # The Disque tests are ignored by default (no package ships a Disque server) and
-# run here when one is named by DISQUE_SERVER or found on PATH.
+# run here when one is named by DISQUE_SERVER or found on PATH. tests/netns.rs needs
+# root, iproute2 and nftables; it runs where a throwaway network namespace can be
+# made, and stays listed as ignored elsewhere.
 unit:
 	$(CARGO) test --all-targets
 	@if [ -n "$${DISQUE_SERVER:-}" ] || command -v disque-server >/dev/null; then \
 		echo "$(CARGO) test --test disque -- --include-ignored"; \
 		$(CARGO) test --test disque -- --include-ignored; \
+	else \
+		echo "SKIPPED: tests/disque.rs (no disque-server): its tests stay ignored"; \
+	fi
+	@if command -v nft >/dev/null && ip netns add wspush-probe-$$$$ 2>/dev/null; then \
+		ip netns del wspush-probe-$$$$; \
+		echo "$(CARGO) test --test netns -- --include-ignored"; \
+		$(CARGO) test --test netns -- --include-ignored; \
+	else \
+		echo "SKIPPED: tests/netns.rs (needs root, ip netns and nft): its tests stay ignored"; \
 	fi
 
 # Autobahn|Testsuite cases 1-10 (driven by kosoku from PyPI) against `wspush -echo`,
