@@ -243,14 +243,19 @@ impl At<'_> {
 
 /// The next push's `msg`, within `WAIT`; pings and pongs are skipped (the node's
 /// pings would otherwise keep a read waiting for ever).
+/// The next push's `msg`, as text.
 fn next_msg(ws: &mut Ws) -> String {
+    next_push(ws)["msg"].as_str().expect("msg text").to_string()
+}
+
+/// The next text frame, as JSON; pings and pongs are skipped.
+fn next_push(ws: &mut Ws) -> Value {
     let deadline = Instant::now() + WAIT;
     loop {
         assert!(Instant::now() < deadline, "no push within {WAIT:?}");
         match ws.read().expect("read push") {
             Message::Text(t) => {
-                let v: Value = serde_json::from_str(&t).unwrap_or_else(|e| panic!("{e}: {t}"));
-                return v["msg"].as_str().expect("msg text").to_string();
+                return serde_json::from_str(&t).unwrap_or_else(|e| panic!("{e}: {t}"));
             }
             Message::Ping(_) | Message::Pong(_) => continue,
             other => panic!("expected a push, got {other:?}"),
@@ -419,33 +424,50 @@ fn a_node_refused_by_redis_answers_503_at_once_and_recovers() {
 
 /// A push client that connects through nginx and keeps what it got, so a resume
 /// (`since=` the last message it saw) could be checked against it.
+/// A client as `wspush.js` is: it keeps the last delivery id and connects with
+/// `since`, so what was sent while it was away is replayed when it is back.
 struct Client {
     query: String,
     ws: Ws,
     got: Vec<String>,
+    last_id: String,
+    /// The `complete` flag of each resume.
+    resumes: Vec<bool>,
 }
 
 impl Client {
     fn connect(at: At, nginx: SocketAddr, query: &str) -> Client {
-        let ws = at.ws(nginx, query).expect("handshake through nginx");
+        let ws = at
+            .ws(nginx, &format!("{query}&since=0"))
+            .expect("handshake through nginx");
         Client {
             query: query.to_string(),
             ws,
             got: Vec::new(),
+            last_id: "0".into(),
+            resumes: Vec::new(),
         }
     }
 
     fn recv(&mut self) -> &str {
-        let m = next_msg(&mut self.ws);
-        self.got.push(m);
-        self.got.last().unwrap()
+        loop {
+            let v = next_push(&mut self.ws);
+            if v["op"] == "resumed" {
+                self.resumes.push(v["complete"] == true);
+                continue;
+            }
+            self.last_id = v["id"].as_str().expect("delivery id").to_string();
+            self.got
+                .push(v["msg"].as_str().expect("msg text").to_string());
+            return self.got.last().unwrap();
+        }
     }
 
     /// A client's retry loop: reconnect through nginx until the handshake works.
     fn reconnect(&mut self, at: At, nginx: SocketAddr) {
         let deadline = Instant::now() + WAIT;
         loop {
-            match at.ws(nginx, &self.query) {
+            match at.ws(nginx, &format!("{}&since={}", self.query, self.last_id)) {
                 Ok(ws) => {
                     self.ws = ws;
                     return;
@@ -508,6 +530,12 @@ fn nginx_fails_over_to_the_backup_host_and_back() {
     tb.unplug("primary");
     primary.proc.kill();
     let gone = Instant::now();
+    // Sent while the clients are cut off: the backup takes it into the history.
+    at.send_ok(backup.addr, &uid_msg("1", "in the gap"));
+    at.send_ok(
+        backup.addr,
+        r#"{"topic":"all","types":"chat","msg":"chat in the gap"}"#,
+    );
     assert_eq!(read_until_closed(&mut c1.ws), 0);
     assert_eq!(read_until_closed(&mut c2.ws), 0);
     let noticed = gone.elapsed();
@@ -520,9 +548,15 @@ fn nginx_fails_over_to_the_backup_host_and_back() {
     at.wait_stats(backup.addr, "both clients on the backup", |s| {
         s["connections"] == 2
     });
-    // What is sent after a client is back reaches it. With resume, c1 and c2 would
-    // reconnect with `since=` their last message and nothing sent in the gap would
-    // be missing; `got` holds what to compare against.
+    // Resumed from the shared history: what was sent in the gap comes first.
+    assert_eq!(c1.recv(), "in the gap");
+    assert_eq!(c1.recv(), "chat in the gap");
+    assert_eq!(c2.recv(), "chat in the gap");
+    assert_eq!(
+        c1.resumes,
+        [true, true],
+        "nothing missing after the failover"
+    );
     at.send_ok(
         nginx,
         r#"[{"topic":"uids","topic_ids":["1"],"msg":"after"},{"topic":"all","types":"chat","msg":"chat after"}]"#,
@@ -556,6 +590,10 @@ fn nginx_fails_over_to_the_backup_host_and_back() {
     // /send on either node reaches clients on both.
     at.send_ok(primary.addr, &uid_msg("1", "primary->1"));
     assert_eq!(c1.recv(), "primary->1");
+    // A new client (since=0) first gets the broadcasts still retained.
+    assert_eq!(c3.recv(), "two");
+    assert_eq!(c3.recv(), "chat in the gap");
+    assert_eq!(c3.recv(), "chat after");
     at.send_ok(backup.addr, &uid_msg("3", "backup->3"));
     assert_eq!(c3.recv(), "backup->3");
     at.send_ok(
@@ -577,6 +615,8 @@ fn nginx_fails_over_to_the_backup_host_and_back() {
         [
             "one",
             "two",
+            "in the gap",
+            "chat in the gap",
             "after",
             "chat after",
             "primary->1",
@@ -638,7 +678,11 @@ fn a_client_on_a_slow_link_is_dropped_while_a_fast_one_gets_everything() {
     // A client behind 1 mbit/s (125 KB/s): however fast it reads, pushes pile up.
     tb.limit_rate("slow", "1mbit");
     let backlog = 256 * 1024;
-    let node = start_node(&tb, "node", &[&format!("-max-backlog={backlog}")]);
+    let node = start_node(
+        &tb,
+        "node",
+        &[&format!("-max-backlog={backlog}"), "-max-body=261888"],
+    );
     let backend = At {
         tb: &tb,
         host: "backend",
