@@ -21,8 +21,9 @@ build:
 	$(CARGO) build --release
 
 # Every test: formatting, lints as errors, unit and integration tests, the Autobahn
-# WebSocket conformance cases and the browser test.
-test: fmt clippy unit autobahn browser-test
+# WebSocket conformance cases, the browser test, and a short run of the load-test kit
+# that must lose nothing (the figures themselves come from `make bench`).
+test: fmt clippy unit autobahn browser-test bench-smoke
 
 fmt:
 	$(CARGO) fmt --all -- --check

@@ -406,3 +406,26 @@ fn no_200_is_lost_across_a_disque_restart_between_two_nodes() {
     assert!(accepted.len() > 50, "too few accepted: {}", accepted.len());
     assert_eq!(lost, 0);
 }
+
+#[test]
+#[ignore = "needs disque-server (DISQUE_SERVER or on PATH)"]
+fn a_client_resumes_on_the_node_that_delivered() {
+    let d = disque();
+    let a = node(&d, &unique_name("resume"), &[]);
+    let mut ws = a.ws("uid=4&since=0");
+    assert_eq!(recv_json(&mut ws), json!({"op":"resumed","complete":true}));
+    a.send_ok(r#"{"topic":"uids","topic_ids":[4],"msg":"seen"}"#);
+    let seen = recv_json(&mut ws);
+    drop(ws);
+    // The node keeps taking its jobs while the client is away, and retains them.
+    let mut other = a.ws("uid=5");
+    a.send_ok(r#"{"topic":"uids","topic_ids":[4],"msg":"missed"}"#);
+    a.send_ok(r#"{"topic":"uids","topic_ids":[5],"msg":"marker"}"#);
+    assert_eq!(recv_json(&mut other)["msg"], "marker");
+    let mut back = a.ws(&format!("uid=4&since={}", seen["id"].as_str().unwrap()));
+    assert_eq!(
+        recv_json(&mut back),
+        json!({"op":"resumed","complete":true})
+    );
+    assert_eq!(recv_json(&mut back)["msg"], "missed");
+}

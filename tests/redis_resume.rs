@@ -194,7 +194,7 @@ fn every_accepted_message_arrives_once(
 #[test]
 fn cutting_a_nodes_subscription_loses_nothing_answered_200() {
     let mut redis = RedisServer::start();
-    let nodes = two_nodes(&redis, &["-queue-timeout=1s", "-queue-backoff=100ms"]);
+    let nodes = two_nodes(&redis, &["-queue-backoff=100ms"]);
     every_accepted_message_arrives_once(&mut redis, nodes, 60, 4, |redis| {
         redis.client().cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]);
     });
@@ -203,6 +203,6 @@ fn cutting_a_nodes_subscription_loses_nothing_answered_200() {
 #[test]
 fn redis_killed_and_restarted_with_its_data_loses_nothing_answered_200() {
     let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
-    let nodes = two_nodes(&redis, &["-queue-timeout=1s", "-queue-backoff=100ms"]);
+    let nodes = two_nodes(&redis, &["-queue-backoff=100ms"]);
     every_accepted_message_arrives_once(&mut redis, nodes, 60, 2, |redis| redis.restart());
 }

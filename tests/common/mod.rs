@@ -647,11 +647,20 @@ pub fn unique_name(tag: &str) -> String {
 
 /// Waits until the node's `/healthz` answers `status`.
 pub fn wait_health(server: &Server, status: u16) {
-    wait_until(
-        &format!("/healthz {status} on {}", server.addr),
-        WAIT,
-        || server.get("/healthz").status == status,
-    );
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = server.get("/healthz");
+        if r.status == status {
+            return;
+        }
+        let last = format!("{} {}", r.status, r.text());
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for /healthz {status} on {}: last answer {last}",
+            server.addr
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Waits until everything sent on `ws` before this call has been processed by the
