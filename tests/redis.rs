@@ -288,7 +288,13 @@ fn a_hung_redis_is_noticed_by_timeouts() {
     signal(redis.pid(), "CONT");
     wait_health(&a, 200);
     wait_health(&b, 200);
-    a.send_ok(r#"{"topic":"uids","topic_ids":[4],"msg":"awake"}"#);
+    // A subscriber whose PING was still pending when Redis woke may give up on it
+    // after /healthz said 200; /send then answers 503 until it has resubscribed.
+    wait_until("a /send accepted after the wake", WAIT, || {
+        a.send(r#"{"topic":"uids","topic_ids":[4],"msg":"awake"}"#)
+            .status
+            == 200
+    });
     // The 503 meant "not known to be taken": the PUBLISH sat in the stopped server's
     // socket buffer and may still run once it resumes. Nothing else may arrive.
     let mut m = recv_json(&mut ws);

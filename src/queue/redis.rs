@@ -110,7 +110,7 @@ impl RedisQueue {
             backlog: Backlog::new(set.backlog, held.clone(), dropped.clone()),
             rules: set.rules,
             streams: set.streams(),
-            seen: None,
+            seen: Seen::Unknown,
             log_limit: set.history_log,
         };
         let driver = Driver::new(
@@ -335,9 +335,20 @@ struct Subscriber {
     streams: Streams,
     /// The epoch and sequence number of the newest message delivered: where a
     /// re-subscription picks up, and below which a live message is a repeat.
-    seen: Option<(Epoch, u64)>,
+    seen: Seen,
     /// The most messages one catch-up reads from the log.
     log_limit: usize,
+}
+
+/// How far this node has the history.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Seen {
+    /// Not subscribed yet.
+    Unknown,
+    /// Subscribed while Redis held no history: all of it is new to this node.
+    Empty,
+    /// Up to and including this message.
+    At(Epoch, u64),
 }
 
 impl Subscriber {
@@ -361,7 +372,7 @@ impl Subscriber {
             .ok()
             .and_then(seq_of)
             .ok_or("bad id")?;
-        if self.seen.is_some_and(|(e, last)| e == epoch && seq <= last) {
+        if matches!(self.seen, Seen::At(e, last) if e == epoch && seq <= last) {
             return Ok(None);
         }
         let mut batch = message::decode_wire(wire, &self.rules).map_err(|e| e.to_string())?;
@@ -369,25 +380,37 @@ impl Subscriber {
         for env in &mut batch {
             env.set_id(seq, &id);
         }
-        self.seen = Some((epoch, seq));
+        self.seen = Seen::At(epoch, seq);
         Ok(Some(batch))
+    }
+
+    /// Takes the history's head as this node's position (after SUBSCRIBE, so what
+    /// comes after the head arrives live).
+    fn locate(&mut self) -> ::redis::RedisResult<()> {
+        let mut con = self.endpoint.connect(self.timeout)?;
+        self.seen = match self.streams.head(&mut con)? {
+            Some((epoch, seq)) => Seen::At(epoch, seq),
+            None => Seen::Empty,
+        };
+        Ok(())
     }
 
     /// After a re-subscription: what was published while this node was not
     /// listening, from the log, before any live message. A gap the log cannot
     /// fill whole makes the reactor send its connections off to resume.
     fn catch_up(&mut self, driver: &mut Driver) -> Result<(), Ended> {
-        let Some((epoch, after)) = self.seen else {
-            return Ok(());
+        let from = match self.seen {
+            Seen::At(epoch, after) => Some((epoch, after)),
+            Seen::Empty | Seen::Unknown => None,
         };
         let fetched = self
             .endpoint
             .connect(self.timeout)
-            .and_then(|mut con| self.streams.fill(&mut con, epoch, after, self.log_limit, 0));
+            .and_then(|mut con| self.streams.fill(&mut con, from, self.log_limit, 0));
         let event = match fetched {
             Ok(f) if f.complete => {
-                if let Some(last) = f.batch.last() {
-                    self.seen = Some((epoch, last.seq));
+                if let (Some(last), Some(epoch)) = (f.batch.last(), f.epoch) {
+                    self.seen = Seen::At(epoch, last.seq);
                 }
                 info!(
                     "Redis subscriber: {} missed messages read from history",
@@ -397,7 +420,9 @@ impl Subscriber {
             }
             Ok(_) => {
                 warn!("Redis subscriber: the gap is no longer in history; connections resume");
-                self.seen = None;
+                self.seen = Seen::Unknown;
+                self.locate()
+                    .map_err(|e| Ended::Lost(format!("reading history: {e}")))?;
                 Some(Inbound::Unfilled)
             }
             Err(e) => return Err(Ended::Lost(format!("reading history: {e}"))),
@@ -421,6 +446,13 @@ impl Session for Subscriber {
         let mut sub = con.as_pubsub();
         if let Err(e) = sub.subscribe(&self.channel) {
             return Ended::Lost(e.to_string());
+        }
+        // The first subscription learns where the history stands, so that a gap
+        // after it can be filled even if no message arrived before it.
+        if self.seen == Seen::Unknown
+            && let Err(e) = self.locate()
+        {
+            return Ended::Lost(format!("reading history: {e}"));
         }
         if driver.up() {
             if driver.notifier.send(Inbound::Resubscribed).is_err() {

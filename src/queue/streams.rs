@@ -189,6 +189,8 @@ pub struct Appended {
 pub struct Fetched {
     /// Nothing after `since` is missing.
     pub complete: bool,
+    /// The epoch Redis holds, if any.
+    pub epoch: Option<Epoch>,
     /// Each message with its sequence number, oldest first, frames built with their ids.
     pub batch: Vec<Envelope>,
 }
@@ -256,23 +258,53 @@ impl Streams {
     /// What a node missed while it was not subscribed: the log after `after`, at most
     /// `limit` messages, and whether that is all of it (nothing trimmed in between,
     /// same epoch, not cut by `limit`).
+    /// `from` is `None` for a node that subscribed while Redis held no history yet:
+    /// everything in the log is then new to it.
     pub fn fill(
         &self,
         con: &mut Connection,
-        epoch: Epoch,
-        after: u64,
+        from: Option<(Epoch, u64)>,
         limit: usize,
         now_ms: u64,
     ) -> RedisResult<Fetched> {
         let keys = vec![self.meta("epoch"), self.meta("log")];
-        let since = epoch.id(after);
-        let args = vec![
-            format!("({}", stream_id(after)).into_bytes(),
-            limit.max(1).to_string().into_bytes(),
-            format!("{:x}", epoch.0).into_bytes(),
-        ];
+        let (since, args) = match from {
+            Some((epoch, after)) => (
+                epoch.id(after),
+                vec![
+                    format!("({}", stream_id(after)).into_bytes(),
+                    limit.max(1).to_string().into_bytes(),
+                    format!("{:x}", epoch.0).into_bytes(),
+                ],
+            ),
+            None => (
+                "0".to_string(),
+                vec![
+                    b"-".to_vec(),
+                    limit.max(1).to_string().into_bytes(),
+                    Vec::new(),
+                ],
+            ),
+        };
         let reply = self.read.run(con, &keys, &args)?;
         parse_fetched(reply, &since, limit, now_ms, u64::MAX, &self.rules)
+    }
+
+    /// Where the history stands: its epoch and the last sequence number issued, or
+    /// `None` while Redis holds no history at all.
+    pub fn head(&self, con: &mut Connection) -> RedisResult<Option<(Epoch, u64)>> {
+        let (epoch, ms, n): (Option<String>, Option<u64>, Option<u64>) = ::redis::pipe()
+            .cmd("GET")
+            .arg(self.meta("epoch"))
+            .cmd("HGET")
+            .arg(self.meta("clock"))
+            .arg("ms")
+            .cmd("HGET")
+            .arg(self.meta("clock"))
+            .arg("n")
+            .query(con)?;
+        let epoch = epoch.and_then(|e| epoch_of(&Value::BulkString(e.into_bytes())));
+        Ok(epoch.map(|e| (e, ms.unwrap_or(0) * PER_MS + n.unwrap_or(0))))
     }
 
     /// Reads what `uid` and `all` got after `since`, at most `limit` per stream.
@@ -425,6 +457,7 @@ fn parse_fetched(
     let Some(epoch) = epoch else {
         return Ok(Fetched {
             complete: since == "0",
+            epoch: None,
             batch: Vec::new(),
         });
     };
@@ -433,7 +466,8 @@ fn parse_fetched(
         Since::After(seq) => seq,
         _ => 0,
     };
-    let window_start = now_ms.saturating_sub(ttl_ms) * PER_MS;
+    // At least 1: for a catch-up (no ttl), `since=0` is complete only if nothing was trimmed.
+    let window_start = (now_ms.saturating_sub(ttl_ms) * PER_MS).max(1);
     let mut complete = since != Since::Foreign;
     let mut merged: Vec<(u64, Envelope)> = Vec::new();
     for v in &items[2..] {
@@ -459,5 +493,9 @@ fn parse_fetched(
         .filter(|(seq, env)| *seq > after && !env.is_expired(now))
         .map(|(_, env)| env)
         .collect();
-    Ok(Fetched { complete, batch })
+    Ok(Fetched {
+        complete,
+        epoch: Some(epoch),
+        batch,
+    })
 }

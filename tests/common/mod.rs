@@ -356,12 +356,22 @@ pub fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) 
 }
 
 /// A loopback port that was free a moment ago.
+/// Never the same port twice in one test process: a server restarted on its port
+/// (Redis, Disque) must not find it taken by another test's new server meanwhile.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A program named by `env` or found on PATH (or in the sbin directories, where
