@@ -108,6 +108,10 @@ pub trait Queue: Send {
     fn state(&self) -> QueueState;
     /// Takes one validated batch. Runs on the reactor thread: never blocks.
     fn publish(&mut self, ticket: Ticket, batch: Vec<Envelope>) -> Submit;
+    /// The poll round is over and its replies are written: a backend that gathers
+    /// what `publish` accepted hands it on now, in one go. Runs on the reactor
+    /// thread: must not block.
+    fn end_round(&mut self) {}
     /// Stops taking messages (publish answers `Closed`); the backend sends
     /// [`Inbound::Drained`] once what it had accepted is handed over.
     fn close(&mut self);

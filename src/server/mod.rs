@@ -191,6 +191,8 @@ impl Server {
     pub fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(self.cfg.poll_events);
         loop {
+            // Before waiting, so nothing accepted sits in the queue across a poll.
+            self.queue.end_round();
             let now = Instant::now();
             // Work left over from a budget is done before waiting again.
             let timeout = if self.unread.is_empty() && !self.inbound_left {
