@@ -118,10 +118,6 @@ pub trait Queue: Send {
     /// The reactor has delivered an [`Inbound::DeliverJob`]; runs on the reactor
     /// thread, so it only passes the id on. Backends without jobs ignore it.
     fn ack(&mut self, _job: String) {}
-    /// How many push connections this node holds, told when one opens and on
-    /// every timer tick. Runs on the reactor thread: must not block. No backend
-    /// needs it any more: each Disque node consumes its own queue, clients or not.
-    fn set_listeners(&mut self, _n: usize) {}
 
     /// How often the backend has re-established a lost connection.
     fn reconnects(&self) -> u64 {
