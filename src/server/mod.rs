@@ -206,11 +206,15 @@ impl Server {
                 }
                 return Err(e);
             }
+            // Deliveries do not wait for the waker's place in the round: the
+            // messages were accepted a round ago, and a long round would hold them
+            // that long again. Looking costs two atomic loads. Once a round at most,
+            // so a backend that keeps the channel full still leaves the sockets
+            // their share (-inbound-budget events a drain, as on the waker).
+            let mut early = true;
             for event in events.iter() {
-                // Deliveries do not wait for the waker's place in the round: the
-                // messages were accepted a round ago, and a long round would hold
-                // them that long again. Looking costs two atomic loads.
-                if !self.inbound.is_empty() {
+                if early && !self.inbound.is_empty() {
+                    early = false;
                     self.drain_inbound();
                 }
                 match event.token() {
