@@ -4,12 +4,13 @@
 //!
 //! Most tests use tungstenite (an independent client); where a test must send what a
 //! well-behaved client never would (unmasked frames, reserved bits, bad lengths…) or
-//! must see the exact bytes on the wire, it uses [`RawWs`], a hand-made client below.
+//! must see the exact bytes on the wire, it uses `RawWs`, the hand-made client in `tests/common/raw_ws.rs`.
 
 mod common;
+use common::raw_ws::*;
 use common::*;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -18,158 +19,6 @@ use serde_json::{Value, json};
 use tungstenite::Message;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
-
-// ---- a raw WebSocket client ------------------------------------------------------
-
-/// RFC 6455 §1.3's example key and the accept value the RFC gives for it.
-const RFC_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
-const RFC_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
-
-const FIN: u8 = 0x80;
-const OP_CONT: u8 = 0x0;
-const OP_TEXT: u8 = 0x1;
-const OP_BINARY: u8 = 0x2;
-const OP_CLOSE: u8 = 0x8;
-const OP_PING: u8 = 0x9;
-const OP_PONG: u8 = 0xA;
-
-const MASK_KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
-
-/// One client frame with first byte `b0`; masked with [`MASK_KEY`] unless `masked` is false.
-fn frame_bytes(b0: u8, payload: &[u8], masked: bool) -> Vec<u8> {
-    let mask_bit = if masked { 0x80 } else { 0 };
-    let mut out = vec![b0];
-    match payload.len() {
-        n if n <= 125 => out.push(mask_bit | n as u8),
-        n if n <= 0xFFFF => {
-            out.push(mask_bit | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(mask_bit | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    if masked {
-        out.extend_from_slice(&MASK_KEY);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK_KEY[i % 4]));
-    } else {
-        out.extend_from_slice(payload);
-    }
-    out
-}
-
-/// A server frame as read off the wire.
-#[derive(Debug)]
-struct Frame {
-    fin: bool,
-    opcode: u8,
-    payload: Vec<u8>,
-}
-
-impl Frame {
-    /// The status code of a close frame.
-    fn close_code(&self) -> u16 {
-        assert_eq!(self.opcode, OP_CLOSE, "not a close frame: {self:?}");
-        assert!(
-            self.payload.len() >= 2,
-            "close frame without a status code: {self:?}"
-        );
-        u16::from_be_bytes([self.payload[0], self.payload[1]])
-    }
-}
-
-/// A WebSocket client over raw TCP that writes hand-made frames.
-struct RawWs {
-    s: TcpStream,
-}
-
-impl RawWs {
-    /// Performs the opening handshake with the RFC's example key.
-    fn connect(server: &Server, query: &str) -> RawWs {
-        let mut s = server.tcp();
-        write!(
-            s,
-            "GET /ws?{query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: {RFC_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        .unwrap();
-        let r = read_response(&mut s);
-        assert_eq!(r.status, 101, "handshake refused: {}", r.text());
-        assert_eq!(r.header("sec-websocket-accept"), Some(RFC_ACCEPT));
-        RawWs { s }
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        self.s.write_all(bytes).expect("write to the server");
-    }
-
-    /// Sends one masked frame.
-    fn send(&mut self, b0: u8, payload: &[u8]) {
-        self.write(&frame_bytes(b0, payload, true));
-    }
-
-    /// The next frame, or `None` once the server closed the TCP connection
-    /// (a reset counts as closed: the server may drop a socket with unread input).
-    fn read_frame(&mut self) -> Option<Frame> {
-        let mut head = [0u8; 2];
-        match self.s.read(&mut head[..1]) {
-            Ok(0) => return None,
-            Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => return None,
-            Err(e) => panic!("waiting for a frame: {e}"),
-        }
-        self.s
-            .read_exact(&mut head[1..])
-            .expect("read frame header");
-        assert_eq!(
-            head[1] & 0x80,
-            0,
-            "server frames must not be masked (RFC 6455 §5.1)"
-        );
-        assert_eq!(head[0] & 0x70, 0, "reserved bits set in a server frame");
-        let len = match head[1] & 0x7F {
-            126 => {
-                let mut b = [0u8; 2];
-                self.s.read_exact(&mut b).expect("read 16-bit length");
-                u64::from(u16::from_be_bytes(b))
-            }
-            127 => {
-                let mut b = [0u8; 8];
-                self.s.read_exact(&mut b).expect("read 64-bit length");
-                u64::from_be_bytes(b)
-            }
-            n => u64::from(n),
-        };
-        let mut payload = vec![0u8; usize::try_from(len).unwrap()];
-        self.s.read_exact(&mut payload).expect("read frame payload");
-        Some(Frame {
-            fin: head[0] & FIN != 0,
-            opcode: head[0] & 0x0F,
-            payload,
-        })
-    }
-
-    fn expect_frame(&mut self) -> Frame {
-        self.read_frame()
-            .expect("a frame, but the server closed the connection")
-    }
-
-    /// The next frame must be a close frame, and then the TCP connection must end.
-    /// Returns the close code.
-    fn expect_close(&mut self) -> u16 {
-        let f = self.expect_frame();
-        let code = f.close_code();
-        self.expect_eof();
-        code
-    }
-
-    fn expect_eof(&mut self) {
-        if let Some(f) = self.read_frame() {
-            panic!("expected the server to close the TCP connection, got {f:?}");
-        }
-    }
-}
 
 // ---- helpers ---------------------------------------------------------------------
 
@@ -538,7 +387,7 @@ fn connection_keep_alive_upgrade_handshake_works_with_the_rfc_accept_value() {
     send_uid(&server, "1", json!("over raw tcp"));
     let f = ws.expect_frame();
     assert!(f.fin);
-    assert_eq!(f.opcode, OP_TEXT);
+    assert_eq!(f.opcode, TEXT);
     let v: Value = serde_json::from_slice(&f.payload).unwrap();
     assert_eq!(v["msg"], "over raw tcp");
 }
@@ -550,9 +399,9 @@ fn client_ping_gets_a_pong_with_the_same_payload() {
     let server = Server::start(&[]);
     let mut ws = RawWs::connect(&server, "uid=1");
     for payload in [&b""[..], b"hello-123", &[0u8, 255, 7][..], &[b'p'; 125][..]] {
-        ws.send(FIN | OP_PING, payload);
+        ws.send(FIN | PING, payload);
         let f = ws.expect_frame();
-        assert_eq!((f.fin, f.opcode), (true, OP_PONG), "{f:?}");
+        assert_eq!((f.fin, f.opcode), (true, PONG), "{f:?}");
         assert_eq!(f.payload, payload);
     }
 }
@@ -563,7 +412,7 @@ fn client_close_1000_gets_close_1000_and_the_tcp_connection_ends() {
     let mut ws = RawWs::connect(&server, "uid=1");
     let mut payload = 1000u16.to_be_bytes().to_vec();
     payload.extend_from_slice(b"bye");
-    ws.send(FIN | OP_CLOSE, &payload);
+    ws.send(FIN | CLOSE, &payload);
     assert_eq!(ws.expect_close(), 1000);
     wait_stats(&server, "the closed connection to leave", |s| {
         s["connections"] == 0
@@ -574,9 +423,9 @@ fn client_close_1000_gets_close_1000_and_the_tcp_connection_ends() {
 fn client_close_without_a_code_gets_a_close_and_the_tcp_connection_ends() {
     let server = Server::start(&[]);
     let mut ws = RawWs::connect(&server, "uid=1");
-    ws.send(FIN | OP_CLOSE, b"");
+    ws.send(FIN | CLOSE, b"");
     let f = ws.expect_frame();
-    assert_eq!(f.opcode, OP_CLOSE, "{f:?}");
+    assert_eq!(f.opcode, CLOSE, "{f:?}");
     // RFC 6455 §7.4.1: 1005 means "no code" and must never be sent on the wire.
     if f.payload.len() >= 2 {
         assert_ne!(f.close_code(), 1005);
@@ -596,7 +445,7 @@ fn malformed_client_close_frames_close_1002_or_1007() {
         (&[0x03, 0xE8, b'o', 0xff, b'k'], 1007),
     ];
     for (payload, want) in cases {
-        protocol_error_case(&[], &[want], |ws| ws.send(FIN | OP_CLOSE, payload));
+        protocol_error_case(&[], &[want], |ws| ws.send(FIN | CLOSE, payload));
     }
 }
 
@@ -626,7 +475,7 @@ fn server_pings_an_idle_connection() {
     let server = Server::start(&["-ping-interval=1s", "-idle-timeout=3s"]);
     let mut ws = RawWs::connect(&server, "uid=1");
     let f = ws.expect_frame();
-    assert_eq!((f.fin, f.opcode), (true, OP_PING), "{f:?}");
+    assert_eq!((f.fin, f.opcode), (true, PING), "{f:?}");
 }
 
 #[test]
@@ -644,9 +493,9 @@ fn a_silent_connection_is_dropped_after_the_idle_timeout() {
         );
         match ws.read_frame() {
             None => break,
-            Some(f) if f.opcode == OP_PING => pings += 1,
+            Some(f) if f.opcode == PING => pings += 1,
             // A close frame before dropping is fine; then the TCP connection must end.
-            Some(f) if f.opcode == OP_CLOSE => {
+            Some(f) if f.opcode == CLOSE => {
                 ws.expect_eof();
                 break;
             }
@@ -709,14 +558,14 @@ fn protocol_error_case(args: &[&str], want: &[u16], act: impl FnOnce(&mut RawWs)
 #[test]
 fn unmasked_client_frame_closes_1002() {
     protocol_error_case(&[], &[1002], |ws| {
-        ws.write(&frame_bytes(FIN | OP_TEXT, b"Hello", false))
+        ws.write(&unmasked_frame(true, TEXT, b"Hello"))
     });
 }
 
 #[test]
 fn reserved_bits_close_1002() {
     for rsv in [0x40, 0x20, 0x10] {
-        protocol_error_case(&[], &[1002], |ws| ws.send(FIN | rsv | OP_TEXT, b"Hello"));
+        protocol_error_case(&[], &[1002], |ws| ws.send(FIN | rsv | TEXT, b"Hello"));
     }
 }
 
@@ -729,17 +578,15 @@ fn unknown_opcode_closes_1002() {
 
 #[test]
 fn text_with_invalid_utf8_closes_1007() {
-    protocol_error_case(&[], &[1007], |ws| {
-        ws.send(FIN | OP_TEXT, &[b'a', 0xff, b'b'])
-    });
+    protocol_error_case(&[], &[1007], |ws| ws.send(FIN | TEXT, &[b'a', 0xff, b'b']));
 }
 
 #[test]
 fn invalid_utf8_split_across_fragments_closes_1007() {
     // 0xED 0xA0 0x80 encodes a UTF-16 surrogate: never valid UTF-8, whatever follows.
     protocol_error_case(&["-echo"], &[1007], |ws| {
-        ws.send(OP_TEXT, b"ok \xED");
-        ws.send(FIN | OP_CONT, b"\xA0\x80 tail");
+        ws.send(TEXT, b"ok \xED");
+        ws.send(FIN | CONTINUATION, b"\xA0\x80 tail");
     });
 }
 
@@ -749,15 +596,15 @@ fn frame_of_65536_bytes_is_fine_and_65537_closes_1009() {
     let mut bystander = server.ws("uid=bystander");
     let mut ws = RawWs::connect(&server, "uid=1");
     let payload: Vec<u8> = (0..65536u32).map(|i| b'a' + (i % 26) as u8).collect();
-    ws.send(FIN | OP_TEXT, &payload);
+    ws.send(FIN | TEXT, &payload);
     let f = ws.expect_frame();
-    assert_eq!((f.fin, f.opcode), (true, OP_TEXT));
+    assert_eq!((f.fin, f.opcode), (true, TEXT));
     assert_eq!(
         f.payload, payload,
         "the 65536-byte message was not echoed intact"
     );
 
-    let big = frame_bytes(FIN | OP_BINARY, &vec![7u8; 65537], true);
+    let big = frame(true, BINARY, &vec![7u8; 65537]);
     // The server may refuse from the header alone and close while this is still being
     // written, so a failed write is not an error here.
     let _ = ws.s.write_all(&big);
@@ -769,10 +616,10 @@ fn frame_of_65536_bytes_is_fine_and_65537_closes_1009() {
 fn fragmented_message_of_exactly_64_kib_is_fine() {
     let server = Server::start(&["-echo"]);
     let mut ws = RawWs::connect(&server, "uid=1");
-    ws.send(OP_BINARY, &[1u8; 40000]);
-    ws.send(FIN | OP_CONT, &[2u8; 65536 - 40000]);
+    ws.send(BINARY, &[1u8; 40000]);
+    ws.send(FIN | CONTINUATION, &[2u8; 65536 - 40000]);
     let f = ws.expect_frame();
-    assert_eq!((f.fin, f.opcode, f.payload.len()), (true, OP_BINARY, 65536));
+    assert_eq!((f.fin, f.opcode, f.payload.len()), (true, BINARY, 65536));
     assert!(
         f.payload[..40000].iter().all(|&b| b == 1) && f.payload[40000..].iter().all(|&b| b == 2)
     );
@@ -781,9 +628,8 @@ fn fragmented_message_of_exactly_64_kib_is_fine() {
 #[test]
 fn fragmented_message_over_64_kib_closes_1009() {
     protocol_error_case(&["-echo"], &[1009], |ws| {
-        ws.send(OP_BINARY, &[1u8; 40000]);
-        let _ =
-            ws.s.write_all(&frame_bytes(FIN | OP_CONT, &[2u8; 40000], true));
+        ws.send(BINARY, &[1u8; 40000]);
+        let _ = ws.s.write_all(&frame(true, CONTINUATION, &[2u8; 40000]));
     });
 }
 
@@ -792,9 +638,7 @@ fn declared_length_of_2_pow_63_minus_1_closes_promptly_and_the_server_stays_heal
     let server = Server::start(&[]);
     let mut bystander = server.ws("uid=bystander");
     let mut ws = RawWs::connect(&server, "uid=1");
-    let mut header = vec![FIN | OP_BINARY, 0x80 | 127];
-    header.extend_from_slice(&(i64::MAX as u64).to_be_bytes());
-    header.extend_from_slice(&MASK_KEY);
+    let mut header = header(true, BINARY, i64::MAX as u64);
     header.extend_from_slice(b"a little data");
     ws.write(&header);
     // The payload can never come: the close must come from the header alone, within the
@@ -813,28 +657,28 @@ fn declared_length_of_2_pow_63_minus_1_closes_promptly_and_the_server_stays_heal
 fn fragmented_message_with_a_ping_between_fragments_is_reassembled() {
     let server = Server::start(&["-echo"]);
     let mut ws = RawWs::connect(&server, "uid=1");
-    ws.send(OP_TEXT, b"Hello, ");
-    ws.send(FIN | OP_PING, b"mid");
-    ws.send(OP_CONT, "fragm\u{e9}".as_bytes());
-    ws.send(FIN | OP_CONT, b"nted!");
+    ws.send(TEXT, b"Hello, ");
+    ws.send(FIN | PING, b"mid");
+    ws.send(CONTINUATION, "fragm\u{e9}".as_bytes());
+    ws.send(FIN | CONTINUATION, b"nted!");
     let pong = ws.expect_frame();
     assert_eq!(
         (pong.opcode, &pong.payload[..]),
-        (OP_PONG, &b"mid"[..]),
+        (PONG, &b"mid"[..]),
         "{pong:?}"
     );
     let echo = ws.expect_frame();
-    assert_eq!((echo.fin, echo.opcode), (true, OP_TEXT), "{echo:?}");
+    assert_eq!((echo.fin, echo.opcode), (true, TEXT), "{echo:?}");
     assert_eq!(
         String::from_utf8(echo.payload).unwrap(),
         "Hello, fragm\u{e9}nted!"
     );
     // A multi-byte character split across fragments is fine too.
     let e_acute = "\u{e9}".as_bytes();
-    ws.send(OP_TEXT, &e_acute[..1]);
-    ws.send(FIN | OP_CONT, &e_acute[1..]);
+    ws.send(TEXT, &e_acute[..1]);
+    ws.send(FIN | CONTINUATION, &e_acute[1..]);
     let echo = ws.expect_frame();
-    assert_eq!((echo.opcode, echo.payload), (OP_TEXT, e_acute.to_vec()));
+    assert_eq!((echo.opcode, echo.payload), (TEXT, e_acute.to_vec()));
 }
 
 #[test]
@@ -843,19 +687,19 @@ fn frames_split_byte_by_byte_or_coalesced_are_handled() {
     let mut ws = RawWs::connect(&server, "uid=1");
     ws.s.set_nodelay(true).unwrap();
     // One frame written a byte at a time: the server must wait for the rest.
-    for b in frame_bytes(FIN | OP_TEXT, "split \u{2713} up".as_bytes(), true) {
+    for b in frame(true, TEXT, "split \u{2713} up".as_bytes()) {
         ws.write(&[b]);
     }
     let f = ws.expect_frame();
     assert_eq!(
         (f.opcode, String::from_utf8(f.payload).unwrap()),
-        (OP_TEXT, "split \u{2713} up".to_string())
+        (TEXT, "split \u{2713} up".to_string())
     );
     // Several frames in one write: each is answered, in order.
-    let mut burst = frame_bytes(FIN | OP_PING, b"1", true);
-    burst.extend(frame_bytes(FIN | OP_TEXT, b"two", true));
-    burst.extend(frame_bytes(FIN | OP_PING, b"3", true));
-    burst.extend(frame_bytes(FIN | OP_BINARY, &[4u8; 300], true));
+    let mut burst = frame(true, PING, b"1");
+    burst.extend(frame(true, TEXT, b"two"));
+    burst.extend(frame(true, PING, b"3"));
+    burst.extend(frame(true, BINARY, &[4u8; 300]));
     ws.write(&burst);
     let got: Vec<(u8, Vec<u8>)> = (0..4)
         .map(|_| ws.expect_frame())
@@ -864,31 +708,33 @@ fn frames_split_byte_by_byte_or_coalesced_are_handled() {
     assert_eq!(
         got,
         vec![
-            (OP_PONG, b"1".to_vec()),
-            (OP_TEXT, b"two".to_vec()),
-            (OP_PONG, b"3".to_vec()),
-            (OP_BINARY, vec![4u8; 300])
+            (PONG, b"1".to_vec()),
+            (TEXT, b"two".to_vec()),
+            (PONG, b"3".to_vec()),
+            (BINARY, vec![4u8; 300])
         ]
     );
 }
 
 #[test]
 fn continuation_with_nothing_to_continue_closes_1002() {
-    protocol_error_case(&["-echo"], &[1002], |ws| ws.send(FIN | OP_CONT, b"orphan"));
+    protocol_error_case(&["-echo"], &[1002], |ws| {
+        ws.send(FIN | CONTINUATION, b"orphan")
+    });
 }
 
 #[test]
 fn new_data_frame_inside_a_fragmented_message_closes_1002() {
     protocol_error_case(&["-echo"], &[1002], |ws| {
-        ws.send(OP_TEXT, b"first half");
-        ws.send(FIN | OP_TEXT, b"not a continuation");
+        ws.send(TEXT, b"first half");
+        ws.send(FIN | TEXT, b"not a continuation");
     });
 }
 
 #[test]
 fn fragmented_or_oversized_control_frames_close_1002() {
-    protocol_error_case(&[], &[1002], |ws| ws.send(OP_PING, b"fragmented ping"));
-    protocol_error_case(&[], &[1002], |ws| ws.send(FIN | OP_PING, &[0u8; 126]));
+    protocol_error_case(&[], &[1002], |ws| ws.send(PING, b"fragmented ping"));
+    protocol_error_case(&[], &[1002], |ws| ws.send(FIN | PING, &[0u8; 126]));
 }
 
 // ---- -echo -----------------------------------------------------------------------
@@ -984,7 +830,7 @@ fn a_slow_client_is_evicted_without_holding_back_others() {
     while let Some(f) = slow.read_frame() {
         assert!(close.is_none(), "frame after the close frame: {f:?}");
         match f.opcode {
-            OP_TEXT => {
+            TEXT => {
                 let v: Value = serde_json::from_slice(&f.payload).unwrap();
                 assert_eq!(
                     v["msg"]["seq"], next,
@@ -992,7 +838,7 @@ fn a_slow_client_is_evicted_without_holding_back_others() {
                 );
                 next += 1;
             }
-            OP_CLOSE => close = Some(f.close_code()),
+            CLOSE => close = Some(f.close_code()),
             _ => panic!("unexpected frame {f:?}"),
         }
     }
@@ -1198,12 +1044,12 @@ fn a_subscribe_over_the_type_limit_is_closed_1008_and_counted() {
     let op = json!({"op":"subscribe","types":types}).to_string();
     assert!(op.len() < 64 * 1024);
     let mut raw = RawWs::connect(&server, "uid=1");
-    raw.send(FIN | OP_TEXT, op.as_bytes());
+    raw.send(FIN | TEXT, op.as_bytes());
     assert_eq!(raw.expect_close(), 1008);
     // One type longer than the limit on /send is refused the same way.
     let mut raw = RawWs::connect(&server, "uid=1");
     let op = json!({"op":"subscribe","types":["x".repeat(129)]}).to_string();
-    raw.send(FIN | OP_TEXT, op.as_bytes());
+    raw.send(FIN | TEXT, op.as_bytes());
     assert_eq!(raw.expect_close(), 1008);
     // At the limit the subscription takes effect.
     let mut ws = server.ws("uid=2");

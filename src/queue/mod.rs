@@ -129,16 +129,16 @@ pub trait Queue: Send {
     fn state(&self) -> QueueState;
     /// Takes one validated batch. Runs on the reactor thread: never blocks.
     fn publish(&mut self, ticket: Ticket, batch: Vec<Envelope>) -> Submit;
+    /// The poll round is over and its replies are written: a backend that gathers
+    /// what `publish` accepted hands it on now, in one go. Runs on the reactor
+    /// thread: must not block.
+    fn end_round(&mut self) {}
     /// Stops taking messages (publish answers `Closed`); the backend sends
     /// [`Inbound::Drained`] once what it had accepted is handed over.
     fn close(&mut self);
     /// The reactor has delivered an [`Inbound::DeliverJob`]; runs on the reactor
     /// thread, so it only passes the id on. Backends without jobs ignore it.
     fn ack(&mut self, _job: String) {}
-    /// How many push connections this node holds, told when one opens and on
-    /// every timer tick. Runs on the reactor thread: must not block. No backend
-    /// needs it any more: each Disque node consumes its own queue, clients or not.
-    fn set_listeners(&mut self, _n: usize) {}
 
     /// Asks for the history after `since` for a resuming connection. Runs on the
     /// reactor thread: must not block.

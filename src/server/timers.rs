@@ -76,7 +76,6 @@ pub(super) fn tick_for(cfg: &Config) -> Duration {
 
 impl Server {
     pub(super) fn on_tick(&mut self, now: Instant) {
-        self.queue.set_listeners(self.hub.connections());
         self.history.sweep(crate::message::unix_now());
         self.admission.restore_spare();
         if self.admission.paused {

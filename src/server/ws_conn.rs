@@ -88,7 +88,6 @@ impl Server {
                 .map_or_else(|| "-".to_string(), |ip| ip.to_string())
         );
         self.hub.join(key, up.uid.as_deref(), up.types);
-        self.queue.set_listeners(self.hub.connections());
         self.counters.ws_opened += 1;
         let opened = self.send(
             key,

@@ -1,6 +1,7 @@
 //! A WebSocket client written by hand, for what a real client library refuses to
 //! do: frames split or joined at chosen bytes, forbidden close codes, 64-bit lengths
-//! with nothing behind them, and sockets shaped with socket options.
+//! with nothing behind them, and sockets shaped with socket options. [`RawWs`] holds
+//! one such connection for tests that talk frame by frame.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -10,6 +11,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::{Server, WAIT, read_response};
 
+/// The FIN bit of a frame's first byte.
+pub const FIN: u8 = 0x80;
 pub const TEXT: u8 = 0x1;
 pub const BINARY: u8 = 0x2;
 pub const CONTINUATION: u8 = 0x0;
@@ -20,11 +23,15 @@ pub const PONG: u8 = 0xA;
 /// Any fixed key will do; this one is RFC 6455 §5.7's.
 const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 
+/// RFC 6455 §1.3's example handshake key and the accept value the RFC gives for it.
+pub const RFC_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+pub const RFC_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
 /// The upgrade request for `/ws?query`, with `connection` as the Connection header.
 pub fn upgrade_request(query: &str, connection: &str) -> String {
     format!(
         "GET /ws?{query} HTTP/1.1\r\nHost: x\r\nConnection: {connection}\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {RFC_KEY}\r\n\r\n"
     )
 }
 
@@ -35,12 +42,13 @@ pub fn connect(server: &Server, query: &str) -> TcpStream {
     s
 }
 
-/// Performs the opening handshake on `s` and checks the 101.
+/// Performs the opening handshake on `s` and checks the 101 and its accept value.
 pub fn upgrade(s: &mut TcpStream, query: &str) {
     s.write_all(upgrade_request(query, "Upgrade").as_bytes())
         .unwrap();
     let r = read_response(s);
     assert_eq!(r.status, 101, "handshake refused: {}", r.text());
+    assert_eq!(r.header("sec-websocket-accept"), Some(RFC_ACCEPT));
 }
 
 /// A TCP connection whose receive buffer is shrunk before connecting, so that the
@@ -85,6 +93,15 @@ pub fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// The same frame unmasked, which a client must never send.
+pub fn unmasked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = header(fin, opcode, payload.len() as u64);
+    f.truncate(f.len() - KEY.len());
+    f[1] &= 0x7f;
+    f.extend_from_slice(payload);
+    f
+}
+
 /// A close frame's payload: the code, then the reason bytes.
 pub fn close_payload(code: u16, reason: &[u8]) -> Vec<u8> {
     [&code.to_be_bytes()[..], reason].concat()
@@ -98,6 +115,15 @@ pub struct Frame {
     pub payload: Vec<u8>,
 }
 
+impl Frame {
+    /// The status code of a close frame.
+    pub fn close_code(&self) -> u16 {
+        assert_eq!(self.opcode, CLOSE, "not a close frame: {self:?}");
+        assert!(self.payload.len() >= 2, "close without a code: {self:?}");
+        u16::from_be_bytes([self.payload[0], self.payload[1]])
+    }
+}
+
 /// Reads one server frame; `None` at end of stream before its first byte.
 pub fn read_frame(s: &mut impl Read) -> Option<Frame> {
     let mut h = [0u8; 2];
@@ -108,7 +134,8 @@ pub fn read_frame(s: &mut impl Read) -> Option<Frame> {
         Err(e) => panic!("read a frame: {e}"),
     }
     s.read_exact(&mut h[1..]).expect("read a frame header");
-    assert_eq!(h[1] & 0x80, 0, "a server frame is masked");
+    assert_eq!(h[1] & 0x80, 0, "a server frame is masked (RFC 6455 §5.1)");
+    assert_eq!(h[0] & 0x70, 0, "reserved bits set in a server frame");
     let len = match h[1] & 0x7f {
         126 => {
             let mut b = [0u8; 2];
@@ -144,11 +171,8 @@ pub fn next_frame(s: &mut impl Read) -> Frame {
 /// The server's next frame is a close with `code`, and then the connection ends.
 pub fn expect_close(s: &mut TcpStream, code: u16) {
     let f = next_frame(s);
-    assert_eq!(f.opcode, CLOSE, "expected a close frame, got {f:?}");
-    assert!(f.payload.len() >= 2, "close without a code: {f:?}");
-    let got = u16::from_be_bytes([f.payload[0], f.payload[1]]);
-    let reason = String::from_utf8_lossy(&f.payload[2..]);
-    assert_eq!(got, code, "close code (reason {reason:?})");
+    let reason = String::from_utf8_lossy(f.payload.get(2..).unwrap_or_default()).into_owned();
+    assert_eq!(f.close_code(), code, "close code (reason {reason:?})");
     expect_end(s);
 }
 
@@ -160,5 +184,51 @@ pub fn expect_end(s: &mut TcpStream) {
         Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
         Ok(n) => panic!("more bytes after the close: {:?}", &b[..n]),
         Err(e) => panic!("expected the connection to end, got {e}"),
+    }
+}
+
+/// One push connection driven frame by frame: what it sends is masked unless said
+/// otherwise, and what it reads is checked as a client must check server frames.
+pub struct RawWs {
+    pub s: TcpStream,
+}
+
+impl RawWs {
+    /// Opens `/ws?query` with the RFC's example key and checks the accept value.
+    pub fn connect(server: &Server, query: &str) -> RawWs {
+        RawWs {
+            s: connect(server, query),
+        }
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).expect("write to the server");
+    }
+
+    /// Sends one masked frame whose first byte is `b0` (FIN, reserved bits, opcode).
+    pub fn send(&mut self, b0: u8, payload: &[u8]) {
+        self.write(&frame(b0 & FIN != 0, b0 & !FIN, payload));
+    }
+
+    /// The next frame, pings included; `None` once the server ended the connection.
+    pub fn read_frame(&mut self) -> Option<Frame> {
+        read_frame(&mut self.s)
+    }
+
+    pub fn expect_frame(&mut self) -> Frame {
+        self.read_frame()
+            .expect("a frame, but the server closed the connection")
+    }
+
+    /// The next frame is a close, then the connection ends. Returns the close code.
+    pub fn expect_close(&mut self) -> u16 {
+        let code = self.expect_frame().close_code();
+        self.expect_eof();
+        code
+    }
+
+    /// Nothing more arrives: the server ends the connection.
+    pub fn expect_eof(&mut self) {
+        expect_end(&mut self.s);
     }
 }
