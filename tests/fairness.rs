@@ -93,7 +93,7 @@ fn reader(server: &Server, uid: &str) -> (Arc<AtomicUsize>, thread::JoinHandle<O
 fn a_burst_merged_by_the_server_does_not_evict_a_client_that_reads() {
     const SENDS: usize = 32;
     const PER_SEND: usize = 60;
-    let server = Server::start(&["-max-body=262144", "-max-backlog=262400"]);
+    let server = Server::start(&["-max-body=262144", "-max-backlog=1048576"]);
     let (got, handle) = reader(&server, "r");
     sync_uid(&server, "r");
     let msg = "m".repeat(4000);
