@@ -12,8 +12,9 @@
 //!   buffer decodes to (same frame, same length, or the same error);
 //! - what is left waiting for more bytes never exceeds one header plus the limit:
 //!   a declared length is checked before its payload is buffered;
-//! - decoding and assembling the stream read by read yields the same messages
-//!   and the same error as doing it in one go;
+//! - decoding and assembling the stream read by read, checking each incomplete
+//!   frame as the reactor does, yields the same messages and the same error as
+//!   doing it in one go (failing early changes when, never what);
 //! - messages respect the limits and the control-frame rules.
 #![no_main]
 
@@ -123,7 +124,16 @@ fn run(stream: &[u8], reads: &[usize], max_frame: usize, max_message: usize) -> 
         loop {
             let before = pending.len() - pos;
             match frame::decode(&mut pending[pos..], max_frame) {
-                Ok(None) => break,
+                Ok(None) => {
+                    let before = pending[pos..].to_vec();
+                    if let Err(e) = asm.check_incomplete(&pending[pos..]) {
+                        assert!(asm.is_idle(), "a failed assembler keeps a message");
+                        events.push(Event::Error(e));
+                        return events;
+                    }
+                    assert_eq!(pending[pos..], before, "checking changed the buffer");
+                    break;
+                }
                 Err(e) => {
                     events.push(Event::Error(e));
                     return events;

@@ -1,8 +1,12 @@
 //! Message assembly: turns decoded frames into whole messages, enforcing
 //! fragmentation order, the message size limit, fail-fast UTF-8 validation
-//! of text and the close-payload rules.
+//! of text (down to the byte of a frame still arriving) and the close-payload rules.
 
-use super::frame::{Frame, MAX_CONTROL_PAYLOAD, OpCode, ProtocolError};
+use super::frame::{self, Frame, MAX_CONTROL_PAYLOAD, OpCode, ProtocolError};
+use super::utf8::Utf8State;
+
+/// Bytes of an incomplete frame unmasked at a time for validation, on the stack.
+const PEEK_CHUNK: usize = 256;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Message {
@@ -33,12 +37,15 @@ pub struct Assembler {
     /// Fragments received so far; empty and unallocated while idle.
     buf: Vec<u8>,
     max_message: usize,
+    /// Payload bytes of the frame still arriving that `check_incomplete` has
+    /// validated, so `push` and later checks go on from there. 32 bits keep the
+    /// struct small; past 4 GiB the rest of the frame is checked when it is whole.
+    frame_checked: u32,
     /// Kind of the fragmented message in progress, if any.
     partial: Option<DataKind>,
-    /// Length (0..=3) of an incomplete UTF-8 sequence at the end of `buf`.
-    /// Everything before it is known valid, so each fragment is validated
-    /// from there instead of from the start of the message.
-    utf8_pending: u8,
+    /// Where the text validated so far ends: on a character boundary or inside
+    /// a code point that the next bytes must complete.
+    utf8: Utf8State,
 }
 
 impl Assembler {
@@ -46,8 +53,65 @@ impl Assembler {
         Assembler {
             buf: Vec::new(),
             max_message,
+            frame_checked: 0,
             partial: None,
-            utf8_pending: 0,
+            utf8: Utf8State::Boundary,
+        }
+    }
+
+    /// Checks the part of the next frame that has arrived, so a text message fails
+    /// at its first invalid byte, and a message that will be too big fails on its
+    /// header, without waiting for the rest of the frame.
+    ///
+    /// `wire` is the input from the start of the frame that the next `push` will
+    /// get, still masked; it is not modified, so `frame::decode` can be retried on
+    /// it. Call this whenever `decode` needs more bytes. Header errors are left to
+    /// `decode`, and fragmentation-order errors to `push`.
+    pub fn check_incomplete(&mut self, wire: &[u8]) -> Result<(), ProtocolError> {
+        let Ok(Some(header)) = frame::parse_header(wire, usize::MAX) else {
+            return Ok(());
+        };
+        let (text, total) = match (header.opcode, self.partial) {
+            (OpCode::Text, None) => (true, header.len),
+            (OpCode::Binary, None) => (false, header.len),
+            (OpCode::Continuation, Some(kind)) => (
+                kind == DataKind::Text,
+                self.buf.len().saturating_add(header.len),
+            ),
+            _ => return Ok(()),
+        };
+        let result = if total > self.max_message {
+            Err(ProtocolError::MessageTooBig)
+        } else if text {
+            self.check_arrived_text(wire, &header)
+        } else {
+            Ok(())
+        };
+        if result.is_err() {
+            self.reset();
+        }
+        result
+    }
+
+    fn check_arrived_text(
+        &mut self,
+        wire: &[u8],
+        header: &frame::Header,
+    ) -> Result<(), ProtocolError> {
+        let mut chunk = [0u8; PEEK_CHUNK];
+        loop {
+            let from = self.frame_checked as usize;
+            let room = (u32::MAX - self.frame_checked) as usize;
+            let out = chunk.get_mut(..room.min(PEEK_CHUNK)).unwrap_or_default();
+            let n = frame::unmask_arrived(wire, header, from, out);
+            if n == 0 {
+                return Ok(());
+            }
+            self.utf8
+                .feed(&chunk[..n])
+                .map_err(|_| ProtocolError::InvalidUtf8)?;
+            // n <= room, so this stays within u32.
+            self.frame_checked += n as u32;
         }
     }
 
@@ -69,6 +133,8 @@ impl Assembler {
     }
 
     fn dispatch(&mut self, frame: Frame<'_>) -> Result<Option<Message>, ProtocolError> {
+        // Only data frames are ever checked while incomplete.
+        let checked = std::mem::take(&mut self.frame_checked) as usize;
         if frame.opcode.is_control() {
             // `Frame` can be built by hand, so do not rely on `decode` having checked these.
             if !frame.fin {
@@ -82,9 +148,9 @@ impl Assembler {
             OpCode::Ping => Ok(Some(Message::Ping(frame.payload.to_vec()))),
             OpCode::Pong => Ok(Some(Message::Pong(frame.payload.to_vec()))),
             OpCode::Close => parse_close(frame.payload).map(|close| Some(Message::Close(close))),
-            OpCode::Text => self.start(DataKind::Text, frame),
-            OpCode::Binary => self.start(DataKind::Binary, frame),
-            OpCode::Continuation => self.continue_message(frame),
+            OpCode::Text => self.start(DataKind::Text, frame, checked),
+            OpCode::Binary => self.start(DataKind::Binary, frame, checked),
+            OpCode::Continuation => self.continue_message(frame, checked),
         }
     }
 
@@ -92,6 +158,7 @@ impl Assembler {
         &mut self,
         kind: DataKind,
         frame: Frame<'_>,
+        checked: usize,
     ) -> Result<Option<Message>, ProtocolError> {
         if self.partial.is_some() {
             return Err(ProtocolError::ExpectedContinuation);
@@ -100,7 +167,9 @@ impl Assembler {
             return Err(ProtocolError::MessageTooBig);
         }
         if frame.fin {
-            // The common unfragmented case skips the reassembly buffer entirely.
+            // The common unfragmented case skips the reassembly buffer entirely,
+            // and one pass of std's validator over the whole payload is the fastest.
+            self.utf8 = Utf8State::Boundary;
             return match kind {
                 DataKind::Text => std::str::from_utf8(frame.payload)
                     .map(|text| Some(Message::Text(text.to_owned())))
@@ -109,22 +178,26 @@ impl Assembler {
             };
         }
         self.partial = Some(kind);
-        self.append(kind, frame.payload)?;
+        self.append(kind, frame.payload, checked)?;
         Ok(None)
     }
 
-    fn continue_message(&mut self, frame: Frame<'_>) -> Result<Option<Message>, ProtocolError> {
+    fn continue_message(
+        &mut self,
+        frame: Frame<'_>,
+        checked: usize,
+    ) -> Result<Option<Message>, ProtocolError> {
         let Some(kind) = self.partial else {
             return Err(ProtocolError::UnexpectedContinuation);
         };
         if self.buf.len().saturating_add(frame.payload.len()) > self.max_message {
             return Err(ProtocolError::MessageTooBig);
         }
-        self.append(kind, frame.payload)?;
+        self.append(kind, frame.payload, checked)?;
         if !frame.fin {
             return Ok(None);
         }
-        if self.utf8_pending != 0 {
+        if !self.utf8.is_boundary() {
             return Err(ProtocolError::InvalidUtf8);
         }
         // `take` hands the allocation to the message, leaving the idle assembler with none.
@@ -140,39 +213,30 @@ impl Assembler {
         }
     }
 
-    /// Appends a fragment and, for text, validates only the bytes not yet
-    /// known to be valid, so an invalid sequence fails on the fragment that
-    /// carries it rather than at the end of the message.
-    fn append(&mut self, kind: DataKind, payload: &[u8]) -> Result<(), ProtocolError> {
-        let unchecked_from = self
-            .buf
-            .len()
-            .saturating_sub(usize::from(self.utf8_pending));
-        self.buf.extend_from_slice(payload);
+    /// Appends a fragment and, for text, validates the bytes that
+    /// `check_incomplete` has not, so an invalid sequence fails on the fragment
+    /// that carries it rather than at the end of the message.
+    fn append(
+        &mut self,
+        kind: DataKind,
+        payload: &[u8],
+        checked: usize,
+    ) -> Result<(), ProtocolError> {
         if kind == DataKind::Text {
-            let unchecked = self.buf.get(unchecked_from..).unwrap_or_default();
-            self.utf8_pending = incomplete_utf8_tail(unchecked)?;
+            let unchecked = payload.get(checked..).unwrap_or_default();
+            self.utf8
+                .feed(unchecked)
+                .map_err(|_| ProtocolError::InvalidUtf8)?;
         }
+        self.buf.extend_from_slice(payload);
         Ok(())
     }
 
     fn reset(&mut self) {
         self.buf = Vec::new();
+        self.frame_checked = 0;
         self.partial = None;
-        self.utf8_pending = 0;
-    }
-}
-
-/// Length of a trailing, possibly-completable UTF-8 sequence, or an error if
-/// `bytes` contains a sequence that no continuation could make valid.
-fn incomplete_utf8_tail(bytes: &[u8]) -> Result<u8, ProtocolError> {
-    match std::str::from_utf8(bytes) {
-        Ok(_) => Ok(0),
-        // `error_len() == None` means "ran out of input", i.e. cut at the fragment end.
-        Err(e) if e.error_len().is_none() => {
-            u8::try_from(bytes.len() - e.valid_up_to()).map_err(|_| ProtocolError::InvalidUtf8)
-        }
-        Err(_) => Err(ProtocolError::InvalidUtf8),
+        self.utf8 = Utf8State::Boundary;
     }
 }
 
@@ -421,12 +485,12 @@ mod tests {
         let mut asm = Assembler::new(1024);
         // "€" = E2 82 AC, one byte per fragment.
         assert_eq!(push(&mut asm, false, OpCode::Text, b"a\xe2"), Ok(None));
-        assert_eq!(asm.utf8_pending, 1);
+        assert_eq!(asm.utf8, Utf8State::Tail(2));
         assert_eq!(
             push(&mut asm, false, OpCode::Continuation, b"\x82"),
             Ok(None)
         );
-        assert_eq!(asm.utf8_pending, 2);
+        assert_eq!(asm.utf8, Utf8State::Tail(1));
         assert_eq!(
             push(&mut asm, true, OpCode::Continuation, b"\xac!"),
             Ok(Some(Message::Text("a€!".into())))
@@ -439,6 +503,152 @@ mod tests {
             push(&mut asm, true, OpCode::Continuation, &emoji[1..]),
             Ok(Some(Message::Text("😀".into())))
         );
+        assert_no_heap(&asm);
+    }
+
+    /// Feeds `wire` (masked frames) to decode + assembler the way the reactor does,
+    /// `arrived` bytes at a time, checking incomplete frames after each arrival.
+    /// Returns the messages and the number of bytes that had arrived at the error.
+    fn feed_wire(
+        asm: &mut Assembler,
+        wire: &[u8],
+        arrived: usize,
+    ) -> (Vec<Message>, Option<(usize, ProtocolError)>) {
+        let mut pending = Vec::new();
+        let mut messages = Vec::new();
+        for (i, chunk) in wire.chunks(arrived).enumerate() {
+            pending.extend_from_slice(chunk);
+            let so_far = (i * arrived + chunk.len()).min(wire.len());
+            loop {
+                match decode(&mut pending, 1 << 20) {
+                    Err(e) => return (messages, Some((so_far, e))),
+                    Ok(None) => {
+                        let before = pending.clone();
+                        if let Err(e) = asm.check_incomplete(&pending) {
+                            return (messages, Some((so_far, e)));
+                        }
+                        assert_eq!(pending, before, "the wire bytes were modified");
+                        break;
+                    }
+                    Ok(Some((frame, used))) => {
+                        match asm.push(frame) {
+                            Err(e) => return (messages, Some((so_far, e))),
+                            Ok(Some(m)) => messages.push(m),
+                            Ok(None) => {}
+                        }
+                        pending.drain(..used);
+                    }
+                }
+            }
+        }
+        (messages, None)
+    }
+
+    /// Autobahn 6.4.3 / 6.4.4: one text frame whose payload turns invalid in its
+    /// middle fails at the byte that makes it invalid, before the frame is whole.
+    #[test]
+    fn utf8_fails_at_first_bad_byte_of_a_frame_still_arriving() {
+        let payload = b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xf4\x90\x80\x80edited";
+        let wire = client_frame(true, OpCode::Text, payload);
+        let header_len = wire.len() - payload.len();
+        let first_bad = header_len + 12;
+        for arrived in 1..=wire.len() {
+            let mut asm = Assembler::new(1024);
+            let (messages, err) = feed_wire(&mut asm, &wire, arrived);
+            assert!(messages.is_empty());
+            let (at, e) = err.expect("invalid text accepted");
+            assert_eq!(e, ProtocolError::InvalidUtf8);
+            // The error comes with the read that carried the bad byte.
+            let read_with_bad = (first_bad / arrived + 1) * arrived;
+            assert_eq!(at, read_with_bad.min(wire.len()), "reads of {arrived}");
+            assert_no_heap(&asm);
+        }
+    }
+
+    #[test]
+    fn utf8_fails_at_first_bad_byte_across_fragments_still_arriving() {
+        // "€" split 1 + 2: the continuation's first byte is fine, its second is not.
+        let wire = [
+            client_frame(false, OpCode::Text, b"ok\xe2"),
+            client_frame(true, OpCode::Ping, b"p"),
+            client_frame(true, OpCode::Continuation, b"\x82\x41 and more text"),
+        ]
+        .concat();
+        let bad = wire.len() - b" and more text".len() - 1;
+        let mut asm = Assembler::new(1024);
+        let (messages, err) = feed_wire(&mut asm, &wire, 1);
+        assert_eq!(messages, [Message::Ping(b"p".to_vec())]);
+        assert_eq!(err, Some((bad + 1, ProtocolError::InvalidUtf8)));
+        assert_no_heap(&asm);
+    }
+
+    #[test]
+    fn valid_text_arriving_byte_by_byte_is_unchanged() {
+        let text = "gr\u{fc}\u{df}e \u{20ac} \u{1f600}!";
+        let bytes = text.as_bytes();
+        for cut in 0..=bytes.len() {
+            let wire = [
+                client_frame(false, OpCode::Text, &bytes[..cut]),
+                client_frame(true, OpCode::Continuation, &bytes[cut..]),
+                client_frame(true, OpCode::Text, bytes),
+                client_frame(true, OpCode::Binary, b"\xff\xfe"),
+            ]
+            .concat();
+            for arrived in [1, 2, 3, 7, wire.len()] {
+                let mut asm = Assembler::new(1024);
+                let (messages, err) = feed_wire(&mut asm, &wire, arrived);
+                assert_eq!(err, None, "cut {cut}, reads of {arrived}");
+                assert_eq!(
+                    messages,
+                    [
+                        Message::Text(text.into()),
+                        Message::Text(text.into()),
+                        Message::Binary(b"\xff\xfe".to_vec()),
+                    ]
+                );
+                assert_no_heap(&asm);
+            }
+        }
+    }
+
+    #[test]
+    fn too_big_message_fails_on_the_header() {
+        let mut asm = Assembler::new(100);
+        let wire = client_frame(true, OpCode::Binary, &[0; 101]);
+        assert_eq!(
+            asm.check_incomplete(&wire[..8]),
+            Err(ProtocolError::MessageTooBig)
+        );
+
+        let mut asm = Assembler::new(100);
+        push(&mut asm, false, OpCode::Text, &[b'a'; 60]).unwrap();
+        let wire = client_frame(true, OpCode::Continuation, &[b'a'; 41]);
+        assert_eq!(
+            asm.check_incomplete(&wire[..6]),
+            Err(ProtocolError::MessageTooBig)
+        );
+        assert_no_heap(&asm);
+
+        // Exactly at the limit is fine, and control frames are not counted.
+        let mut asm = Assembler::new(100);
+        push(&mut asm, false, OpCode::Text, &[b'a'; 60]).unwrap();
+        let wire = client_frame(true, OpCode::Continuation, &[b'a'; 40]);
+        assert_eq!(asm.check_incomplete(&wire[..7]), Ok(()));
+        let ping = client_frame(true, OpCode::Ping, &[0xff; 125]);
+        assert_eq!(asm.check_incomplete(&ping[..9]), Ok(()));
+    }
+
+    #[test]
+    fn incomplete_checks_leave_order_and_header_errors_to_push_and_decode() {
+        let mut asm = Assembler::new(1024);
+        // A continuation with nothing to continue, and a bad header: not its business.
+        let cont = client_frame(true, OpCode::Continuation, b"\xff\xff");
+        assert_eq!(asm.check_incomplete(&cont[..7]), Ok(()));
+        assert_eq!(asm.check_incomplete(&[0xF1, 0x80]), Ok(()));
+        assert_eq!(asm.check_incomplete(&[]), Ok(()));
+        // Binary payloads are never validated.
+        let bin = client_frame(true, OpCode::Binary, b"\xff\xff");
+        assert_eq!(asm.check_incomplete(&bin[..7]), Ok(()));
         assert_no_heap(&asm);
     }
 

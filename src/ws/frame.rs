@@ -150,19 +150,24 @@ impl fmt::Display for ProtocolError {
 
 impl std::error::Error for ProtocolError {}
 
-/// Decode one client frame from the front of `buf`, unmasking its payload in place.
-///
-/// `Ok(None)` = need more bytes (the caller appends and calls again with the
-/// grown buffer); `buf` is left untouched in that case, so retrying is safe.
-/// `Ok(Some((frame, consumed)))` = one frame; `consumed` bytes of `buf` belong to it.
+/// A client frame's header, parsed before its payload has (all) arrived.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub fin: bool,
+    pub opcode: OpCode,
+    /// Declared payload length, already checked against the limit.
+    pub len: usize,
+    pub key: [u8; 4],
+    /// Offset of the payload from the start of the frame.
+    pub payload_at: usize,
+}
+
+/// Parses the header at the front of `buf`: `Ok(None)` until all of it has arrived.
 ///
 /// Every header rule is checked as soon as the bytes it needs are present, so
 /// a hostile header is rejected without waiting for (or allocating) its payload.
 /// Non-minimal length encodings are tolerated, as most implementations do.
-pub fn decode(
-    buf: &mut [u8],
-    max_payload: usize,
-) -> Result<Option<(Frame<'_>, usize)>, ProtocolError> {
+pub fn parse_header(buf: &[u8], max_payload: usize) -> Result<Option<Header>, ProtocolError> {
     let Some(&b0) = buf.first() else {
         return Ok(None);
     };
@@ -213,21 +218,60 @@ pub fn decode(
     let Some(key) = array_at::<MASK_KEY_LEN>(buf, key_at) else {
         return Ok(None);
     };
-    let start = key_at + MASK_KEY_LEN;
+    let payload_at = key_at + MASK_KEY_LEN;
     // Only reachable when max_payload is close to usize::MAX.
-    let end = start.checked_add(len).ok_or(ProtocolError::FrameTooBig)?;
-    let Some(payload) = buf.get_mut(start..end) else {
+    payload_at
+        .checked_add(len)
+        .ok_or(ProtocolError::FrameTooBig)?;
+    Ok(Some(Header {
+        fin,
+        opcode,
+        len,
+        key,
+        payload_at,
+    }))
+}
+
+/// Decode one client frame from the front of `buf`, unmasking its payload in place.
+///
+/// `Ok(None)` = need more bytes (the caller appends and calls again with the
+/// grown buffer); `buf` is left untouched in that case, so retrying is safe.
+/// `Ok(Some((frame, consumed)))` = one frame; `consumed` bytes of `buf` belong to it.
+pub fn decode(
+    buf: &mut [u8],
+    max_payload: usize,
+) -> Result<Option<(Frame<'_>, usize)>, ProtocolError> {
+    let Some(header) = parse_header(buf, max_payload)? else {
         return Ok(None);
     };
-    apply_mask(payload, key);
+    let end = header.payload_at + header.len;
+    let Some(payload) = buf.get_mut(header.payload_at..end) else {
+        return Ok(None);
+    };
+    apply_mask(payload, header.key);
     Ok(Some((
         Frame {
-            fin,
-            opcode,
+            fin: header.fin,
+            opcode: header.opcode,
             payload,
         },
         end,
     )))
+}
+
+/// Unmasks the payload bytes `from..` that have arrived of an incomplete frame
+/// into `out`, leaving `wire` untouched so that `decode` can retry on it later.
+pub fn unmask_arrived(wire: &[u8], header: &Header, from: usize, out: &mut [u8]) -> usize {
+    let start = header.payload_at.saturating_add(from);
+    let end = wire.len().min(header.payload_at.saturating_add(header.len));
+    let arrived = wire.get(start..end).unwrap_or_default();
+    let n = arrived.len().min(out.len());
+    let dst = &mut out[..n];
+    dst.copy_from_slice(&arrived[..n]);
+    let mut key = header.key;
+    key.rotate_left(from % MASK_KEY_LEN);
+    apply_mask(dst, key);
+    n
 }
 
 /// `N` bytes of `buf` starting at `at`, or `None` if they have not all arrived.

@@ -4,3 +4,4 @@
 pub mod assembler;
 pub mod frame;
 pub mod handshake;
+pub mod utf8;
