@@ -766,7 +766,16 @@ impl Server {
                 self.ws_fail(key, e);
                 return Step::Stop;
             }
-            Ok(None) => return Step::NeedMore,
+            Ok(None) => {
+                // Text still arriving fails at its first invalid byte (RFC 6455 §8.1).
+                if let Phase::Ws(ws) = &mut self.conns[key].phase
+                    && let Err(e) = ws.assembler.check_incomplete(buf)
+                {
+                    self.ws_fail(key, e);
+                    return Step::Stop;
+                }
+                return Step::NeedMore;
+            }
             Ok(Some(f)) => f,
         };
         let Phase::Ws(ws) = &mut self.conns[key].phase else {
