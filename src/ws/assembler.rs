@@ -273,6 +273,7 @@ mod tests {
         Frame {
             fin,
             opcode,
+            compressed: false,
             payload,
         }
     }
