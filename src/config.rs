@@ -48,6 +48,13 @@ pub enum LogLevel {
     Warn,
 }
 
+/// Whether `/ws` negotiates permessage-deflate (RFC 7692) with clients that offer it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Deflate {
+    Off,
+    On,
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub bind: String,
@@ -70,6 +77,9 @@ pub struct Config {
     /// Disque jobs taken by one GETJOB, i.e. delivered but not yet acknowledged.
     pub queue_prefetch: usize,
     pub echo: bool,
+    pub deflate: Deflate,
+    /// Pushes shorter than this are sent uncompressed even to deflate clients.
+    pub deflate_min: usize,
     pub log: LogLevel,
     /// Open TCP connections of every kind (push and HTTP).
     pub max_connections: usize,
@@ -113,6 +123,11 @@ impl Default for Config {
             queue_retry: Duration::from_secs(10),
             queue_prefetch: 64,
             echo: false,
+            // Off: compression that mixes attacker-chosen and secret bytes in one
+            // message leaks through its size (CRIME/BREACH), and what a push carries
+            // is the deployment's to judge; pushes are also small, so it saves little.
+            deflate: Deflate::Off,
+            deflate_min: 256,
             log: LogLevel::Info,
             max_connections: 100_000,
             max_frame: 64 * 1024,
@@ -254,6 +269,21 @@ fn options() -> Options {
         "",
         "echo",
         "echo client text/binary messages (WebSocket conformance testing)",
+    );
+    o.optopt(
+        "",
+        "deflate",
+        "permessage-deflate for clients that offer it: off | on (default off)",
+        "off|on",
+    );
+    o.optopt(
+        "",
+        "deflate-min",
+        &format!(
+            "pushes shorter than this many bytes are sent uncompressed (default {})",
+            d.deflate_min
+        ),
+        "N",
     );
     o.optopt(
         "",
@@ -448,6 +478,7 @@ pub fn parse_with_env<S: AsRef<str>>(
     num("max-body", &mut c.max_body)?;
     num("max-batch", &mut c.max_batch)?;
     num("max-backlog", &mut c.max_backlog)?;
+    num("deflate-min", &mut c.deflate_min)?;
     let dur = |name: &'static str, v: &mut Duration| -> Result<(), ConfigError> {
         if let Some(s) = m.opt_str(name) {
             *v = parse_duration(&s)
@@ -490,6 +521,13 @@ pub fn parse_with_env<S: AsRef<str>>(
         };
     }
     c.echo = m.opt_present("echo");
+    if let Some(s) = m.opt_str("deflate") {
+        c.deflate = match s.as_str() {
+            "off" => Deflate::Off,
+            "on" => Deflate::On,
+            _ => return Err(ConfigError::Invalid("deflate", s)),
+        };
+    }
     let secret = |flag: &'static str, var: &str| -> Result<Option<String>, ConfigError> {
         match m.opt_str(flag).or_else(|| env(var)) {
             Some(s) if s.is_empty() => Err(ConfigError::Invalid(flag, "(empty)".into())),
@@ -629,6 +667,14 @@ mod tests {
     }
 
     #[test]
+    fn deflate_flags() {
+        let c = run(&[]);
+        assert_eq!((c.deflate, c.deflate_min), (Deflate::Off, 256));
+        let c = run(&["-deflate=on", "-deflate-min=1024"]);
+        assert_eq!((c.deflate, c.deflate_min), (Deflate::On, 1024));
+    }
+
+    #[test]
     fn defaults_follow_the_protocol() {
         let c = run(&[]);
         assert_eq!((c.port, c.queue.clone()), (3210, QueueSpec::List));
@@ -645,6 +691,8 @@ mod tests {
             (&["-queue=kafka"][..], "queue"),
             (&["-max-body=0"][..], "max-body"),
             (&["-idle-timeout=5y"][..], "idle-timeout"),
+            (&["-deflate=yes"][..], "deflate"),
+            (&["-deflate-min=0"][..], "deflate-min"),
         ] {
             let err = parse(args).err().expect("must fail").to_string();
             assert!(err.contains(flag), "{err}");
@@ -668,6 +716,8 @@ mod tests {
             "-max-backlog",
             "-idle-timeout",
             "-echo",
+            "-deflate",
+            "-deflate-min",
         ] {
             assert!(h.contains(flag), "{flag} missing from help");
         }
