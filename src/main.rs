@@ -18,6 +18,8 @@ const INBOUND_CAPACITY: usize = 1024;
 /// hundreds of clients connect at once, as after a restart, and each overflow costs
 /// a client a SYN retransmission: a second or more.
 const LISTEN_BACKLOG: i32 = 1024;
+/// What every build has, before the Cargo features it was built with.
+const FEATURES: &str = "queue-list queue-redis queue-disque";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -29,6 +31,10 @@ fn main() -> ExitCode {
         }
         Ok(Command::Version) => {
             println!("wspush {}", env!("CARGO_PKG_VERSION"));
+            println!("commit: {}", env!("WSPUSH_GIT_COMMIT"));
+            let cargo_features = env!("WSPUSH_FEATURES");
+            let sep = if cargo_features.is_empty() { "" } else { " " };
+            println!("features: {FEATURES}{sep}{cargo_features}");
             return ExitCode::SUCCESS;
         }
         Err(e) => {
