@@ -2,6 +2,7 @@
 //! fragmentation order, the message size limit, fail-fast UTF-8 validation
 //! of text (down to the byte of a frame still arriving) and the close-payload rules.
 
+use super::deflate::Inflater;
 use super::frame::{self, Frame, MAX_CONTROL_PAYLOAD, OpCode, ProtocolError};
 use super::utf8::Utf8State;
 
@@ -28,6 +29,9 @@ pub struct CloseFrame {
 enum DataKind {
     Text,
     Binary,
+    /// permessage-deflate: validated (text) once inflated, when the message is whole.
+    DeflatedText,
+    DeflatedBinary,
 }
 
 /// One per connection, so it is kept small (40 bytes on 64-bit targets) and
@@ -68,11 +72,11 @@ impl Assembler {
     /// it. Call this whenever `decode` needs more bytes. Header errors are left to
     /// `decode`, and fragmentation-order errors to `push`.
     pub fn check_incomplete(&mut self, wire: &[u8]) -> Result<(), ProtocolError> {
-        let Ok(Some(header)) = frame::parse_header(wire, usize::MAX) else {
+        let Ok(Some(header)) = frame::parse_header_with(wire, usize::MAX, true) else {
             return Ok(());
         };
         let (text, total) = match (header.opcode, self.partial) {
-            (OpCode::Text, None) => (true, header.len),
+            (OpCode::Text, None) => (!header.compressed, header.len),
             (OpCode::Binary, None) => (false, header.len),
             (OpCode::Continuation, Some(kind)) => (
                 kind == DataKind::Text,
@@ -120,7 +124,18 @@ impl Assembler {
     /// After an error the connection must be closed; the assembler drops any
     /// partial message so it no longer holds memory.
     pub fn push(&mut self, frame: Frame<'_>) -> Result<Option<Message>, ProtocolError> {
-        let result = self.dispatch(frame);
+        self.push_with(frame, None)
+    }
+
+    /// `push` for a connection that negotiated permessage-deflate: a message whose
+    /// first frame has RSV1 set is inflated with `inflater` (within the message size
+    /// limit) when it is whole. Without an inflater such a frame is a protocol error.
+    pub fn push_with(
+        &mut self,
+        frame: Frame<'_>,
+        inflater: Option<&mut Inflater>,
+    ) -> Result<Option<Message>, ProtocolError> {
+        let result = self.dispatch(frame, inflater);
         if result.is_err() {
             self.reset();
         }
@@ -132,7 +147,11 @@ impl Assembler {
         self.partial.is_none()
     }
 
-    fn dispatch(&mut self, frame: Frame<'_>) -> Result<Option<Message>, ProtocolError> {
+    fn dispatch(
+        &mut self,
+        frame: Frame<'_>,
+        inflater: Option<&mut Inflater>,
+    ) -> Result<Option<Message>, ProtocolError> {
         // Only data frames are ever checked while incomplete.
         let checked = std::mem::take(&mut self.frame_checked) as usize;
         if frame.opcode.is_control() {
@@ -148,9 +167,19 @@ impl Assembler {
             OpCode::Ping => Ok(Some(Message::Ping(frame.payload.to_vec()))),
             OpCode::Pong => Ok(Some(Message::Pong(frame.payload.to_vec()))),
             OpCode::Close => parse_close(frame.payload).map(|close| Some(Message::Close(close))),
-            OpCode::Text => self.start(DataKind::Text, frame, checked),
-            OpCode::Binary => self.start(DataKind::Binary, frame, checked),
-            OpCode::Continuation => self.continue_message(frame, checked),
+            OpCode::Text | OpCode::Binary => {
+                let text = frame.opcode == OpCode::Text;
+                let kind = match (frame.compressed, inflater.is_some(), text) {
+                    (false, _, true) => DataKind::Text,
+                    (false, _, false) => DataKind::Binary,
+                    (true, false, _) => return Err(ProtocolError::ReservedBits),
+                    (true, true, true) => DataKind::DeflatedText,
+                    (true, true, false) => DataKind::DeflatedBinary,
+                };
+                self.start(kind, frame, checked, inflater)
+            }
+            OpCode::Continuation if frame.compressed => Err(ProtocolError::ReservedBits),
+            OpCode::Continuation => self.continue_message(frame, checked, inflater),
         }
     }
 
@@ -159,6 +188,7 @@ impl Assembler {
         kind: DataKind,
         frame: Frame<'_>,
         checked: usize,
+        inflater: Option<&mut Inflater>,
     ) -> Result<Option<Message>, ProtocolError> {
         if self.partial.is_some() {
             return Err(ProtocolError::ExpectedContinuation);
@@ -175,6 +205,9 @@ impl Assembler {
                     .map(|text| Some(Message::Text(text.to_owned())))
                     .map_err(|_| ProtocolError::InvalidUtf8),
                 DataKind::Binary => Ok(Some(Message::Binary(frame.payload.to_vec()))),
+                DataKind::DeflatedText | DataKind::DeflatedBinary => {
+                    self.inflate(kind, frame.payload, inflater).map(Some)
+                }
             };
         }
         self.partial = Some(kind);
@@ -186,6 +219,7 @@ impl Assembler {
         &mut self,
         frame: Frame<'_>,
         checked: usize,
+        inflater: Option<&mut Inflater>,
     ) -> Result<Option<Message>, ProtocolError> {
         let Some(kind) = self.partial else {
             return Err(ProtocolError::UnexpectedContinuation);
@@ -210,6 +244,27 @@ impl Assembler {
                 .map(|text| Some(Message::Text(text)))
                 .map_err(|_| ProtocolError::InvalidUtf8),
             DataKind::Binary => Ok(Some(Message::Binary(bytes))),
+            DataKind::DeflatedText | DataKind::DeflatedBinary => {
+                self.inflate(kind, &bytes, inflater).map(Some)
+            }
+        }
+    }
+
+    /// A whole compressed message, inflated within the size limit.
+    fn inflate(
+        &self,
+        kind: DataKind,
+        deflated: &[u8],
+        inflater: Option<&mut Inflater>,
+    ) -> Result<Message, ProtocolError> {
+        let inflater = inflater.ok_or(ProtocolError::ReservedBits)?;
+        let bytes = inflater.inflate(deflated, self.max_message)?;
+        if kind == DataKind::DeflatedText {
+            String::from_utf8(bytes)
+                .map(Message::Text)
+                .map_err(|_| ProtocolError::InvalidUtf8)
+        } else {
+            Ok(Message::Binary(bytes))
         }
     }
 
@@ -651,6 +706,115 @@ mod tests {
         let bin = client_frame(true, OpCode::Binary, b"\xff\xff");
         assert_eq!(asm.check_incomplete(&bin[..7]), Ok(()));
         assert_no_heap(&asm);
+    }
+
+    fn deflated(data: &[u8]) -> Vec<u8> {
+        let frame = crate::ws::deflate::Compressor::new(0)
+            .frame(OpCode::Binary, data)
+            .expect("shrinks");
+        let at = match frame[1] {
+            126 => 4,
+            127 => 10,
+            _ => 2,
+        };
+        frame[at..].to_vec()
+    }
+
+    fn inflater(offer: &str) -> Inflater {
+        Inflater::new(&crate::ws::deflate::negotiate([offer.as_bytes()]).unwrap())
+    }
+
+    fn compressed(fin: bool, opcode: OpCode, payload: &[u8]) -> Frame<'_> {
+        Frame {
+            fin,
+            opcode,
+            compressed: true,
+            payload,
+        }
+    }
+
+    #[test]
+    fn compressed_messages_are_inflated_when_whole() {
+        let text = "gr\u{fc}\u{df}e ".repeat(40);
+        let data = deflated(text.as_bytes());
+        let mut inf = inflater("permessage-deflate; client_no_context_takeover");
+        let mut asm = Assembler::new(1024);
+        assert_eq!(
+            asm.push_with(compressed(true, OpCode::Text, &data), Some(&mut inf)),
+            Ok(Some(Message::Text(text.clone())))
+        );
+        // Fragmented: RSV1 on the first frame only, a ping in between.
+        let (a, b) = data.split_at(data.len() / 2);
+        assert_eq!(
+            asm.push_with(compressed(false, OpCode::Binary, a), Some(&mut inf)),
+            Ok(None)
+        );
+        assert_eq!(
+            push(&mut asm, true, OpCode::Ping, b"p"),
+            Ok(Some(Message::Ping(b"p".to_vec())))
+        );
+        assert_eq!(
+            asm.push_with(frame(true, OpCode::Continuation, b), Some(&mut inf)),
+            Ok(Some(Message::Binary(text.clone().into_bytes())))
+        );
+        assert_no_heap(&asm);
+        // Uncompressed messages still pass on a deflate connection.
+        assert_eq!(
+            asm.push_with(frame(true, OpCode::Text, b"plain"), Some(&mut inf)),
+            Ok(Some(Message::Text("plain".into())))
+        );
+    }
+
+    #[test]
+    fn compressed_message_errors() {
+        let mut inf = inflater("permessage-deflate; client_no_context_takeover");
+        // Invalid UTF-8 once inflated.
+        let bad = deflated(&b"\xff".repeat(300));
+        let mut asm = Assembler::new(1024);
+        assert_eq!(
+            asm.push_with(compressed(true, OpCode::Text, &bad), Some(&mut inf)),
+            Err(ProtocolError::InvalidUtf8)
+        );
+        // A bomb: 1 MiB of zeros in a few hundred bytes, against a 64 KiB limit.
+        let bomb = deflated(&vec![0; 1 << 20]);
+        let mut asm = Assembler::new(65_536);
+        let err = asm
+            .push_with(compressed(true, OpCode::Binary, &bomb), Some(&mut inf))
+            .unwrap_err();
+        assert_eq!(
+            (err.clone(), err.close_code()),
+            (ProtocolError::MessageTooBig, 1009)
+        );
+        assert_no_heap(&asm);
+        // RSV1 without the extension, or on a continuation frame.
+        let mut asm = Assembler::new(1024);
+        assert_eq!(
+            asm.push(compressed(true, OpCode::Text, &bad)),
+            Err(ProtocolError::ReservedBits)
+        );
+        asm.push_with(compressed(false, OpCode::Text, &bad), Some(&mut inf))
+            .unwrap();
+        assert_eq!(
+            asm.push_with(compressed(true, OpCode::Continuation, b""), Some(&mut inf)),
+            Err(ProtocolError::ReservedBits)
+        );
+        assert_no_heap(&asm);
+    }
+
+    #[test]
+    fn compressed_text_still_arriving_is_not_validated_as_text() {
+        let data = deflated("h\u{e9}llo ".repeat(50).as_bytes());
+        let mut wire = frame::test_util::raw_client_frame(0xc1, &data, frame::test_util::KEY);
+        let mut asm = Assembler::new(1024);
+        for k in 0..wire.len() {
+            assert_eq!(asm.check_incomplete(&wire[..k]), Ok(()), "prefix {k}");
+        }
+        let (f, _) = frame::decode_with(&mut wire, 1024, true).unwrap().unwrap();
+        let mut inf = inflater("permessage-deflate");
+        assert_eq!(
+            asm.push_with(f, Some(&mut inf)),
+            Ok(Some(Message::Text("h\u{e9}llo ".repeat(50))))
+        );
     }
 
     #[test]
