@@ -101,7 +101,15 @@ impl Server {
     pub(super) fn ws_step(&mut self, key: usize, buf: &mut [u8]) -> Step {
         let (frame, used) = match frame::decode(buf, self.cfg.max_frame) {
             Err(e) => return self.ws_fail(key, e),
-            Ok(None) => return Step::NeedMore,
+            Ok(None) => {
+                // Text still arriving fails at its first invalid byte (RFC 6455 §8.1).
+                if let Some(Phase::Ws(ws)) = self.conns.get_mut(key).map(|c| &mut c.phase)
+                    && let Err(e) = ws.assembler.check_incomplete(buf)
+                {
+                    return self.ws_fail(key, e);
+                }
+                return Step::NeedMore;
+            }
             Ok(Some(f)) => f,
         };
         let Some(phase) = self.conns.get_mut(key).map(|c| &mut c.phase) else {
