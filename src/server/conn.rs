@@ -15,6 +15,7 @@ use mio::net::TcpStream;
 use crate::http::chunked::ChunkedDecoder;
 use crate::http::request::Head;
 use crate::ws::assembler::Assembler;
+use crate::ws::deflate::{DeflateParams, Inflater};
 
 /// Where a connection is in its life. Each phase's room (`http_conn.rs`,
 /// `ws_conn.rs`) decides its moves; `Server::remove` ends every one.
@@ -29,6 +30,9 @@ pub enum Phase {
     Publishing { accepted: usize, keep_alive: bool },
     /// An upgraded push connection.
     Ws(WsState),
+    /// A push connection on `/sse`: an event stream. The client never sends; its
+    /// `deadline` is when the next heartbeat comment is due.
+    Sse,
     /// The server sent a close frame and waits for the peer's.
     Closing,
     /// The last bytes are being written. Then our side is shut down (FIN) and input
@@ -50,8 +54,50 @@ impl Phase {
 
     /// A push receiver: the hub holds it and fan-out writes to it.
     pub fn receives_pushes(&self) -> bool {
-        matches!(self, Phase::Ws(_))
+        self.wants().is_some()
     }
+
+    /// How a push receiver takes its pushes; `None` for every other phase.
+    pub fn wants(&self) -> Option<Wants> {
+        match self {
+            Phase::Ws(WsState { deflate: None, .. }) => Some(Wants::Plain),
+            Phase::Ws(WsState {
+                deflate: Some(d), ..
+            }) => Some(Wants::Deflate(d.params)),
+            Phase::Sse => Some(Wants::Sse),
+            _ => None,
+        }
+    }
+
+    /// The transport of a push receiver.
+    pub fn transport(&self) -> Option<Transport> {
+        match self {
+            Phase::Ws(_) => Some(Transport::WebSocket),
+            Phase::Sse => Some(Transport::EventStream),
+            _ => None,
+        }
+    }
+}
+
+/// The two kinds of push connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// `/ws`: RFC 6455.
+    WebSocket,
+    /// `/sse`: Server-Sent Events.
+    EventStream,
+}
+
+/// The encoding of a push a receiver needs: fan-out builds each one at most once
+/// per message and shares it between the receivers that need it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wants {
+    /// The plain WebSocket text frame every message carries.
+    Plain,
+    /// A compressed frame where these parameters allow it, else the plain one.
+    Deflate(DeflateParams),
+    /// An event `id: <delivery id>`, `data: <push JSON>`.
+    Sse,
 }
 
 pub struct PendingRequest {
@@ -63,6 +109,16 @@ pub struct PendingRequest {
 pub struct WsState {
     pub assembler: Assembler,
     pub ping_sent: bool,
+    /// permessage-deflate, when negotiated. Boxed so that a connection without it
+    /// pays one pointer; the inflater holds no memory until the client keeps a
+    /// compression context and sends a compressed message.
+    pub deflate: Option<Box<WsDeflate>>,
+}
+
+/// What a connection that negotiated permessage-deflate keeps.
+pub struct WsDeflate {
+    pub params: DeflateParams,
+    pub inflater: Inflater,
 }
 
 /// An output chunk: shared push frames or bytes owned by this connection.
@@ -322,6 +378,22 @@ mod tests {
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    /// Every connection pays for the largest phase; an idle one holds nothing else
+    /// (permessage-deflate state is one pointer until it is negotiated).
+    #[test]
+    fn idle_connections_stay_small() {
+        assert!(
+            std::mem::size_of::<Phase>() <= 56,
+            "{}",
+            std::mem::size_of::<Phase>()
+        );
+        assert!(
+            std::mem::size_of::<Conn>() <= 272,
+            "{}",
+            std::mem::size_of::<Conn>()
+        );
     }
 
     #[test]

@@ -1,16 +1,18 @@
 //! Delivery ids and resume. Each message this node sequences gets the next number
 //! and its id in the frame, and is retained ([`crate::history`]) before it is fanned
-//! out. A connection opened with `?since=` is sent `{"op":"resumed",…}` and the
+//! out. A connection opened with `?since=` (or, on `/sse`, `Last-Event-ID`) is sent `{"op":"resumed",…}` and the
 //! retained messages after `since` in the same reactor turn as it joins the hub, so
 //! nothing delivered can fall between the replay and its live pushes, and nothing
 //! is in both: delivery and retention happen together, on this thread.
 
 use std::sync::Arc;
 
-use super::conn::Chunk;
+use super::conn::{Chunk, Transport};
+use super::fanout::sse_event;
 use super::{Liveness, Server};
 use crate::history::Since;
-use crate::message::{Envelope, unix_now};
+use crate::http::sse;
+use crate::message::{self, Envelope, unix_now};
 use crate::ws::frame::{self, OpCode};
 
 impl Server {
@@ -26,9 +28,17 @@ impl Server {
         }
     }
 
-    /// Sends a resuming connection its `resumed` frame and what it missed, oldest
-    /// first, filtered by its types. Runs right after it joined the hub.
+    /// Sends a resuming connection its `resumed` notice and what it missed, oldest
+    /// first, filtered by its types, in its transport's encoding. Runs right after
+    /// it joined the hub.
+    ///
+    /// The history keeps plain frames. A WebSocket that negotiated permessage-deflate
+    /// gets its replay uncompressed: RFC 7692 lets each message choose, and a replay
+    /// is one connection's, so there is no compression to share.
     pub(super) fn replay(&mut self, key: usize, since: &str) -> Liveness {
+        let Some(transport) = self.conns.get(key).and_then(|c| c.phase.transport()) else {
+            return Liveness::Closed;
+        };
         let since = self
             .history
             .epoch()
@@ -51,15 +61,28 @@ impl Server {
         }
         self.counters.replayed += frames.len() as u64;
         self.counters.messages_out += frames.len() as u64;
-        let head = if done.complete {
-            &br#"{"op":"resumed","complete":true}"#[..]
-        } else {
-            &br#"{"op":"resumed","complete":false}"#[..]
+        let head = match transport {
+            Transport::WebSocket => {
+                let op = if done.complete {
+                    &br#"{"op":"resumed","complete":true}"#[..]
+                } else {
+                    &br#"{"op":"resumed","complete":false}"#[..]
+                };
+                frame::encode(OpCode::Text, op)
+            }
+            Transport::EventStream => {
+                let data = if done.complete {
+                    &br#"{"complete":true}"#[..]
+                } else {
+                    &br#"{"complete":false}"#[..]
+                };
+                for f in &mut frames {
+                    *f = sse_event(message::frame_payload(f));
+                }
+                sse::event(None, Some("resumed"), data)
+            }
         };
-        if !self
-            .send(key, Chunk::Owned(frame::encode(OpCode::Text, head)))
-            .alive()
-        {
+        if !self.send(key, Chunk::Owned(head)).alive() {
             return Liveness::Closed;
         }
         let Some(conn) = self.conns.get_mut(key) else {

@@ -73,8 +73,12 @@ impl DeflateParams {
     }
 
     /// Whether a compressed frame of a `len`-byte message is valid for this client.
+    /// The compressor's window is the largest there is (2^15), so a client that
+    /// allows it takes any length; a smaller window is only honoured by messages
+    /// that fit in it, since no match can then reach back further.
     pub fn accepts_compressed(&self, len: usize) -> bool {
-        len <= 1usize << self.server_max_window_bits
+        self.server_max_window_bits >= MAX_WINDOW_BITS
+            || len <= 1usize << self.server_max_window_bits
     }
 }
 
@@ -194,6 +198,14 @@ impl Compressor {
         }
         let deflated = self.deflate(payload)?;
         (deflated.len() < payload.len()).then(|| frame::encode_compressed(opcode, deflated))
+    }
+
+    /// A compressed frame of `payload` whatever its size, even one that grows: for
+    /// `-echo`, whose conformance clients expect every reply in the form they use.
+    /// `None` only if the compressor fails.
+    pub fn frame_always(&mut self, opcode: OpCode, payload: &[u8]) -> Option<Vec<u8>> {
+        let deflated = self.deflate(payload)?;
+        Some(frame::encode_compressed(opcode, deflated))
     }
 
     /// The message's DEFLATE data with the trailing empty block stripped.
@@ -570,10 +582,11 @@ mod tests {
         let params = offer("permessage-deflate; server_max_window_bits=9").unwrap();
         assert!(params.accepts_compressed(512));
         assert!(!params.accepts_compressed(513));
+        let full = offer("permessage-deflate").unwrap();
+        assert!(full.accepts_compressed(32_768));
         assert!(
-            offer("permessage-deflate")
-                .unwrap()
-                .accepts_compressed(32_768)
+            full.accepts_compressed(16 << 20),
+            "any length fits the full window"
         );
     }
 
