@@ -172,3 +172,28 @@ impl WriteFrames for TcpStream {
         std::io::Write::write_all(self, bytes).expect("write frames");
     }
 }
+
+#[test]
+fn a_client_that_narrows_the_window_gets_its_own_shared_frame() {
+    let server = Server::start(&["-deflate=on"]);
+    let (mut full, _) = deflate_client(&server, "uid=a");
+    let narrow_offer = "permessage-deflate; server_max_window_bits=8";
+    let mut n1 = server.tcp();
+    let agreed = raw_ws::upgrade_offering(&mut n1, "uid=b", narrow_offer).unwrap();
+    assert!(agreed.contains("server_max_window_bits=8"), "{agreed}");
+    let mut n2 = server.tcp();
+    raw_ws::upgrade_offering(&mut n2, "uid=c", narrow_offer).unwrap();
+    server.send_ok(&big_push(r#""topic":"all""#, 20));
+    let (pf, cf, wf) = next_push(&mut full);
+    let (p1, c1, w1) = next_push(&mut n1);
+    let (p2, c2, w2) = next_push(&mut n2);
+    assert!(cf && c1 && c2, "every receiver gets a compressed frame");
+    assert_eq!(w1, w2, "one frame for the narrow-window receivers");
+    assert_ne!(wf, w1);
+    assert!(pf == p1 && p1 == p2);
+    let stats = wait_stats(&server, "deflate counters", |s| s["deflate"]["pushes"] == 3);
+    assert_eq!(
+        stats["deflate"]["messages"], 2,
+        "compressed once per window: {stats}"
+    );
+}

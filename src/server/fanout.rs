@@ -17,7 +17,7 @@ use super::{Liveness, Reason, Server};
 use crate::http::sse;
 use crate::message::{self, Envelope, unix_now};
 use crate::queue::Inbound;
-use crate::ws::deflate::Compressor;
+use crate::ws::deflate::{Compressor, Window};
 use crate::ws::frame::OpCode;
 
 /// Scratch space reused across deliveries, and the delivery turn.
@@ -43,6 +43,8 @@ pub(super) struct FanOut {
 pub(super) struct Encodings {
     /// `None`: not tried yet; `Some(None)`: below `-deflate-min` or does not shrink.
     deflated: Option<Option<Arc<[u8]>>>,
+    /// The same for clients that narrowed the server's window ([`Window::Narrow`]).
+    deflated_narrow: Option<Option<Arc<[u8]>>>,
     /// The event-stream event, for `/sse` receivers.
     sse: Option<Arc<[u8]>>,
 }
@@ -54,13 +56,17 @@ impl Encodings {
         match wants {
             Wants::Plain => false,
             Wants::Deflate(params) => {
-                let json = env.push_json();
-                if !params.accepts_compressed(json.len()) {
-                    return false;
-                }
-                self.deflated
-                    .get_or_insert_with(|| compressor.frame(OpCode::Text, json).map(Arc::from))
-                    .is_some()
+                let window = params.window();
+                let slot = match window {
+                    Window::Full => &mut self.deflated,
+                    Window::Narrow => &mut self.deflated_narrow,
+                };
+                slot.get_or_insert_with(|| {
+                    compressor
+                        .frame_for(window, OpCode::Text, env.push_json())
+                        .map(Arc::from)
+                })
+                .is_some()
             }
             Wants::Sse => {
                 self.sse.get_or_insert_with(|| sse_event(env.push_json()));
@@ -71,13 +77,14 @@ impl Encodings {
 
     /// The frame for a receiver that `wants` this, once [`prepare`](Self::prepare)d.
     fn pick<'a>(&'a self, env: &'a Envelope, wants: Wants) -> &'a Arc<[u8]> {
-        match (wants, &self.deflated) {
-            (Wants::Deflate(params), Some(Some(f)))
-                if params.accepts_compressed(env.push_json().len()) =>
-            {
-                f
-            }
-            (Wants::Sse, _) => self.sse.as_ref().unwrap_or(&env.frame),
+        let deflated = match wants {
+            Wants::Deflate(p) if p.window() == Window::Full => &self.deflated,
+            Wants::Deflate(_) => &self.deflated_narrow,
+            Wants::Plain => return &env.frame,
+            Wants::Sse => return self.sse.as_ref().unwrap_or(&env.frame),
+        };
+        match deflated {
+            Some(Some(f)) => f,
             _ => &env.frame,
         }
     }
@@ -266,10 +273,13 @@ impl Server {
     /// Counts the messages compressed for this delivery (once each, however many
     /// receivers got the compressed frame).
     fn count_deflated(&mut self, encodings: &[Encodings]) {
-        let n = encodings
+        let n: usize = encodings
             .iter()
-            .filter(|e| matches!(e.deflated, Some(Some(_))))
-            .count();
+            .map(|e| {
+                usize::from(matches!(e.deflated, Some(Some(_))))
+                    + usize::from(matches!(e.deflated_narrow, Some(Some(_))))
+            })
+            .sum();
         self.counters.deflated += n as u64;
     }
 

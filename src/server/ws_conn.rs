@@ -191,15 +191,14 @@ impl Server {
     /// permessage-deflate (whatever `-deflate-min` says: a conformance suite checks
     /// the compressed path on every message, and some clients expect each echo in it).
     fn echo(&mut self, key: usize, opcode: OpCode, data: &[u8]) -> Liveness {
-        let deflate = match self.conns.get(key).map(|c| &c.phase) {
+        let window = match self.conns.get(key).map(|c| &c.phase) {
             Some(Phase::Ws(WsState {
                 deflate: Some(d), ..
-            })) => d.params.accepts_compressed(data.len()),
-            _ => false,
+            })) => Some(d.params.window()),
+            _ => None,
         };
-        let compressed = deflate
-            .then(|| self.compressor.frame_always(opcode, data))
-            .flatten();
+        let compressed =
+            window.and_then(|window| self.compressor.frame_always(window, opcode, data));
         let bytes = compressed.unwrap_or_else(|| frame::encode(opcode, data));
         self.send(key, Chunk::Owned(bytes))
     }

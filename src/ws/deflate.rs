@@ -2,8 +2,10 @@
 //! `Sec-WebSocket-Extensions`, compressing a push once into a frame every
 //! receiver can share, and inflating client messages within a size bound.
 
+use miniz_oxide::DataFormat;
 use miniz_oxide::deflate::core::{
-    CompressorOxide, TDEFLFlush, TDEFLStatus, compress, create_comp_flags_from_zip_params,
+    CompressionStrategy, CompressorOxide, TDEFLFlush, TDEFLStatus, compress,
+    create_comp_flags_from_zip_params,
 };
 use miniz_oxide::inflate::TINFLStatus;
 use miniz_oxide::inflate::core::{DecompressorOxide, decompress, inflate_flags};
@@ -72,13 +74,14 @@ impl DeflateParams {
         out
     }
 
-    /// Whether a compressed frame of a `len`-byte message is valid for this client.
-    /// The compressor's window is the largest there is (2^15), so a client that
-    /// allows it takes any length; a smaller window is only honoured by messages
-    /// that fit in it, since no match can then reach back further.
-    pub fn accepts_compressed(&self, len: usize) -> bool {
-        self.server_max_window_bits >= MAX_WINDOW_BITS
-            || len <= 1usize << self.server_max_window_bits
+    /// Whether the client takes the compressor's full 2^15-byte window; one that
+    /// asked for less gets [`Window::Narrow`] frames.
+    pub fn window(&self) -> Window {
+        if self.server_max_window_bits >= MAX_WINDOW_BITS {
+            Window::Full
+        } else {
+            Window::Narrow
+        }
     }
 }
 
@@ -166,10 +169,23 @@ fn unquote(value: &[u8]) -> Option<&[u8]> {
     }
 }
 
+/// How far back a compressed frame's matches may reach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Window {
+    /// 2^15 bytes: what a client that sets no `server_max_window_bits` takes.
+    Full,
+    /// Matches of distance 1 only (run-length), valid for every window a client may
+    /// ask for (2^8 and up): a client that narrows the window still gets compressed
+    /// frames, shared by all such clients, at some cost in ratio.
+    Narrow,
+}
+
 /// The server's one compressor: each message is compressed on its own (no context
-/// kept), once, whatever the number of receivers.
+/// kept), once per window kind, whatever the number of receivers.
 pub struct Compressor {
     inner: Box<CompressorOxide>,
+    /// The run-length compressor for [`Window::Narrow`], made when first needed.
+    narrow: Option<Box<CompressorOxide>>,
     /// Messages shorter than this are sent uncompressed: below a few hundred bytes
     /// the saving does not pay for the receivers' inflate.
     min_len: usize,
@@ -185,6 +201,7 @@ impl Compressor {
                 RAW_WINDOW_BITS,
                 0,
             ))),
+            narrow: None,
             min_len,
             scratch: Vec::new(),
         }
@@ -193,24 +210,50 @@ impl Compressor {
     /// A whole final frame with RSV1 set carrying `payload` compressed, or `None`
     /// when the payload is below the threshold or does not shrink.
     pub fn frame(&mut self, opcode: OpCode, payload: &[u8]) -> Option<Vec<u8>> {
+        self.frame_for(Window::Full, opcode, payload)
+    }
+
+    /// [`frame`](Self::frame) for clients that take `window`.
+    pub fn frame_for(&mut self, window: Window, opcode: OpCode, payload: &[u8]) -> Option<Vec<u8>> {
         if payload.len() < self.min_len {
             return None;
         }
-        let deflated = self.deflate(payload)?;
+        let deflated = self.deflate_with(window, payload)?;
         (deflated.len() < payload.len()).then(|| frame::encode_compressed(opcode, deflated))
     }
 
     /// A compressed frame of `payload` whatever its size, even one that grows: for
     /// `-echo`, whose conformance clients expect every reply in the form they use.
     /// `None` only if the compressor fails.
-    pub fn frame_always(&mut self, opcode: OpCode, payload: &[u8]) -> Option<Vec<u8>> {
-        let deflated = self.deflate(payload)?;
+    pub fn frame_always(
+        &mut self,
+        window: Window,
+        opcode: OpCode,
+        payload: &[u8],
+    ) -> Option<Vec<u8>> {
+        let deflated = self.deflate_with(window, payload)?;
         Some(frame::encode_compressed(opcode, deflated))
     }
 
     /// The message's DEFLATE data with the trailing empty block stripped.
+    #[cfg(test)]
     fn deflate(&mut self, payload: &[u8]) -> Option<&[u8]> {
-        self.inner.reset();
+        self.deflate_with(Window::Full, payload)
+    }
+
+    fn deflate_with(&mut self, window: Window, payload: &[u8]) -> Option<&[u8]> {
+        let inner = match window {
+            Window::Full => &mut self.inner,
+            Window::Narrow => self.narrow.get_or_insert_with(|| {
+                Box::new(CompressorOxide::with_params(
+                    DataFormat::Raw,
+                    1,
+                    CompressionStrategy::RLE,
+                    MIN_WINDOW_BITS,
+                ))
+            }),
+        };
+        inner.reset();
         self.scratch.clear();
         // Room for incompressible input (stored blocks: 5 bytes per 64 KiB) and the flush.
         self.scratch
@@ -218,7 +261,7 @@ impl Compressor {
         let (mut input, mut written) = (payload, 0);
         loop {
             let out = self.scratch.get_mut(written..).unwrap_or_default();
-            let (status, used, wrote) = compress(&mut self.inner, input, out, TDEFLFlush::Sync);
+            let (status, used, wrote) = compress(inner, input, out, TDEFLFlush::Sync);
             input = input.get(used..).unwrap_or_default();
             written += wrote;
             match status {
@@ -578,16 +621,20 @@ mod tests {
     }
 
     #[test]
-    fn small_server_window_limits_what_is_sent_compressed() {
-        let params = offer("permessage-deflate; server_max_window_bits=9").unwrap();
-        assert!(params.accepts_compressed(512));
-        assert!(!params.accepts_compressed(513));
-        let full = offer("permessage-deflate").unwrap();
-        assert!(full.accepts_compressed(32_768));
-        assert!(
-            full.accepts_compressed(16 << 20),
-            "any length fits the full window"
-        );
+    fn a_narrow_window_gets_run_length_frames() {
+        let params = offer("permessage-deflate; server_max_window_bits=8").unwrap();
+        assert_eq!(params.window(), Window::Narrow);
+        assert_eq!(offer("permessage-deflate").unwrap().window(), Window::Full);
+        let payload = json_push(4000);
+        let mut c = Compressor::new(0);
+        let narrow = c.frame_for(Window::Narrow, OpCode::Text, &payload).unwrap();
+        let full = c.frame(OpCode::Text, &payload).unwrap();
+        assert!(narrow.len() < payload.len() && full.len() < narrow.len());
+        let mut inf = Inflater::new(&params);
+        let header = if narrow[1] == 126 { 4 } else { 2 };
+        assert_eq!(inf.inflate(&narrow[header..], 1 << 20).unwrap(), payload);
+        let always = c.frame_always(Window::Narrow, OpCode::Text, b"hi").unwrap();
+        assert_eq!(always[0], 0xc1, "even what does not shrink is compressed");
     }
 
     #[test]
