@@ -297,3 +297,18 @@ fn a_post_to_sse_is_405() {
     let r = server.raw(b"POST /sse HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
     assert_eq!(r.status, 405);
 }
+
+#[test]
+fn a_shutdown_delivers_what_was_accepted_then_ends_the_stream() {
+    let mut server = Server::start(&[]);
+    let mut sse = Sse::open(&server, "uid=z", "");
+    server.send_ok(&push_to("z", "\"last\""));
+    server.request_shutdown();
+    assert_eq!(sse.event().json()["msg"], "last");
+    // The stream ends (no close message exists); heartbeats aside, nothing follows.
+    while let Some(b) = sse.block() {
+        assert!(b.data.is_none(), "unexpected event after shutdown: {b:?}");
+    }
+    drop(sse);
+    assert!(server.wait_exit().success());
+}
