@@ -39,8 +39,8 @@ unit:
 		$(CARGO) test --test disque -- --include-ignored; \
 	fi
 
-# Autobahn|Testsuite cases 1-10 (driven by kosoku from PyPI) against `wspush -echo`,
-# compared case by case with tests/autobahn/expected-results.json.
+# Autobahn|Testsuite cases 1-10, 12 and 13 (driven by kosoku from PyPI) against
+# `wspush -echo -deflate=on`, compared case by case with tests/autobahn/expected-results.json.
 autobahn:
 	$(CARGO) build
 	test -x $(KOSOKU)/bin/kosoku || { python3 -m venv $(KOSOKU) && $(KOSOKU)/bin/pip install -q kosoku==0.1.0; }
