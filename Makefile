@@ -51,8 +51,8 @@ unit:
 		echo "SKIPPED: tests/netns.rs (needs root, ip netns and nft): its tests stay ignored"; \
 	fi
 
-# Autobahn|Testsuite cases 1-10 (driven by kosoku from PyPI) against `wspush -echo`,
-# compared case by case with tests/autobahn/expected-results.json.
+# Autobahn|Testsuite cases 1-10, 12 and 13 (driven by kosoku from PyPI) against
+# `wspush -echo -deflate=on`, compared case by case with tests/autobahn/expected-results.json.
 autobahn:
 	$(CARGO) build
 	test -x $(KOSOKU)/bin/kosoku || { python3 -m venv $(KOSOKU) && $(KOSOKU)/bin/pip install -q kosoku==0.1.0; }
@@ -89,7 +89,8 @@ fuzz:
 	done
 
 # Releases: dist/wspush-VERSION-OS-ARCH.tar.gz (.zip for Windows) with the binary,
-# README.md and deploy/. `make release` tries every OS, goes on past those it cannot
+# README.md and deploy/, and the bare binary as dist/wspush-OS-ARCH (what
+# deploy/Dockerfile copies). `make release` tries every OS, goes on past those it cannot
 # build here and says which were built. A target needs its Rust standard library
 # (`rustup target add TRIPLE`) and, when cross-compiling, a linker for it.
 RUSTC   ?= rustc
@@ -133,6 +134,7 @@ define release_for
 		tar -C $(DIST) -czf "$$stage.tar.gz" "$$name"; \
 	fi; \
 	rm -rf "$$stage"; \
+	cp "$$bin" "$(DIST)/wspush-$(1)-$(firstword $(subst -, ,$(2)))$(if $(findstring windows,$(2)),.exe)"; \
 	echo "release-$(1): $$stage.$(3) ($$(wc -c <"$$bin") byte binary)"
 endef
 

@@ -1,5 +1,6 @@
 /*
- * wspush.js — tiny browser client for the wspush WebSocket push server.
+ * wspush.js — tiny browser client for the wspush WebSocket push server, with an
+ * EventSource (Server-Sent Events) fallback.
  * No dependencies, no build step. Served by the server at GET /wspush.js.
  *
  * Usage:
@@ -52,6 +53,19 @@
  * Reconnect: after any close not requested via close(), wait a random delay in
  * [0, min(maxDelay, minDelay * 2^attempt)] (never below 100 ms), then retry.
  * The attempt counter resets once a connection has stayed open for stableAfter ms.
+ *
+ * EventSource fallback (sse: true by default; sse: false turns it off): when no
+ * WebSocket exists, or the first WebSocket fails before it ever opened (a proxy or
+ * firewall that does not pass the upgrade), the client switches to GET /sse
+ * (sseUrl; default: the WebSocket URL with http:/https: and path /sse) for the rest
+ * of its life. The same uid, types, token and since go in the query, the same
+ * messages with the same ids arrive, and onState/onMessage/onResume behave as above
+ * (detail.transport is "sse"). The browser's EventSource reconnects by itself and
+ * sends Last-Event-ID, so the server resumes after the last message; a refusal
+ * (401/403/429: the stream is closed for good) falls back to the backoff above.
+ * Event streams only carry server → client, so subscribe() reopens the stream with
+ * the new types (resuming with since, duplicates dropped by id). `transport` tells
+ * which one is in use: "ws" or "sse".
  */
 (function (root) {
   "use strict";
@@ -100,6 +114,19 @@
     this._lastId = null;
     this._seen = [];
     this._seenSet = Object.create(null);
+    this.sse = opts.sse !== false;
+    this.sseUrl = opts.sseUrl || null;
+    this.transport = "ws";
+    this._es = null;
+    this._wsOpened = false;
+  }
+
+  function hasEventSource() {
+    return typeof EventSource !== "undefined";
+  }
+
+  function hasWebSocket() {
+    return typeof WebSocket !== "undefined" && !!WebSocket;
   }
 
   /** Ids remembered to drop a message seen twice (a replay overlapping what arrived). */
@@ -137,9 +164,20 @@
     return true;
   };
 
-  /** The full /ws URL with uid, types, expires and token as query parameters. */
+  /** The /sse URL: sseUrl, or the WebSocket URL turned into http(s) with path /sse. */
+  WsPush.prototype._sseBase = function () {
+    if (this.sseUrl) return this.sseUrl;
+    var ws = this.url || defaultUrl();
+    var m = /^(wss?):\/\/([^/?#]*)([^?#]*)/.exec(ws);
+    if (!m) return "/sse";
+    var path = m[3].replace(/\/ws$/, "/sse");
+    if (path === m[3]) path = "/sse";
+    return (m[1] === "wss" ? "https:" : "http:") + "//" + m[2] + path;
+  };
+
+  /** The full /ws (or, on the fallback, /sse) URL with uid, types, expires, token and since. */
   WsPush.prototype.buildUrl = function () {
-    var base = this.url || defaultUrl();
+    var base = this.transport === "sse" ? this._sseBase() : this.url || defaultUrl();
     var q = [];
     if (this.uid) q.push("uid=" + encodeURIComponent(this.uid));
     if (this.types.length) q.push("types=" + this.types.map(encodeURIComponent).join(","));
@@ -163,7 +201,7 @@
 
   /** Open the connection (no-op if already connecting or open). */
   WsPush.prototype.connect = function () {
-    if (this._ws) return this;
+    if (this._ws || this._es) return this;
     this._stopped = false;
     this._clearTimers();
     this._open();
@@ -171,6 +209,8 @@
   };
 
   WsPush.prototype._open = function () {
+    if (this.transport === "ws" && !hasWebSocket() && this.sse && hasEventSource()) this.transport = "sse";
+    if (this.transport === "sse") return this._openSse();
     var self = this;
     var since = this.resume ? this.lastId() || "0" : null;
     var url = this.buildUrl();
@@ -189,8 +229,10 @@
     this._ws = ws;
     ws.binaryType = "arraybuffer";
 
+    var opened = false;
     ws.onopen = function () {
       if (self._ws !== ws) return;
+      opened = self._wsOpened = true;
       self._stableTimer = setTimeout(function () { self.attempt = 0; }, self.stableAfter);
       self._setState("open", { url: url });
       // types changed via subscribe() while connecting: apply them now
@@ -210,8 +252,7 @@
         if (self.onResume) self.onResume(m.complete === true, since);
         return;
       }
-      if (typeof m.id === "string" && !self._remember(m.id)) return;
-      if (self.onMessage) self.onMessage(m, raw);
+      self._deliver(m, raw);
     };
 
     ws.onerror = function () { /* a close event always follows */ };
@@ -219,7 +260,69 @@
     ws.onclose = function (ev) {
       if (self._ws !== ws) return;
       self._ws = null;
+      // The first WebSocket never opened: something on the way does not pass it.
+      if (!opened && !self._wsOpened && self.sse && hasEventSource() && !self._stopped) {
+        self.transport = "sse";
+        self._clearTimers();
+        self._openSse();
+        return;
+      }
       self._afterClose({ code: ev.code, reason: ev.reason || "", wasClean: ev.wasClean });
+    };
+  };
+
+  /** A push for onMessage, unless its id was seen already. */
+  WsPush.prototype._deliver = function (m, raw) {
+    if (typeof m.id === "string" && !this._remember(m.id)) return;
+    if (this.onMessage) this.onMessage(m, raw);
+  };
+
+  /** The fallback: one EventSource on /sse, which reconnects by itself. */
+  WsPush.prototype._openSse = function () {
+    var self = this;
+    var since = this.resume ? this.lastId() || "0" : null;
+    var url = this.buildUrl();
+    this._urlTypes = this.types.join(",");
+    this._setState("connecting", { url: url, attempt: this.attempt, transport: "sse" });
+    var es;
+    try {
+      es = new EventSource(url);
+    } catch (e) {
+      this._stopped = true;
+      this._clearTimers();
+      this._setState("closed", { code: 1006, reason: String((e && e.message) || e), wasClean: false });
+      return;
+    }
+    this._es = es;
+    es.onopen = function () {
+      if (self._es !== es) return;
+      self._clearTimers();
+      self._stableTimer = setTimeout(function () { self.attempt = 0; }, self.stableAfter);
+      self._setState("open", { url: url, transport: "sse" });
+    };
+    es.onmessage = function (ev) {
+      if (self._es !== es) return;
+      var m;
+      try { m = JSON.parse(ev.data); } catch (e) { m = null; }
+      if (!m || typeof m !== "object" || Array.isArray(m)) m = { types: null, msg: ev.data, time: null };
+      self._deliver(m, ev.data);
+    };
+    es.addEventListener("resumed", function (ev) {
+      if (self._es !== es) return;
+      var r;
+      try { r = JSON.parse(ev.data); } catch (e) { r = {}; }
+      // EventSource resumes by itself after the last id it saw: report from there.
+      if (self.onResume) self.onResume(r.complete === true, self.lastId() || since);
+    });
+    es.onerror = function () {
+      if (self._es !== es) return;
+      if (es.readyState === 2) {
+        // Closed for good (a refusal, or not an event stream): back off and retry.
+        self._es = null;
+        self._afterClose({ code: 1006, reason: "event stream failed", wasClean: false });
+      } else {
+        self._setState("reconnecting", { delay: 0, attempt: self.attempt, code: 1006, reason: "", wasClean: false, transport: "sse" });
+      }
     };
   };
 
@@ -235,7 +338,7 @@
     this.attempt++;
     this._retryTimer = setTimeout(function () {
       self._retryTimer = null;
-      if (!self._stopped && !self._ws) self._open();
+      if (!self._stopped && !self._ws && !self._es) self._open();
     }, delay);
     this._setState("reconnecting", {
       delay: delay, attempt: this.attempt, code: info.code, reason: info.reason, wasClean: info.wasClean
@@ -253,10 +356,13 @@
 
   /** Close the connection and stop reconnecting. */
   WsPush.prototype.close = function () {
-    var wasActive = !this._stopped || this._ws;
+    var wasActive = !this._stopped || this._ws || this._es;
     this._stopped = true;
     this._clearTimers();
     this.attempt = 0;
+    var es = this._es;
+    this._es = null;
+    if (es) es.close();
     var ws = this._ws;
     this._ws = null;
     if (ws) {
@@ -280,6 +386,15 @@
    */
   WsPush.prototype.subscribe = function (types) {
     this.types = normTypes(types);
+    if (this._es) {
+      // An event stream cannot carry the op: reopen it with the new types.
+      var es = this._es;
+      this._es = null;
+      es.close();
+      this._clearTimers();
+      this._openSse();
+      return true;
+    }
     return this._sendSubscribe();
   };
 

@@ -48,6 +48,13 @@ pub enum LogLevel {
     Warn,
 }
 
+/// Whether `/ws` negotiates permessage-deflate (RFC 7692) with clients that offer it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Deflate {
+    Off,
+    On,
+}
+
 /// One line per flag: the `Config` field with its type and default, then the flag's
 /// name, value hint, parser (which also enforces the flag's own bound) and help.
 /// The struct, its `Default`, `-h` and parsing all come from this one table, so
@@ -138,6 +145,14 @@ flags! {
         "inbound-size" "N" positive, "queue events waiting for the reactor";
     echo: bool = false,
         "echo" "" switch, "echo client text/binary messages (WebSocket conformance testing)";
+    /// Off by default: compression that mixes attacker-chosen and secret bytes in one
+    /// message leaks through its size (CRIME/BREACH), and what a push carries is the
+    /// deployment's to judge; pushes are also small, so it saves little.
+    deflate: Deflate = Deflate::Off,
+        "deflate" "off|on" deflate_mode, "permessage-deflate for clients that offer it: off | on";
+    /// Pushes shorter than this are sent uncompressed even to deflate clients.
+    deflate_min: usize = 256,
+        "deflate-min" "BYTES" positive, "pushes shorter than this are sent uncompressed";
     log: LogLevel = LogLevel::Info,
         "log" "LEVEL" log_level, "log level: debug | info | warn";
     /// Open TCP connections of every kind (push and HTTP).
@@ -329,6 +344,12 @@ impl Show for LogLevel {
     }
 }
 
+impl Show for Deflate {
+    fn show(&self) -> Option<String> {
+        Some(format!("{self:?}").to_lowercase())
+    }
+}
+
 impl<T> Show for Option<T> {
     fn show(&self) -> Option<String> {
         None
@@ -406,6 +427,14 @@ fn log_level(s: &str) -> Result<LogLevel, Bad> {
         "debug" => Ok(LogLevel::Debug),
         "info" => Ok(LogLevel::Info),
         "warn" => Ok(LogLevel::Warn),
+        _ => Err(Bad),
+    }
+}
+
+fn deflate_mode(s: &str) -> Result<Deflate, Bad> {
+    match s {
+        "off" => Ok(Deflate::Off),
+        "on" => Ok(Deflate::On),
         _ => Err(Bad),
     }
 }
@@ -647,6 +676,14 @@ mod tests {
     }
 
     #[test]
+    fn deflate_flags() {
+        let c = run(&[]);
+        assert_eq!((c.deflate, c.deflate_min), (Deflate::Off, 256));
+        let c = run(&["-deflate=on", "-deflate-min=1024"]);
+        assert_eq!((c.deflate, c.deflate_min), (Deflate::On, 1024));
+    }
+
+    #[test]
     fn defaults_follow_the_protocol() {
         let c = run(&[]);
         assert_eq!((c.port, c.queue.clone()), (3210, QueueSpec::List));
@@ -663,6 +700,8 @@ mod tests {
             (&["-queue=kafka"][..], "queue"),
             (&["-max-body=0"][..], "max-body"),
             (&["-idle-timeout=5y"][..], "idle-timeout"),
+            (&["-deflate=yes"][..], "deflate"),
+            (&["-deflate-min=0"][..], "deflate-min"),
         ] {
             let err = parse(args).err().expect("must fail").to_string();
             assert!(err.contains(flag), "{err}");

@@ -10,6 +10,9 @@ use wspush::queue::redis::{RedisQueue, RedisSettings};
 use wspush::queue::{Notifier, Queue, list::ListQueue};
 use wspush::server::{self, Parts, Server};
 
+/// What every build has, before the Cargo features it was built with.
+const FEATURES: &str = "queue-list queue-redis queue-disque";
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let cfg = match config::parse(&args) {
@@ -20,6 +23,10 @@ fn main() -> ExitCode {
         }
         Ok(Command::Version) => {
             println!("wspush {}", env!("CARGO_PKG_VERSION"));
+            println!("commit: {}", env!("WSPUSH_GIT_COMMIT"));
+            let cargo_features = env!("WSPUSH_FEATURES");
+            let sep = if cargo_features.is_empty() { "" } else { " " };
+            println!("features: {FEATURES}{sep}{cargo_features}");
             return ExitCode::SUCCESS;
         }
         Err(e) => {

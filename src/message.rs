@@ -70,6 +70,24 @@ impl Envelope {
     }
 }
 
+/// The delivery id [`Envelope::set_id`] put last in a push JSON: what an event
+/// stream names the event by. `None` when the JSON ends otherwise.
+pub fn delivery_id(push_json: &[u8]) -> Option<&[u8]> {
+    const KEY: &[u8] = br#","id":""#;
+    let body = push_json.strip_suffix(br#""}"#)?;
+    let start = body.windows(KEY.len()).rposition(|w| w == KEY)? + KEY.len();
+    let id = &body[start..];
+    // Ids are `<hex>-<digits>`: nothing in one needs escaping.
+    id.iter()
+        .all(|b| b.is_ascii_alphanumeric() || *b == b'-')
+        .then_some(id)
+}
+
+/// The payload of a push frame (an unmasked server frame): the push JSON.
+pub fn frame_payload(frame: &[u8]) -> &[u8] {
+    frame.get(frame_header_len(frame)..).unwrap_or_default()
+}
+
 /// The header length of an unmasked server frame built by [`frame::encode_header`].
 fn frame_header_len(f: &[u8]) -> usize {
     match f.get(1).map(|b| b & 0x7f) {
@@ -574,6 +592,18 @@ mod tests {
 
     fn parse(body: &str) -> Result<Vec<Envelope>, SendError> {
         parse_send(body.as_bytes(), &Rules::default(), &mut Clock::default())
+    }
+
+    #[test]
+    fn the_delivery_id_is_read_back_from_the_push() {
+        let mut env = parse(r#"{"topic":"all","msg":{"id":"not this one"}}"#)
+            .unwrap()
+            .remove(0);
+        assert_eq!(delivery_id(env.push_json()), None);
+        env.set_id(7, "1f-7");
+        assert_eq!(delivery_id(env.push_json()), Some(&b"1f-7"[..]));
+        assert_eq!(frame_payload(&env.frame), env.push_json());
+        assert_eq!(delivery_id(br#"{"id":"a"b"}"#), None);
     }
 
     /// The JSON payload of an encoded frame (server frames are unmasked).

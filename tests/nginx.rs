@@ -176,3 +176,43 @@ fn the_readme_shows_the_shipped_config() {
         }
     }
 }
+
+/// An event stream through the shipped config: nginx passes each event on at once
+/// (`proxy_buffering off`), so a push arrives while the stream stays open.
+#[test]
+fn an_event_stream_passes_through_nginx_unbuffered() {
+    use std::io::{Read, Write};
+    let primary = Server::start(&[]);
+    let backup = Server::start(&[]);
+    let nginx = Nginx::start(primary.addr, backup.addr, &[]);
+    let mut s = tcp_to(nginx.addr);
+    s.write_all(b"GET /sse?uid=5 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let head = read_response(&mut s);
+    assert_eq!(head.status, 200);
+    assert!(
+        head.header("content-type")
+            .unwrap_or_default()
+            .starts_with("text/event-stream")
+    );
+    wait_stats(&primary, "the stream on the active node", |st| {
+        st["sse_opened"] == 1
+    });
+    let r = send_to(
+        nginx.addr,
+        r#"{"topic":"uids","topic_ids":["5"],"msg":"via nginx"}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("via nginx") {
+        let n = s
+            .read(&mut buf)
+            .expect("the event arrives before the read timeout");
+        assert!(n > 0, "the stream ended: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("id: "), "{text}");
+    assert!(text.contains("data: {"), "{text}");
+}

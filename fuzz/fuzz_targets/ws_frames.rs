@@ -12,14 +12,18 @@
 //!   buffer decodes to (same frame, same length, or the same error);
 //! - what is left waiting for more bytes never exceeds one header plus the limit:
 //!   a declared length is checked before its payload is buffered;
-//! - decoding and assembling the stream read by read yields the same messages
-//!   and the same error as doing it in one go;
-//! - messages respect the limits and the control-frame rules.
+//! - decoding and assembling the stream read by read, checking each incomplete
+//!   frame as the reactor does, yields the same messages and the same error as
+//!   doing it in one go (failing early changes when, never what);
+//! - messages respect the limits and the control-frame rules;
+//! - the stream as compressed data inflates within the message limit or fails,
+//!   and compressing it and inflating the result gives it back.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use wspush::ws::assembler::{Assembler, Message};
-use wspush::ws::frame::{self, ProtocolError};
+use wspush::ws::deflate::{self, Compressor, Inflater};
+use wspush::ws::frame::{self, OpCode, ProtocolError};
 
 /// 2 fixed bytes, an 8-byte extended length and the 4-byte mask key.
 const MAX_HEADER: usize = 14;
@@ -53,7 +57,33 @@ fuzz_target!(|data: &[u8]| {
         whole, byte_by_byte,
         "byte-by-byte reads changed the outcome"
     );
+
+    check_deflate(stream, max_message);
 });
+
+fn check_deflate(stream: &[u8], max_message: usize) {
+    for offer in [
+        &b"permessage-deflate"[..],
+        b"permessage-deflate; client_no_context_takeover",
+    ] {
+        let params = deflate::negotiate([offer]).expect("a valid offer");
+        let mut inflater = Inflater::new(&params);
+        if let Ok(out) = inflater.inflate(stream, max_message) {
+            assert!(out.len() <= max_message);
+        }
+        let mut inflater = Inflater::new(&params);
+        if let Some(frame) = Compressor::new(0).frame(OpCode::Binary, stream) {
+            // A server frame: 2, 4 or 10 header bytes, no mask.
+            let at = match frame[1] {
+                126 => 4,
+                127 => 10,
+                _ => 2,
+            };
+            let back = inflater.inflate(&frame[at..], stream.len()).expect("own output");
+            assert_eq!(back, stream);
+        }
+    }
+}
 
 /// Decodes frame after frame and checks each one against its prefixes.
 fn check_prefixes(stream: &[u8], max: usize) {
@@ -123,7 +153,16 @@ fn run(stream: &[u8], reads: &[usize], max_frame: usize, max_message: usize) -> 
         loop {
             let before = pending.len() - pos;
             match frame::decode(&mut pending[pos..], max_frame) {
-                Ok(None) => break,
+                Ok(None) => {
+                    let before = pending[pos..].to_vec();
+                    if let Err(e) = asm.check_incomplete(&pending[pos..]) {
+                        assert!(asm.is_idle(), "a failed assembler keeps a message");
+                        events.push(Event::Error(e));
+                        return events;
+                    }
+                    assert_eq!(pending[pos..], before, "checking changed the buffer");
+                    break;
+                }
                 Err(e) => {
                     events.push(Event::Error(e));
                     return events;

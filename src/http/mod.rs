@@ -1,10 +1,11 @@
 //! HTTP/1.x wire layer: request-head parsing, chunked-body decoding, query
-//! decoding and response encoding. Pure byte-in/value-out code, no I/O.
+//! decoding, response encoding and Server-Sent Events. Pure byte-in/value-out code, no I/O.
 
 pub mod chunked;
 pub mod query;
 pub mod request;
 pub mod response;
+pub mod sse;
 
 pub use chunked::ChunkedDecoder;
 pub use request::{BodyKind, Head, HttpError, Limits, Method, Version, parse_head};

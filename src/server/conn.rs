@@ -15,6 +15,7 @@ use mio::net::TcpStream;
 use crate::http::chunked::ChunkedDecoder;
 use crate::http::request::Head;
 use crate::ws::assembler::Assembler;
+use crate::ws::deflate::{DeflateParams, Inflater};
 
 /// Where a connection is in its life. Each phase's room (`http_conn.rs`,
 /// `ws_conn.rs`) decides its moves; `Server::remove` ends every one.
@@ -29,6 +30,9 @@ pub enum Phase {
     Publishing { accepted: usize, keep_alive: bool },
     /// An upgraded push connection.
     Ws(WsState),
+    /// A push connection on `/sse`: an event stream. The client never sends; its
+    /// `deadline` is when the next heartbeat comment is due.
+    Sse(Delivery),
     /// The server sent a close frame and waits for the peer's.
     Closing,
     /// The last bytes are being written. Then our side is shut down (FIN) and input
@@ -50,8 +54,59 @@ impl Phase {
 
     /// A push receiver: the hub holds it and fan-out writes to it.
     pub fn receives_pushes(&self) -> bool {
-        matches!(self, Phase::Ws(_))
+        self.wants().is_some()
     }
+
+    /// How a push receiver takes its pushes; `None` for every other phase.
+    pub fn wants(&self) -> Option<Wants> {
+        match self {
+            Phase::Ws(WsState { deflate: None, .. }) => Some(Wants::Plain),
+            Phase::Ws(WsState {
+                deflate: Some(d), ..
+            }) => Some(Wants::Deflate(d.params)),
+            Phase::Sse(_) => Some(Wants::Sse),
+            _ => None,
+        }
+    }
+
+    /// A push receiver's delivery state; `None` for every other phase.
+    pub fn delivery_mut(&mut self) -> Option<&mut Delivery> {
+        match self {
+            Phase::Ws(ws) => Some(&mut ws.delivery),
+            Phase::Sse(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    /// The transport of a push receiver.
+    pub fn transport(&self) -> Option<Transport> {
+        match self {
+            Phase::Ws(_) => Some(Transport::WebSocket),
+            Phase::Sse(_) => Some(Transport::EventStream),
+            _ => None,
+        }
+    }
+}
+
+/// The two kinds of push connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// `/ws`: RFC 6455.
+    WebSocket,
+    /// `/sse`: Server-Sent Events.
+    EventStream,
+}
+
+/// The encoding of a push a receiver needs: fan-out builds each one at most once
+/// per message and shares it between the receivers that need it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wants {
+    /// The plain WebSocket text frame every message carries.
+    Plain,
+    /// A compressed frame where these parameters allow it, else the plain one.
+    Deflate(DeflateParams),
+    /// An event `id: <delivery id>`, `data: <push JSON>`.
+    Sse,
 }
 
 pub struct PendingRequest {
@@ -63,6 +118,24 @@ pub struct PendingRequest {
 pub struct WsState {
     pub assembler: Assembler,
     pub ping_sent: bool,
+    /// Which pushes this connection has and which wait (resume).
+    pub delivery: Delivery,
+    /// permessage-deflate, when negotiated. Boxed so that a connection without it
+    /// pays one pointer; the inflater holds no memory until the client keeps a
+    /// compression context and sends a compressed message.
+    pub deflate: Option<Box<WsDeflate>>,
+}
+
+/// What a connection that negotiated permessage-deflate keeps.
+pub struct WsDeflate {
+    pub params: DeflateParams,
+    pub inflater: Inflater,
+}
+
+/// A push receiver's delivery state, the same on every transport: a resume
+/// replays, and fan-out skips or holds, by sequence number.
+#[derive(Default)]
+pub struct Delivery {
     /// The newest message this connection has (by sequence number): a message
     /// that reaches it again (a catch-up overlapping a resume) is skipped.
     pub last_seq: u64,
@@ -70,7 +143,8 @@ pub struct WsState {
     pub resuming: Option<Box<Held>>,
 }
 
-/// Pushes held for a connection until its replay has been sent.
+/// Pushes held for a connection until its replay has been sent, each already in
+/// the encoding of the connection's transport, with its sequence number.
 #[derive(Default)]
 pub struct Held {
     pub frames: Vec<(u64, Arc<[u8]>)>,
@@ -78,17 +152,19 @@ pub struct Held {
 }
 
 impl WsState {
-    pub fn new(assembler: Assembler) -> Self {
+    pub fn new(assembler: Assembler, deflate: Option<Box<WsDeflate>>) -> Self {
         WsState {
             assembler,
             ping_sent: false,
-            last_seq: 0,
-            resuming: None,
+            delivery: Delivery::default(),
+            deflate,
         }
     }
+}
 
-    /// Takes the pushes of `frames` (sequence number, frame) this connection should
-    /// write now, in order: none while it is resuming (they are held, up to
+impl Delivery {
+    /// Takes the pushes of `frames` (sequence number, encoded push) this connection
+    /// should write now, in order: none while it is resuming (they are held, up to
     /// `max_held` bytes; false when that overflows), and none it already has.
     pub fn admit<'a>(
         &mut self,
@@ -373,6 +449,23 @@ mod tests {
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    /// Every connection pays for the largest phase; an idle one holds nothing else
+    /// (permessage-deflate state is one pointer until it is negotiated; delivery
+    /// state is a sequence number and one pointer, for pushes held during a resume).
+    #[test]
+    fn idle_connections_stay_small() {
+        assert!(
+            std::mem::size_of::<Phase>() <= 72,
+            "{}",
+            std::mem::size_of::<Phase>()
+        );
+        assert!(
+            std::mem::size_of::<Conn>() <= 288,
+            "{}",
+            std::mem::size_of::<Conn>()
+        );
     }
 
     #[test]

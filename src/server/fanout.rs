@@ -3,17 +3,22 @@
 //! vectored write per receiver, and back-pressure: a receiver that does not read
 //! what it was given is evicted, never held against the others.
 //!
-//! Receivers are whatever phase [`Phase::receives_pushes`] names and the hub
-//! holds; delivery only queues shared frames on their connections.
+//! Receivers are whatever phase `Phase::receives_pushes` names (a WebSocket, with
+//! or without permessage-deflate, or an event stream) and the hub holds; each gets
+//! its message in the encoding it takes, built once per message and shared
+//! ([`Encodings`]); delivery only queues shared chunks on their connections.
 
 use std::sync::Arc;
 
-use super::conn::Phase;
+use super::conn::{Transport, Wants};
 use super::stats::Limit;
 use super::ws_conn::{CloseCode, Then};
 use super::{Liveness, Reason, Server};
-use crate::message::{Envelope, unix_now};
+use crate::http::sse;
+use crate::message::{self, Envelope, unix_now};
 use crate::queue::Inbound;
+use crate::ws::deflate::{Compressor, Window};
+use crate::ws::frame::OpCode;
 
 /// Scratch space reused across deliveries, and the delivery turn.
 #[derive(Default)]
@@ -22,11 +27,75 @@ pub(super) struct FanOut {
     receivers: Vec<usize>,
     /// Per slab key, which messages of the slice it receives.
     masks: Vec<u64>,
+    /// The other encodings of each message of the slice, built when first needed.
+    encodings: Vec<Encodings>,
     /// Counts the wakes that drain the queue's events. A burst delivered in one
     /// turn may take a receiver past `-max-backlog`; only what it still holds
     /// from an earlier turn counts against it, so the server's own batching
     /// never evicts a client that reads.
     turn: u64,
+}
+
+/// A message's encodings beside its plain WebSocket frame, each built at most
+/// once per delivery and only when some receiver needs it; then shared by every
+/// receiver that needs it, as the plain frame is.
+#[derive(Default)]
+pub(super) struct Encodings {
+    /// `None`: not tried yet; `Some(None)`: below `-deflate-min` or does not shrink.
+    deflated: Option<Option<Arc<[u8]>>>,
+    /// The same for clients that narrowed the server's window ([`Window::Narrow`]).
+    deflated_narrow: Option<Option<Arc<[u8]>>>,
+    /// The event-stream event, for `/sse` receivers.
+    sse: Option<Arc<[u8]>>,
+}
+
+impl Encodings {
+    /// Builds what `wants` needs of `env`, if it is not built yet.
+    fn prepare(&mut self, env: &Envelope, wants: Wants, compressor: &mut Compressor) {
+        match wants {
+            Wants::Plain => {}
+            Wants::Deflate(params) => {
+                let window = params.window();
+                let slot = match window {
+                    Window::Full => &mut self.deflated,
+                    Window::Narrow => &mut self.deflated_narrow,
+                };
+                slot.get_or_insert_with(|| {
+                    compressor
+                        .frame_for(window, OpCode::Text, env.push_json())
+                        .map(Arc::from)
+                });
+            }
+            Wants::Sse => {
+                self.sse.get_or_insert_with(|| sse_event(env.push_json()));
+            }
+        }
+    }
+
+    /// The frame for a receiver that `wants` this, once [`prepare`](Self::prepare)d.
+    fn pick<'a>(&'a self, env: &'a Envelope, wants: Wants) -> &'a Arc<[u8]> {
+        let deflated = match wants {
+            Wants::Deflate(p) if p.window() == Window::Full => &self.deflated,
+            Wants::Deflate(_) => &self.deflated_narrow,
+            Wants::Plain => return &env.frame,
+            Wants::Sse => return self.sse.as_ref().unwrap_or(&env.frame),
+        };
+        match deflated {
+            Some(Some(f)) => f,
+            _ => &env.frame,
+        }
+    }
+}
+
+/// A WebSocket frame sent compressed (RFC 7692 §6: RSV1 on its first frame).
+pub(super) fn is_compressed(frame: &[u8]) -> bool {
+    frame.first().is_some_and(|b| b & 0x40 != 0)
+}
+
+/// A push as an event-stream event: named by its delivery id, so a browser's
+/// automatic reconnect (`Last-Event-ID`) resumes after it.
+pub(super) fn sse_event(push_json: &[u8]) -> Arc<[u8]> {
+    sse::event(message::delivery_id(push_json), None, push_json).into()
 }
 
 impl Server {
@@ -102,13 +171,18 @@ impl Server {
         if let [env] = live[..] {
             receivers.clear();
             self.hub.for_each_receiver(env, |k| receivers.push(k));
+            let mut enc = Encodings::default();
             for &key in &receivers {
-                let _ = self.push(key, env);
+                let _ = self.push(key, env, &mut enc);
             }
+            self.count_deflated(std::slice::from_ref(&enc));
         } else {
             let mut masks = std::mem::take(&mut self.fanout.masks);
+            let mut encodings = std::mem::take(&mut self.fanout.encodings);
             for slice in live.chunks(u64::BITS as usize) {
                 receivers.clear();
+                encodings.clear();
+                encodings.resize_with(slice.len(), Encodings::default);
                 for (i, env) in slice.iter().enumerate() {
                     self.hub.for_each_receiver(env, |k| {
                         if k >= masks.len() {
@@ -122,10 +196,13 @@ impl Server {
                 }
                 for &key in &receivers {
                     let mask = masks.get_mut(key).map_or(0, std::mem::take);
-                    let _ = self.push_many(key, slice, mask);
+                    let _ = self.push_many(key, slice, &mut encodings, mask);
                 }
+                self.count_deflated(&encodings);
             }
             self.fanout.masks = masks;
+            encodings.clear();
+            self.fanout.encodings = encodings;
         }
         receivers.clear();
         self.fanout.receivers = receivers;
@@ -143,39 +220,54 @@ impl Server {
     }
 
     /// Hands a push frame to a receiver.
-    fn push(&mut self, key: usize, env: &Envelope) -> Liveness {
-        self.push_many(key, &[env], 1)
+    fn push(&mut self, key: usize, env: &Envelope, enc: &mut Encodings) -> Liveness {
+        self.push_many(key, &[env], std::slice::from_mut(enc), 1)
     }
 
     /// Hands a receiver the frames of `slice` whose bits are set in `mask`, in
-    /// order: those it does not have yet, or holds them while it is resuming.
-    fn push_many(&mut self, key: usize, slice: &[&Envelope], mask: u64) -> Liveness {
+    /// order, each in the encoding the receiver takes: those it does not have yet,
+    /// or holds them (so encoded) while it is resuming.
+    fn push_many(
+        &mut self,
+        key: usize,
+        slice: &[&Envelope],
+        encodings: &mut [Encodings],
+        mask: u64,
+    ) -> Liveness {
+        let Some(wants) = self.conns.get(key).and_then(|c| c.phase.wants()) else {
+            return self.liveness(key);
+        };
+        let chosen = move |i: usize| mask >> i & 1 == 1;
+        for (_, (env, enc)) in slice
+            .iter()
+            .zip(encodings.iter_mut())
+            .enumerate()
+            .filter(|(i, _)| chosen(*i))
+        {
+            enc.prepare(env, wants, &mut self.compressor);
+        }
         self.begin_turn(key);
         let max_held = self.cfg.max_backlog;
         let Some(conn) = self.conns.get_mut(key) else {
             return Liveness::Closed;
         };
+        let encodings = &*encodings;
         let picked = slice
             .iter()
+            .zip(encodings)
             .enumerate()
-            .filter(move |&(i, _)| mask >> i & 1 == 1)
-            .map(|(_, e)| (e.seq, &e.frame));
+            .filter(move |(i, _)| chosen(*i))
+            .map(move |(_, (env, enc))| (env.seq, enc.pick(env, wants)));
         // At most one slice (64) of frames: no allocation per receiver.
         let mut now: [Option<&Arc<[u8]>>; u64::BITS as usize] = [None; u64::BITS as usize];
         let mut n = 0;
-        let held_ok = match &mut conn.phase {
-            Phase::Ws(ws) => ws.admit(picked, max_held, |f| {
-                now[n] = Some(f);
-                n += 1;
-            }),
-            _ => {
-                for (_, f) in picked {
-                    now[n] = Some(f);
-                    n += 1;
-                }
-                true
-            }
+        let Some(delivery) = conn.phase.delivery_mut() else {
+            return Liveness::Alive;
         };
+        let held_ok = delivery.admit(picked, max_held, |f| {
+            now[n] = Some(f);
+            n += 1;
+        });
         if !held_ok {
             return self.evict(key);
         }
@@ -184,10 +276,27 @@ impl Server {
             return Liveness::Alive;
         }
         let frames = now[..n].iter().map(|f| f.expect("filled up to n"));
+        if matches!(wants, Wants::Deflate(_)) {
+            self.counters.deflated_out +=
+                frames.clone().filter(|f| is_compressed(f)).count() as u64;
+        }
         if let Err(e) = conn.send_shared(frames) {
             return self.remove(key, Reason::Io(e.0));
         }
         self.check_backlog(key)
+    }
+
+    /// Counts the messages compressed for this delivery (once each, however many
+    /// receivers got the compressed frame).
+    fn count_deflated(&mut self, encodings: &[Encodings]) {
+        let n: usize = encodings
+            .iter()
+            .map(|e| {
+                usize::from(matches!(e.deflated, Some(Some(_))))
+                    + usize::from(matches!(e.deflated_narrow, Some(Some(_))))
+            })
+            .sum();
+        self.counters.deflated += n as u64;
     }
 
     /// Evicts a push receiver whose unsent bytes from before this delivery turn
@@ -224,18 +333,26 @@ impl Server {
             "{}: evicted, backlog over {} bytes",
             conn.peer, self.cfg.max_backlog
         );
-        self.end_ws(key, Some(CloseCode::Policy), "too slow", Then::Drain)
+        match conn.phase.transport() {
+            Some(Transport::EventStream) => self.end_sse(key, "too slow"),
+            _ => self.end_ws(key, Some(CloseCode::Policy), "too slow", Then::Drain),
+        }
     }
 
-    /// Shutdown, once the queue handed over everything: 1001 to every receiver.
+    /// Shutdown, once the queue handed over everything: 1001 to every WebSocket;
+    /// event streams end (their clients would reconnect, and are refused).
     pub(super) fn close_push_connections(&mut self) {
-        for key in self.keys_where(|c| matches!(c.phase, Phase::Ws(_))) {
-            let _ = self.end_ws(
-                key,
-                Some(CloseCode::Away),
-                "server shutting down",
-                Then::AwaitPeer,
-            );
+        for key in self.keys_where(|c| c.phase.receives_pushes()) {
+            let transport = self.conns.get(key).and_then(|c| c.phase.transport());
+            let _ = match transport {
+                Some(Transport::EventStream) => self.end_sse(key, "server shutting down"),
+                _ => self.end_ws(
+                    key,
+                    Some(CloseCode::Away),
+                    "server shutting down",
+                    Then::AwaitPeer,
+                ),
+            };
         }
     }
 }

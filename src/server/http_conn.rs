@@ -163,6 +163,7 @@ impl Server {
             Action::Respond(resp) => self.reply(key, &resp, keep_alive, head_only),
             Action::Refuse(resp) => self.reply(key, &resp, false, head_only),
             Action::Upgrade(upgrade) => self.upgrade(key, upgrade),
+            Action::EventStream(listener) => self.open_sse(key, listener),
             Action::Publish(batch) => self.publish(key, batch, keep_alive),
         };
     }

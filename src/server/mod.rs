@@ -9,6 +9,7 @@
 //! - `http_conn.rs`: the HTTP phases: requests, bodies, 100-continue, replies, `/send`
 //! - `routes.rs`: the URL table (`Route`) and what each URL answers
 //! - `ws_conn.rs`: the WebSocket phase: frames, control frames, subscribe, the close
+//! - `sse_conn.rs`: the event-stream phase (`/sse`): opening, heartbeats, the end
 //! - `fanout.rs`: the queue's events and delivery to push receivers, back-pressure
 //! - `resume.rs`: delivery ids and retention of what is delivered, replay on `?since=`
 //! - `timers.rs`: the periodic scan, per-phase timeouts and the `Shutdown`
@@ -25,6 +26,7 @@ mod fanout;
 mod http_conn;
 mod resume;
 mod routes;
+mod sse_conn;
 pub mod stats;
 mod stream;
 mod timers;
@@ -45,6 +47,7 @@ use crate::history::{Epoch, History};
 use crate::hub::Hub;
 use crate::message::Clock;
 use crate::queue::{Inbound, Notifier, Queue};
+use crate::ws::deflate::Compressor;
 
 use admission::Admission;
 use conn::Conn;
@@ -112,6 +115,9 @@ pub struct Server {
     history: History,
     /// The last sequence number this node gave a message.
     last_seq: u64,
+    /// The one permessage-deflate compressor: a push is compressed once for all
+    /// the receivers that negotiated it.
+    compressor: Compressor,
     /// Connections whose read budget ran out with input perhaps left: edge-triggered
     /// readiness will not report it again, so they are read once more before the
     /// next wait. Serials tell a slot reused meanwhile.
@@ -155,6 +161,7 @@ impl Server {
         let tick = timers::tick_for(&cfg);
         let scratch = vec![0; cfg.read_buffer];
         let history = History::new(cfg.history_limits(), Epoch::new());
+        let compressor = Compressor::new(cfg.deflate_min);
         Ok(Server {
             cfg,
             poll,
@@ -171,6 +178,7 @@ impl Server {
             fanout: FanOut::default(),
             history,
             last_seq: 0,
+            compressor,
             unread: Vec::new(),
             inbound_left: false,
             started: now,
@@ -245,8 +253,8 @@ impl Server {
         let Some(conn) = self.conns.get(key) else {
             return Liveness::Closed;
         };
-        if conn.phase.receives_pushes() {
-            self.leave_hub(key, &reason.to_string());
+        if let Some(transport) = conn.phase.transport() {
+            self.leave_hub(key, transport, &reason.to_string());
         }
         let mut conn = self.conns.remove(key);
         if conn.refused {

@@ -1,22 +1,27 @@
 //! Delivery ids and resume. Each message this node sequences gets the next number
 //! and its id in the frame, and is retained ([`crate::history`]) before it is fanned
-//! out. A connection opened with `?since=` is sent `{"op":"resumed",…}` and the
-//! retained messages after `since` in the same reactor turn as it joins the hub, so
-//! nothing delivered can fall between the replay and its live pushes, and nothing
-//! is in both: delivery and retention happen together, on this thread.
+//! out. A connection opened with `?since=` (or, on `/sse`, `Last-Event-ID`) is sent
+//! its `resumed` notice and the retained messages after `since` in the same reactor
+//! turn as it joins the hub, so nothing delivered can fall between the replay and
+//! its live pushes, and nothing is in both: delivery and retention happen together,
+//! on this thread.
 //!
 //! With Redis the history is read on a backend thread: the connection joins the hub
-//! at once and its live pushes are held (`WsState::resuming`) until the read comes
-//! back; then the replay goes out, and of what was held only what is newer than the
-//! replay. Every push carries its sequence number, so a message in both is sent once.
+//! at once and its live pushes are held (`Delivery::resuming`, in the encoding of
+//! its transport) until the read comes back; then the replay goes out, and of what
+//! was held only what is newer than the replay. Every push carries its sequence
+//! number, so a message in both is sent once. Both transports resume alike; only
+//! the encoding differs (WebSocket frames, or event-stream events with `id:`).
 
 use std::sync::Arc;
 
-use super::conn::{Chunk, Held, Phase};
+use super::conn::{Chunk, Held, Transport};
+use super::fanout::{is_compressed, sse_event};
 use super::ws_conn::{CloseCode, Then};
 use super::{Liveness, Server};
 use crate::history::Since;
-use crate::message::{Envelope, unix_now};
+use crate::http::sse;
+use crate::message::{self, Envelope, unix_now};
 use crate::queue::streams::Fetched;
 use crate::queue::{Resume, Ticket};
 use crate::ws::frame::{self, OpCode};
@@ -34,8 +39,8 @@ impl Server {
         }
     }
 
-    /// A connection opened with `?since=`: replayed from this node's retention now,
-    /// or from the backend's history when it answers.
+    /// A connection opened with `?since=` (or `Last-Event-ID`): replayed from this
+    /// node's retention now, or from the backend's history when it answers.
     pub(super) fn resume_from(&mut self, key: usize, since: &str) -> Liveness {
         let Some(serial) = self.conns.get(key).map(|c| c.serial) else {
             return Liveness::Closed;
@@ -47,8 +52,8 @@ impl Server {
         {
             Resume::Local => self.replay(key, since),
             Resume::Pending => {
-                if let Some(Phase::Ws(ws)) = self.conns.get_mut(key).map(|c| &mut c.phase) {
-                    ws.resuming = Some(Box::default());
+                if let Some(d) = self.conns.get_mut(key).and_then(|c| c.phase.delivery_mut()) {
+                    d.resuming = Some(Box::default());
                 }
                 Liveness::Alive
             }
@@ -62,14 +67,17 @@ impl Server {
     /// The backend's answer to a resume: the replay, then what was held meanwhile
     /// and is newer. A read that failed is answered `complete:false`.
     pub(super) fn on_history(&mut self, ticket: Ticket, fetched: Result<Fetched, String>) {
-        let held = match self.conns.get_mut(ticket.key) {
-            Some(conn) if conn.serial == ticket.serial => match &mut conn.phase {
-                Phase::Ws(ws) => ws.resuming.take(),
-                _ => None,
-            },
-            _ => None,
+        let (held, transport) = match self.conns.get_mut(ticket.key) {
+            Some(conn) if conn.serial == ticket.serial => {
+                let transport = conn.phase.transport();
+                (
+                    conn.phase.delivery_mut().and_then(|d| d.resuming.take()),
+                    transport,
+                )
+            }
+            _ => (None, None),
         };
-        let Some(held) = held else {
+        let (Some(held), Some(transport)) = (held, transport) else {
             return; // gone, or closing, meanwhile
         };
         let (complete, batch) = match fetched {
@@ -84,7 +92,13 @@ impl Server {
         let frames: Vec<(u64, Arc<[u8]>)> = batch
             .into_iter()
             .filter(|e| !e.is_expired(now) && self.hub.accepts(key, &e.types))
-            .map(|e| (e.seq, e.frame))
+            .map(|e| {
+                let bytes = match transport {
+                    Transport::WebSocket => e.frame,
+                    Transport::EventStream => sse_event(e.push_json()),
+                };
+                (e.seq, bytes)
+            })
             .collect();
         self.count_resume(complete, frames.len());
         if !self.send_resumed(key, complete).alive() {
@@ -99,11 +113,15 @@ impl Server {
             .chain(newer.map(|(_, f)| f))
             .collect();
         self.counters.messages_out += all.len() as u64;
+        if transport == Transport::WebSocket {
+            // Held pushes were taken in the connection's encoding, compressed or not.
+            self.counters.deflated_out += all.iter().filter(|f| is_compressed(f)).count() as u64;
+        }
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        if let Phase::Ws(ws) = &mut conn.phase {
-            ws.last_seq = ws.last_seq.max(replayed_up_to);
+        if let Some(d) = conn.phase.delivery_mut() {
+            d.last_seq = d.last_seq.max(replayed_up_to);
         }
         for chunk in all.chunks(64) {
             if let Err(e) = conn.send_shared(chunk.iter()) {
@@ -115,16 +133,21 @@ impl Server {
     }
 
     /// Messages were lost to this node beyond what history can refill: its push
-    /// connections are closed with 1012, and each resumes from its own last id
-    /// (which then says honestly whether something is missing).
+    /// connections are closed (WebSocket: 1012; an event stream just ends), and each
+    /// resumes from its own last id (which then says honestly whether something is
+    /// missing).
     pub(super) fn restart_push_connections(&mut self) {
         for key in self.keys_where(|c| c.phase.receives_pushes()) {
-            let _ = self.end_ws(
-                key,
-                Some(CloseCode::Restart),
-                "missed messages, resume",
-                Then::AwaitPeer,
-            );
+            let transport = self.conns.get(key).and_then(|c| c.phase.transport());
+            let _ = match transport {
+                Some(Transport::EventStream) => self.end_sse(key, "missed messages, resume"),
+                _ => self.end_ws(
+                    key,
+                    Some(CloseCode::Restart),
+                    "missed messages, resume",
+                    Then::AwaitPeer,
+                ),
+            };
         }
     }
 
@@ -137,18 +160,44 @@ impl Server {
         self.counters.replayed += replayed as u64;
     }
 
+    /// The `resumed` notice in the connection's transport: a `{"op":"resumed",…}`
+    /// text frame, or a `resumed` event.
     fn send_resumed(&mut self, key: usize, complete: bool) -> Liveness {
-        let head = if complete {
-            &br#"{"op":"resumed","complete":true}"#[..]
-        } else {
-            &br#"{"op":"resumed","complete":false}"#[..]
+        let Some(transport) = self.conns.get(key).and_then(|c| c.phase.transport()) else {
+            return Liveness::Closed;
         };
-        self.send(key, Chunk::Owned(frame::encode(OpCode::Text, head)))
+        let head = match transport {
+            Transport::WebSocket => {
+                let op = if complete {
+                    &br#"{"op":"resumed","complete":true}"#[..]
+                } else {
+                    &br#"{"op":"resumed","complete":false}"#[..]
+                };
+                frame::encode(OpCode::Text, op)
+            }
+            Transport::EventStream => {
+                let data = if complete {
+                    &br#"{"complete":true}"#[..]
+                } else {
+                    &br#"{"complete":false}"#[..]
+                };
+                sse::event(None, Some("resumed"), data)
+            }
+        };
+        self.send(key, Chunk::Owned(head))
     }
 
-    /// Sends a resuming connection its `resumed` frame and what it missed, oldest
-    /// first, filtered by its types. Runs right after it joined the hub.
+    /// Sends a resuming connection its `resumed` notice and what it missed, oldest
+    /// first, filtered by its types, in its transport's encoding. Runs right after
+    /// it joined the hub.
+    ///
+    /// The history keeps plain frames. A WebSocket that negotiated permessage-deflate
+    /// gets its replay uncompressed: RFC 7692 lets each message choose, and a replay
+    /// is one connection's, so there is no compression to share.
     fn replay(&mut self, key: usize, since: &str) -> Liveness {
+        let Some(transport) = self.conns.get(key).and_then(|c| c.phase.transport()) else {
+            return Liveness::Closed;
+        };
         let since = self
             .history
             .epoch()
@@ -166,14 +215,19 @@ impl Server {
         );
         self.count_resume(done.complete, frames.len());
         self.counters.messages_out += frames.len() as u64;
+        if transport == Transport::EventStream {
+            for f in &mut frames {
+                *f = sse_event(message::frame_payload(f));
+            }
+        }
         if !self.send_resumed(key, done.complete).alive() {
             return Liveness::Closed;
         }
         let Some(conn) = self.conns.get_mut(key) else {
             return Liveness::Closed;
         };
-        if let Phase::Ws(ws) = &mut conn.phase {
-            ws.last_seq = ws.last_seq.max(done.last_seq);
+        if let Some(d) = conn.phase.delivery_mut() {
+            d.last_seq = d.last_seq.max(done.last_seq);
         }
         for chunk in frames.chunks(64) {
             if let Err(e) = conn.send_shared(chunk.iter()) {

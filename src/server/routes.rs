@@ -11,17 +11,20 @@ use super::Server;
 use super::admission::refusal_response;
 use super::stats::{self, Snapshot};
 use crate::auth::{self, Refusal};
+use crate::config::Deflate;
 use crate::http::query;
 use crate::http::request::{Head, HttpError, Method};
 use crate::http::response::Response;
 use crate::hub::{self, FilterError, FilterLimits, TypeSet};
 use crate::message::{self, Envelope, MAX_UID_LEN, unix_now};
+use crate::ws::deflate::{self, DeflateParams};
 use crate::ws::handshake::{self, UpgradeHeaders};
 
 /// The paths the server knows (PROTOCOL.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Route {
     Ws,
+    Sse,
     Send,
     DemoPage,
     DemoClient,
@@ -35,6 +38,7 @@ impl Route {
     pub(super) fn of(path: &str) -> Route {
         match path {
             "/ws" => Route::Ws,
+            "/sse" => Route::Sse,
             "/send" => Route::Send,
             "/" | "/index.html" => Route::DemoPage,
             "/wspush.js" => Route::DemoClient,
@@ -57,18 +61,28 @@ pub(super) enum Action {
     /// Answer, then close: a refused client gets nothing more on this connection.
     Refuse(Response),
     Upgrade(Upgrade),
+    /// Open an event stream (`/sse`).
+    EventStream(Listener),
     Publish(Vec<Envelope>),
+}
+
+/// A push receiver that passed every check, on either transport.
+pub(super) struct Listener {
+    pub uid: Option<String>,
+    pub types: TypeSet,
+    /// The client behind a trusted proxy, to count against `-max-per-ip`.
+    pub client_ip: Option<IpAddr>,
+    /// Resume after this delivery id (`0`: everything retained): `?since=`, or on
+    /// `/sse` the `Last-Event-ID` a browser's EventSource sends when it reconnects.
+    pub since: Option<String>,
 }
 
 /// A WebSocket handshake that passed every check.
 pub(super) struct Upgrade {
     pub accept: String,
-    pub uid: Option<String>,
-    pub types: TypeSet,
-    /// The client behind a trusted proxy, to count against `-max-per-ip`.
-    pub client_ip: Option<IpAddr>,
-    /// `?since=`: resume after this delivery id (`0`: everything retained).
-    pub since: Option<String>,
+    /// permessage-deflate as agreed, when `-deflate=on` and the client offered it.
+    pub deflate: Option<DeflateParams>,
+    pub listener: Listener,
 }
 
 const DEMO_PAGE: &[u8] = include_bytes!("../../demo/socket.html");
@@ -91,6 +105,8 @@ impl Server {
         match Route::of(&head.path) {
             Route::Ws if head.method == Method::Get => self.handshake(key, head),
             Route::Ws => respond(not_allowed("GET")),
+            Route::Sse if head.method == Method::Get => self.event_stream(key, head),
+            Route::Sse => respond(not_allowed("GET")),
             Route::Send if head.method == Method::Post => self.send_request(body),
             Route::Send => respond(not_allowed("POST")),
             Route::NotFound => respond(Response::error(404, "not found")),
@@ -138,22 +154,76 @@ impl Server {
                 });
             }
         };
-        let (uid, types, since) = match ws_params(&head.query) {
-            Ok(params) => params,
+        let listener = match self.listener(key, head, "/ws", None) {
+            Ok(listener) => listener,
+            Err(action) => return action,
+        };
+        // An offer that cannot be accepted leaves the connection uncompressed, never
+        // refused (RFC 7692 §5).
+        let deflate = match self.cfg.deflate {
+            Deflate::On => {
+                deflate::negotiate(head.header_joined("sec-websocket-extensions").as_deref())
+            }
+            Deflate::Off => None,
+        };
+        Action::Upgrade(Upgrade {
+            accept,
+            deflate,
+            listener,
+        })
+    }
+
+    /// `GET /sse`: the same checks and parameters as `/ws`; the `Last-Event-ID` of
+    /// an EventSource's reconnect, when present, is where it resumes.
+    fn event_stream(&mut self, key: usize, head: &Head) -> Action {
+        if let Some(resp) = self.shutdown.refusal() {
+            return Action::Respond(resp);
+        }
+        let last_event_id = match head.header_single("last-event-id") {
+            Ok(id) => id.map(|id| String::from_utf8_lossy(id).into_owned()),
             Err(e) => return Action::Respond(e.response()),
+        };
+        match self.listener(key, head, "/sse", last_event_id) {
+            Ok(listener) => Action::EventStream(listener),
+            Err(action) => action,
+        }
+    }
+
+    /// A push receiver's parameters and checks, shared by both transports: the
+    /// query, the type filter's limits, then origin, token and per-address room.
+    /// `since` overrides the query's `since` when given.
+    fn listener(
+        &mut self,
+        key: usize,
+        head: &Head,
+        path: &str,
+        since: Option<String>,
+    ) -> Result<Listener, Action> {
+        let (uid, types, query_since) = match ws_params(&head.query) {
+            Ok(params) => params,
+            Err(e) => return Err(Action::Respond(e.response())),
+        };
+        let since = match since {
+            Some(s) => match crate::history::parse_id(&s) {
+                Ok(_) => Some(s),
+                Err(e) => {
+                    let e = HttpError::BadRequest(format!("Last-Event-ID: {e}"));
+                    return Err(Action::Respond(e.response()));
+                }
+            },
+            None => query_since,
         };
         let types = match hub::type_set(types.split(','), &FilterLimits::new(&self.cfg)) {
             Ok(types) => types,
             Err(e) => {
                 if let Some(peer) = self.conns.get(key).map(|c| c.peer) {
-                    self.count_refusal(Refusal::Types(e), peer, "/ws");
+                    self.count_refusal(Refusal::Types(e), peer, path);
                 }
-                return Action::Refuse(refusal_response(Refusal::Types(e)));
+                return Err(Action::Refuse(refusal_response(Refusal::Types(e))));
             }
         };
         match self.admit_listener(key, head, uid.as_deref()) {
-            Ok(client_ip) => Action::Upgrade(Upgrade {
-                accept,
+            Ok(client_ip) => Ok(Listener {
                 uid,
                 types,
                 client_ip,
@@ -161,9 +231,9 @@ impl Server {
             }),
             Err(r) => {
                 if let Some(peer) = self.conns.get(key).map(|c| c.peer) {
-                    self.count_refusal(r, peer, "/ws");
+                    self.count_refusal(r, peer, path);
                 }
-                Action::Refuse(refusal_response(r))
+                Err(Action::Refuse(refusal_response(r)))
             }
         }
     }
@@ -264,7 +334,7 @@ fn not_allowed(allow: &'static str) -> Response {
     Response::error(405, "method not allowed").with_header("Allow", allow)
 }
 
-/// `uid` and `types` from a `/ws` query string.
+/// `uid`, `types` and `since` from a `/ws` or `/sse` query string.
 type WsParams = (Option<String>, String, Option<String>);
 
 fn ws_params(query: &str) -> Result<WsParams, HttpError> {
@@ -303,6 +373,7 @@ mod tests {
     #[test]
     fn paths_map_to_routes() {
         assert_eq!(Route::of("/ws"), Route::Ws);
+        assert_eq!(Route::of("/sse"), Route::Sse);
         assert_eq!(Route::of("/index.html"), Route::DemoPage);
         assert_eq!(Route::of("/ws/"), Route::NotFound);
         assert!(Route::Metrics.guarded() && !Route::Health.guarded());

@@ -62,6 +62,13 @@ pub struct Counters {
     pub http_requests: u64,
     pub ws_opened: u64,
     pub ws_closed: u64,
+    /// Event streams (`/sse`) opened and closed.
+    pub sse_opened: u64,
+    pub sse_closed: u64,
+    /// Messages compressed for permessage-deflate receivers, once per message.
+    pub deflated: u64,
+    /// Pushes sent compressed (one per receiver).
+    pub deflated_out: u64,
 }
 
 impl Counters {
@@ -101,7 +108,7 @@ impl Snapshot<'_> {
             (
                 "connections",
                 "gauge",
-                "Open push connections.",
+                "Open push connections (WebSocket and event stream).",
                 self.connections as u64,
             ),
             (
@@ -164,6 +171,30 @@ impl Snapshot<'_> {
                 "counter",
                 "Push connections closed.",
                 c.ws_closed,
+            ),
+            (
+                "sse_opened_total",
+                "counter",
+                "Event streams (/sse) opened.",
+                c.sse_opened,
+            ),
+            (
+                "sse_closed_total",
+                "counter",
+                "Event streams (/sse) closed.",
+                c.sse_closed,
+            ),
+            (
+                "deflated_total",
+                "counter",
+                "Messages compressed for permessage-deflate receivers (once per message).",
+                c.deflated,
+            ),
+            (
+                "deflated_out_total",
+                "counter",
+                "Pushes sent compressed (one per receiver).",
+                c.deflated_out,
             ),
             (
                 "resumes_complete_total",
@@ -242,6 +273,12 @@ impl Snapshot<'_> {
             "http_requests": c.http_requests,
             "ws_opened": c.ws_opened,
             "ws_closed": c.ws_closed,
+            "sse_opened": c.sse_opened,
+            "sse_closed": c.sse_closed,
+            "deflate": {
+                "messages": c.deflated,
+                "pushes": c.deflated_out,
+            },
             "resumes": {
                 "complete": c.resumes_complete,
                 "incomplete": c.resumes_incomplete,

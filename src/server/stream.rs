@@ -126,7 +126,7 @@ impl Server {
         match conn.phase {
             Phase::Publishing { .. } => false,
             Phase::Http { .. } => conn.out.bytes() <= self.cfg.max_backlog,
-            Phase::Ws(_) | Phase::Closing | Phase::Draining { .. } => true,
+            Phase::Ws(_) | Phase::Sse(_) | Phase::Closing | Phase::Draining { .. } => true,
         }
     }
 
@@ -197,6 +197,7 @@ impl Server {
             let step = match conn.phase {
                 Phase::Http { .. } => self.http_step(key, &mut buf[pos..]),
                 Phase::Ws(_) | Phase::Closing => self.ws_step(key, &mut buf[pos..]),
+                Phase::Sse(_) => self.sse_step(&buf[pos..]),
                 Phase::Publishing { .. } => Step::Stop,
                 // Nothing more is answered; input is read only to notice the peer leaving.
                 Phase::Draining { .. } => Step::Progress(buf.len() - pos),

@@ -125,6 +125,8 @@ impl Server {
                 let resp = Response::error(503, "queue backend did not answer in time");
                 self.reply(key, &resp, false, false)
             }
+            // No idle timeout: an event-stream client never sends.
+            Phase::Sse(_) => self.sse_heartbeat(key, now),
             Phase::Http { busy: false, .. } => self.remove(key, Reason::Timeout("keep-alive")),
             Phase::Closing | Phase::Draining { .. } => self.remove(key, Reason::Timeout("close")),
         };

@@ -1,8 +1,13 @@
 //! Message assembly: turns decoded frames into whole messages, enforcing
 //! fragmentation order, the message size limit, fail-fast UTF-8 validation
-//! of text and the close-payload rules.
+//! of text (down to the byte of a frame still arriving) and the close-payload rules.
 
-use super::frame::{Frame, MAX_CONTROL_PAYLOAD, OpCode, ProtocolError};
+use super::deflate::Inflater;
+use super::frame::{self, Frame, MAX_CONTROL_PAYLOAD, OpCode, ProtocolError};
+use super::utf8::Utf8State;
+
+/// Bytes of an incomplete frame unmasked at a time for validation, on the stack.
+const PEEK_CHUNK: usize = 256;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Message {
@@ -24,6 +29,9 @@ pub struct CloseFrame {
 enum DataKind {
     Text,
     Binary,
+    /// permessage-deflate: validated (text) once inflated, when the message is whole.
+    DeflatedText,
+    DeflatedBinary,
 }
 
 /// One per connection, so it is kept small (40 bytes on 64-bit targets) and
@@ -33,12 +41,15 @@ pub struct Assembler {
     /// Fragments received so far; empty and unallocated while idle.
     buf: Vec<u8>,
     max_message: usize,
+    /// Payload bytes of the frame still arriving that `check_incomplete` has
+    /// validated, so `push` and later checks go on from there. 32 bits keep the
+    /// struct small; past 4 GiB the rest of the frame is checked when it is whole.
+    frame_checked: u32,
     /// Kind of the fragmented message in progress, if any.
     partial: Option<DataKind>,
-    /// Length (0..=3) of an incomplete UTF-8 sequence at the end of `buf`.
-    /// Everything before it is known valid, so each fragment is validated
-    /// from there instead of from the start of the message.
-    utf8_pending: u8,
+    /// Where the text validated so far ends: on a character boundary or inside
+    /// a code point that the next bytes must complete.
+    utf8: Utf8State,
 }
 
 impl Assembler {
@@ -46,8 +57,65 @@ impl Assembler {
         Assembler {
             buf: Vec::new(),
             max_message,
+            frame_checked: 0,
             partial: None,
-            utf8_pending: 0,
+            utf8: Utf8State::Boundary,
+        }
+    }
+
+    /// Checks the part of the next frame that has arrived, so a text message fails
+    /// at its first invalid byte, and a message that will be too big fails on its
+    /// header, without waiting for the rest of the frame.
+    ///
+    /// `wire` is the input from the start of the frame that the next `push` will
+    /// get, still masked; it is not modified, so `frame::decode` can be retried on
+    /// it. Call this whenever `decode` needs more bytes. Header errors are left to
+    /// `decode`, and fragmentation-order errors to `push`.
+    pub fn check_incomplete(&mut self, wire: &[u8]) -> Result<(), ProtocolError> {
+        let Ok(Some(header)) = frame::parse_header_with(wire, usize::MAX, true) else {
+            return Ok(());
+        };
+        let (text, total) = match (header.opcode, self.partial) {
+            (OpCode::Text, None) => (!header.compressed, header.len),
+            (OpCode::Binary, None) => (false, header.len),
+            (OpCode::Continuation, Some(kind)) => (
+                kind == DataKind::Text,
+                self.buf.len().saturating_add(header.len),
+            ),
+            _ => return Ok(()),
+        };
+        let result = if total > self.max_message {
+            Err(ProtocolError::MessageTooBig)
+        } else if text {
+            self.check_arrived_text(wire, &header)
+        } else {
+            Ok(())
+        };
+        if result.is_err() {
+            self.reset();
+        }
+        result
+    }
+
+    fn check_arrived_text(
+        &mut self,
+        wire: &[u8],
+        header: &frame::Header,
+    ) -> Result<(), ProtocolError> {
+        let mut chunk = [0u8; PEEK_CHUNK];
+        loop {
+            let from = self.frame_checked as usize;
+            let room = (u32::MAX - self.frame_checked) as usize;
+            let out = chunk.get_mut(..room.min(PEEK_CHUNK)).unwrap_or_default();
+            let n = frame::unmask_arrived(wire, header, from, out);
+            if n == 0 {
+                return Ok(());
+            }
+            self.utf8
+                .feed(&chunk[..n])
+                .map_err(|_| ProtocolError::InvalidUtf8)?;
+            // n <= room, so this stays within u32.
+            self.frame_checked += n as u32;
         }
     }
 
@@ -56,7 +124,18 @@ impl Assembler {
     /// After an error the connection must be closed; the assembler drops any
     /// partial message so it no longer holds memory.
     pub fn push(&mut self, frame: Frame<'_>) -> Result<Option<Message>, ProtocolError> {
-        let result = self.dispatch(frame);
+        self.push_with(frame, None)
+    }
+
+    /// `push` for a connection that negotiated permessage-deflate: a message whose
+    /// first frame has RSV1 set is inflated with `inflater` (within the message size
+    /// limit) when it is whole. Without an inflater such a frame is a protocol error.
+    pub fn push_with(
+        &mut self,
+        frame: Frame<'_>,
+        inflater: Option<&mut Inflater>,
+    ) -> Result<Option<Message>, ProtocolError> {
+        let result = self.dispatch(frame, inflater);
         if result.is_err() {
             self.reset();
         }
@@ -68,7 +147,13 @@ impl Assembler {
         self.partial.is_none()
     }
 
-    fn dispatch(&mut self, frame: Frame<'_>) -> Result<Option<Message>, ProtocolError> {
+    fn dispatch(
+        &mut self,
+        frame: Frame<'_>,
+        inflater: Option<&mut Inflater>,
+    ) -> Result<Option<Message>, ProtocolError> {
+        // Only data frames are ever checked while incomplete.
+        let checked = std::mem::take(&mut self.frame_checked) as usize;
         if frame.opcode.is_control() {
             // `Frame` can be built by hand, so do not rely on `decode` having checked these.
             if !frame.fin {
@@ -82,9 +167,19 @@ impl Assembler {
             OpCode::Ping => Ok(Some(Message::Ping(frame.payload.to_vec()))),
             OpCode::Pong => Ok(Some(Message::Pong(frame.payload.to_vec()))),
             OpCode::Close => parse_close(frame.payload).map(|close| Some(Message::Close(close))),
-            OpCode::Text => self.start(DataKind::Text, frame),
-            OpCode::Binary => self.start(DataKind::Binary, frame),
-            OpCode::Continuation => self.continue_message(frame),
+            OpCode::Text | OpCode::Binary => {
+                let text = frame.opcode == OpCode::Text;
+                let kind = match (frame.compressed, inflater.is_some(), text) {
+                    (false, _, true) => DataKind::Text,
+                    (false, _, false) => DataKind::Binary,
+                    (true, false, _) => return Err(ProtocolError::ReservedBits),
+                    (true, true, true) => DataKind::DeflatedText,
+                    (true, true, false) => DataKind::DeflatedBinary,
+                };
+                self.start(kind, frame, checked, inflater)
+            }
+            OpCode::Continuation if frame.compressed => Err(ProtocolError::ReservedBits),
+            OpCode::Continuation => self.continue_message(frame, checked, inflater),
         }
     }
 
@@ -92,6 +187,8 @@ impl Assembler {
         &mut self,
         kind: DataKind,
         frame: Frame<'_>,
+        checked: usize,
+        inflater: Option<&mut Inflater>,
     ) -> Result<Option<Message>, ProtocolError> {
         if self.partial.is_some() {
             return Err(ProtocolError::ExpectedContinuation);
@@ -100,31 +197,41 @@ impl Assembler {
             return Err(ProtocolError::MessageTooBig);
         }
         if frame.fin {
-            // The common unfragmented case skips the reassembly buffer entirely.
+            // The common unfragmented case skips the reassembly buffer entirely,
+            // and one pass of std's validator over the whole payload is the fastest.
+            self.utf8 = Utf8State::Boundary;
             return match kind {
                 DataKind::Text => std::str::from_utf8(frame.payload)
                     .map(|text| Some(Message::Text(text.to_owned())))
                     .map_err(|_| ProtocolError::InvalidUtf8),
                 DataKind::Binary => Ok(Some(Message::Binary(frame.payload.to_vec()))),
+                DataKind::DeflatedText | DataKind::DeflatedBinary => {
+                    self.inflate(kind, frame.payload, inflater).map(Some)
+                }
             };
         }
         self.partial = Some(kind);
-        self.append(kind, frame.payload)?;
+        self.append(kind, frame.payload, checked)?;
         Ok(None)
     }
 
-    fn continue_message(&mut self, frame: Frame<'_>) -> Result<Option<Message>, ProtocolError> {
+    fn continue_message(
+        &mut self,
+        frame: Frame<'_>,
+        checked: usize,
+        inflater: Option<&mut Inflater>,
+    ) -> Result<Option<Message>, ProtocolError> {
         let Some(kind) = self.partial else {
             return Err(ProtocolError::UnexpectedContinuation);
         };
         if self.buf.len().saturating_add(frame.payload.len()) > self.max_message {
             return Err(ProtocolError::MessageTooBig);
         }
-        self.append(kind, frame.payload)?;
+        self.append(kind, frame.payload, checked)?;
         if !frame.fin {
             return Ok(None);
         }
-        if self.utf8_pending != 0 {
+        if !self.utf8.is_boundary() {
             return Err(ProtocolError::InvalidUtf8);
         }
         // `take` hands the allocation to the message, leaving the idle assembler with none.
@@ -137,42 +244,54 @@ impl Assembler {
                 .map(|text| Some(Message::Text(text)))
                 .map_err(|_| ProtocolError::InvalidUtf8),
             DataKind::Binary => Ok(Some(Message::Binary(bytes))),
+            DataKind::DeflatedText | DataKind::DeflatedBinary => {
+                self.inflate(kind, &bytes, inflater).map(Some)
+            }
         }
     }
 
-    /// Appends a fragment and, for text, validates only the bytes not yet
-    /// known to be valid, so an invalid sequence fails on the fragment that
-    /// carries it rather than at the end of the message.
-    fn append(&mut self, kind: DataKind, payload: &[u8]) -> Result<(), ProtocolError> {
-        let unchecked_from = self
-            .buf
-            .len()
-            .saturating_sub(usize::from(self.utf8_pending));
-        self.buf.extend_from_slice(payload);
-        if kind == DataKind::Text {
-            let unchecked = self.buf.get(unchecked_from..).unwrap_or_default();
-            self.utf8_pending = incomplete_utf8_tail(unchecked)?;
+    /// A whole compressed message, inflated within the size limit.
+    fn inflate(
+        &self,
+        kind: DataKind,
+        deflated: &[u8],
+        inflater: Option<&mut Inflater>,
+    ) -> Result<Message, ProtocolError> {
+        let inflater = inflater.ok_or(ProtocolError::ReservedBits)?;
+        let bytes = inflater.inflate(deflated, self.max_message)?;
+        if kind == DataKind::DeflatedText {
+            String::from_utf8(bytes)
+                .map(Message::Text)
+                .map_err(|_| ProtocolError::InvalidUtf8)
+        } else {
+            Ok(Message::Binary(bytes))
         }
+    }
+
+    /// Appends a fragment and, for text, validates the bytes that
+    /// `check_incomplete` has not, so an invalid sequence fails on the fragment
+    /// that carries it rather than at the end of the message.
+    fn append(
+        &mut self,
+        kind: DataKind,
+        payload: &[u8],
+        checked: usize,
+    ) -> Result<(), ProtocolError> {
+        if kind == DataKind::Text {
+            let unchecked = payload.get(checked..).unwrap_or_default();
+            self.utf8
+                .feed(unchecked)
+                .map_err(|_| ProtocolError::InvalidUtf8)?;
+        }
+        self.buf.extend_from_slice(payload);
         Ok(())
     }
 
     fn reset(&mut self) {
         self.buf = Vec::new();
+        self.frame_checked = 0;
         self.partial = None;
-        self.utf8_pending = 0;
-    }
-}
-
-/// Length of a trailing, possibly-completable UTF-8 sequence, or an error if
-/// `bytes` contains a sequence that no continuation could make valid.
-fn incomplete_utf8_tail(bytes: &[u8]) -> Result<u8, ProtocolError> {
-    match std::str::from_utf8(bytes) {
-        Ok(_) => Ok(0),
-        // `error_len() == None` means "ran out of input", i.e. cut at the fragment end.
-        Err(e) if e.error_len().is_none() => {
-            u8::try_from(bytes.len() - e.valid_up_to()).map_err(|_| ProtocolError::InvalidUtf8)
-        }
-        Err(_) => Err(ProtocolError::InvalidUtf8),
+        self.utf8 = Utf8State::Boundary;
     }
 }
 
@@ -209,6 +328,7 @@ mod tests {
         Frame {
             fin,
             opcode,
+            compressed: false,
             payload,
         }
     }
@@ -421,12 +541,12 @@ mod tests {
         let mut asm = Assembler::new(1024);
         // "€" = E2 82 AC, one byte per fragment.
         assert_eq!(push(&mut asm, false, OpCode::Text, b"a\xe2"), Ok(None));
-        assert_eq!(asm.utf8_pending, 1);
+        assert_eq!(asm.utf8, Utf8State::Tail(2));
         assert_eq!(
             push(&mut asm, false, OpCode::Continuation, b"\x82"),
             Ok(None)
         );
-        assert_eq!(asm.utf8_pending, 2);
+        assert_eq!(asm.utf8, Utf8State::Tail(1));
         assert_eq!(
             push(&mut asm, true, OpCode::Continuation, b"\xac!"),
             Ok(Some(Message::Text("a€!".into())))
@@ -440,6 +560,261 @@ mod tests {
             Ok(Some(Message::Text("😀".into())))
         );
         assert_no_heap(&asm);
+    }
+
+    /// Feeds `wire` (masked frames) to decode + assembler the way the reactor does,
+    /// `arrived` bytes at a time, checking incomplete frames after each arrival.
+    /// Returns the messages and the number of bytes that had arrived at the error.
+    fn feed_wire(
+        asm: &mut Assembler,
+        wire: &[u8],
+        arrived: usize,
+    ) -> (Vec<Message>, Option<(usize, ProtocolError)>) {
+        let mut pending = Vec::new();
+        let mut messages = Vec::new();
+        for (i, chunk) in wire.chunks(arrived).enumerate() {
+            pending.extend_from_slice(chunk);
+            let so_far = (i * arrived + chunk.len()).min(wire.len());
+            loop {
+                match decode(&mut pending, 1 << 20) {
+                    Err(e) => return (messages, Some((so_far, e))),
+                    Ok(None) => {
+                        let before = pending.clone();
+                        if let Err(e) = asm.check_incomplete(&pending) {
+                            return (messages, Some((so_far, e)));
+                        }
+                        assert_eq!(pending, before, "the wire bytes were modified");
+                        break;
+                    }
+                    Ok(Some((frame, used))) => {
+                        match asm.push(frame) {
+                            Err(e) => return (messages, Some((so_far, e))),
+                            Ok(Some(m)) => messages.push(m),
+                            Ok(None) => {}
+                        }
+                        pending.drain(..used);
+                    }
+                }
+            }
+        }
+        (messages, None)
+    }
+
+    /// Autobahn 6.4.3 / 6.4.4: one text frame whose payload turns invalid in its
+    /// middle fails at the byte that makes it invalid, before the frame is whole.
+    #[test]
+    fn utf8_fails_at_first_bad_byte_of_a_frame_still_arriving() {
+        let payload = b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xf4\x90\x80\x80edited";
+        let wire = client_frame(true, OpCode::Text, payload);
+        let header_len = wire.len() - payload.len();
+        let first_bad = header_len + 12;
+        for arrived in 1..=wire.len() {
+            let mut asm = Assembler::new(1024);
+            let (messages, err) = feed_wire(&mut asm, &wire, arrived);
+            assert!(messages.is_empty());
+            let (at, e) = err.expect("invalid text accepted");
+            assert_eq!(e, ProtocolError::InvalidUtf8);
+            // The error comes with the read that carried the bad byte.
+            let read_with_bad = (first_bad / arrived + 1) * arrived;
+            assert_eq!(at, read_with_bad.min(wire.len()), "reads of {arrived}");
+            assert_no_heap(&asm);
+        }
+    }
+
+    #[test]
+    fn utf8_fails_at_first_bad_byte_across_fragments_still_arriving() {
+        // "€" split 1 + 2: the continuation's first byte is fine, its second is not.
+        let wire = [
+            client_frame(false, OpCode::Text, b"ok\xe2"),
+            client_frame(true, OpCode::Ping, b"p"),
+            client_frame(true, OpCode::Continuation, b"\x82\x41 and more text"),
+        ]
+        .concat();
+        let bad = wire.len() - b" and more text".len() - 1;
+        let mut asm = Assembler::new(1024);
+        let (messages, err) = feed_wire(&mut asm, &wire, 1);
+        assert_eq!(messages, [Message::Ping(b"p".to_vec())]);
+        assert_eq!(err, Some((bad + 1, ProtocolError::InvalidUtf8)));
+        assert_no_heap(&asm);
+    }
+
+    #[test]
+    fn valid_text_arriving_byte_by_byte_is_unchanged() {
+        let text = "gr\u{fc}\u{df}e \u{20ac} \u{1f600}!";
+        let bytes = text.as_bytes();
+        for cut in 0..=bytes.len() {
+            let wire = [
+                client_frame(false, OpCode::Text, &bytes[..cut]),
+                client_frame(true, OpCode::Continuation, &bytes[cut..]),
+                client_frame(true, OpCode::Text, bytes),
+                client_frame(true, OpCode::Binary, b"\xff\xfe"),
+            ]
+            .concat();
+            for arrived in [1, 2, 3, 7, wire.len()] {
+                let mut asm = Assembler::new(1024);
+                let (messages, err) = feed_wire(&mut asm, &wire, arrived);
+                assert_eq!(err, None, "cut {cut}, reads of {arrived}");
+                assert_eq!(
+                    messages,
+                    [
+                        Message::Text(text.into()),
+                        Message::Text(text.into()),
+                        Message::Binary(b"\xff\xfe".to_vec()),
+                    ]
+                );
+                assert_no_heap(&asm);
+            }
+        }
+    }
+
+    #[test]
+    fn too_big_message_fails_on_the_header() {
+        let mut asm = Assembler::new(100);
+        let wire = client_frame(true, OpCode::Binary, &[0; 101]);
+        assert_eq!(
+            asm.check_incomplete(&wire[..8]),
+            Err(ProtocolError::MessageTooBig)
+        );
+
+        let mut asm = Assembler::new(100);
+        push(&mut asm, false, OpCode::Text, &[b'a'; 60]).unwrap();
+        let wire = client_frame(true, OpCode::Continuation, &[b'a'; 41]);
+        assert_eq!(
+            asm.check_incomplete(&wire[..6]),
+            Err(ProtocolError::MessageTooBig)
+        );
+        assert_no_heap(&asm);
+
+        // Exactly at the limit is fine, and control frames are not counted.
+        let mut asm = Assembler::new(100);
+        push(&mut asm, false, OpCode::Text, &[b'a'; 60]).unwrap();
+        let wire = client_frame(true, OpCode::Continuation, &[b'a'; 40]);
+        assert_eq!(asm.check_incomplete(&wire[..7]), Ok(()));
+        let ping = client_frame(true, OpCode::Ping, &[0xff; 125]);
+        assert_eq!(asm.check_incomplete(&ping[..9]), Ok(()));
+    }
+
+    #[test]
+    fn incomplete_checks_leave_order_and_header_errors_to_push_and_decode() {
+        let mut asm = Assembler::new(1024);
+        // A continuation with nothing to continue, and a bad header: not its business.
+        let cont = client_frame(true, OpCode::Continuation, b"\xff\xff");
+        assert_eq!(asm.check_incomplete(&cont[..7]), Ok(()));
+        assert_eq!(asm.check_incomplete(&[0xF1, 0x80]), Ok(()));
+        assert_eq!(asm.check_incomplete(&[]), Ok(()));
+        // Binary payloads are never validated.
+        let bin = client_frame(true, OpCode::Binary, b"\xff\xff");
+        assert_eq!(asm.check_incomplete(&bin[..7]), Ok(()));
+        assert_no_heap(&asm);
+    }
+
+    fn deflated(data: &[u8]) -> Vec<u8> {
+        let frame = crate::ws::deflate::Compressor::new(0)
+            .frame(OpCode::Binary, data)
+            .expect("shrinks");
+        let at = match frame[1] {
+            126 => 4,
+            127 => 10,
+            _ => 2,
+        };
+        frame[at..].to_vec()
+    }
+
+    fn inflater(offer: &str) -> Inflater {
+        Inflater::new(&crate::ws::deflate::negotiate([offer.as_bytes()]).unwrap())
+    }
+
+    fn compressed(fin: bool, opcode: OpCode, payload: &[u8]) -> Frame<'_> {
+        Frame {
+            fin,
+            opcode,
+            compressed: true,
+            payload,
+        }
+    }
+
+    #[test]
+    fn compressed_messages_are_inflated_when_whole() {
+        let text = "gr\u{fc}\u{df}e ".repeat(40);
+        let data = deflated(text.as_bytes());
+        let mut inf = inflater("permessage-deflate; client_no_context_takeover");
+        let mut asm = Assembler::new(1024);
+        assert_eq!(
+            asm.push_with(compressed(true, OpCode::Text, &data), Some(&mut inf)),
+            Ok(Some(Message::Text(text.clone())))
+        );
+        // Fragmented: RSV1 on the first frame only, a ping in between.
+        let (a, b) = data.split_at(data.len() / 2);
+        assert_eq!(
+            asm.push_with(compressed(false, OpCode::Binary, a), Some(&mut inf)),
+            Ok(None)
+        );
+        assert_eq!(
+            push(&mut asm, true, OpCode::Ping, b"p"),
+            Ok(Some(Message::Ping(b"p".to_vec())))
+        );
+        assert_eq!(
+            asm.push_with(frame(true, OpCode::Continuation, b), Some(&mut inf)),
+            Ok(Some(Message::Binary(text.clone().into_bytes())))
+        );
+        assert_no_heap(&asm);
+        // Uncompressed messages still pass on a deflate connection.
+        assert_eq!(
+            asm.push_with(frame(true, OpCode::Text, b"plain"), Some(&mut inf)),
+            Ok(Some(Message::Text("plain".into())))
+        );
+    }
+
+    #[test]
+    fn compressed_message_errors() {
+        let mut inf = inflater("permessage-deflate; client_no_context_takeover");
+        // Invalid UTF-8 once inflated.
+        let bad = deflated(&b"\xff".repeat(300));
+        let mut asm = Assembler::new(1024);
+        assert_eq!(
+            asm.push_with(compressed(true, OpCode::Text, &bad), Some(&mut inf)),
+            Err(ProtocolError::InvalidUtf8)
+        );
+        // A bomb: 1 MiB of zeros in a few hundred bytes, against a 64 KiB limit.
+        let bomb = deflated(&vec![0; 1 << 20]);
+        let mut asm = Assembler::new(65_536);
+        let err = asm
+            .push_with(compressed(true, OpCode::Binary, &bomb), Some(&mut inf))
+            .unwrap_err();
+        assert_eq!(
+            (err.clone(), err.close_code()),
+            (ProtocolError::MessageTooBig, 1009)
+        );
+        assert_no_heap(&asm);
+        // RSV1 without the extension, or on a continuation frame.
+        let mut asm = Assembler::new(1024);
+        assert_eq!(
+            asm.push(compressed(true, OpCode::Text, &bad)),
+            Err(ProtocolError::ReservedBits)
+        );
+        asm.push_with(compressed(false, OpCode::Text, &bad), Some(&mut inf))
+            .unwrap();
+        assert_eq!(
+            asm.push_with(compressed(true, OpCode::Continuation, b""), Some(&mut inf)),
+            Err(ProtocolError::ReservedBits)
+        );
+        assert_no_heap(&asm);
+    }
+
+    #[test]
+    fn compressed_text_still_arriving_is_not_validated_as_text() {
+        let data = deflated("h\u{e9}llo ".repeat(50).as_bytes());
+        let mut wire = frame::test_util::raw_client_frame(0xc1, &data, frame::test_util::KEY);
+        let mut asm = Assembler::new(1024);
+        for k in 0..wire.len() {
+            assert_eq!(asm.check_incomplete(&wire[..k]), Ok(()), "prefix {k}");
+        }
+        let (f, _) = frame::decode_with(&mut wire, 1024, true).unwrap().unwrap();
+        let mut inf = inflater("permessage-deflate");
+        assert_eq!(
+            asm.push_with(f, Some(&mut inf)),
+            Ok(Some(Message::Text("h\u{e9}llo ".repeat(50))))
+        );
     }
 
     #[test]

@@ -9,6 +9,8 @@ pub const MAX_CONTROL_PAYLOAD: usize = 125;
 
 const FIN_BIT: u8 = 0x80;
 const RSV_BITS: u8 = 0x70;
+/// RFC 7692: RSV1 on a message's first frame marks it compressed.
+const RSV1_BIT: u8 = 0x40;
 const OPCODE_BITS: u8 = 0x0F;
 const MASK_BIT: u8 = 0x80;
 const LEN_BITS: u8 = 0x7F;
@@ -68,6 +70,8 @@ impl OpCode {
 pub struct Frame<'a> {
     pub fin: bool,
     pub opcode: OpCode,
+    /// RSV1 set: the message this frame starts is deflate-compressed (RFC 7692).
+    pub compressed: bool,
     /// Already unmasked.
     pub payload: &'a [u8],
 }
@@ -94,6 +98,8 @@ pub enum ProtocolError {
     InvalidUtf8,
     /// A close payload of exactly one byte (half a status code).
     BadClosePayload,
+    /// A compressed message whose DEFLATE data does not decode.
+    BadCompressedData,
     InvalidCloseCode(u16),
 }
 
@@ -102,7 +108,7 @@ impl ProtocolError {
     /// mapping so every caller closes with the same code for the same fault.
     pub fn close_code(&self) -> u16 {
         match self {
-            ProtocolError::InvalidUtf8 => 1007,
+            ProtocolError::InvalidUtf8 | ProtocolError::BadCompressedData => 1007,
             ProtocolError::FrameTooBig | ProtocolError::MessageTooBig => 1009,
             ProtocolError::ReservedBits
             | ProtocolError::UnknownOpcode(_)
@@ -143,6 +149,7 @@ impl fmt::Display for ProtocolError {
             }
             ProtocolError::InvalidUtf8 => f.write_str("invalid UTF-8"),
             ProtocolError::BadClosePayload => f.write_str("close payload of one byte"),
+            ProtocolError::BadCompressedData => f.write_str("compressed data does not inflate"),
             ProtocolError::InvalidCloseCode(code) => write!(f, "invalid close code {code}"),
         }
     }
@@ -150,27 +157,46 @@ impl fmt::Display for ProtocolError {
 
 impl std::error::Error for ProtocolError {}
 
-/// Decode one client frame from the front of `buf`, unmasking its payload in place.
-///
-/// `Ok(None)` = need more bytes (the caller appends and calls again with the
-/// grown buffer); `buf` is left untouched in that case, so retrying is safe.
-/// `Ok(Some((frame, consumed)))` = one frame; `consumed` bytes of `buf` belong to it.
+/// A client frame's header, parsed before its payload has (all) arrived.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub fin: bool,
+    pub opcode: OpCode,
+    pub compressed: bool,
+    /// Declared payload length, already checked against the limit.
+    pub len: usize,
+    pub key: [u8; 4],
+    /// Offset of the payload from the start of the frame.
+    pub payload_at: usize,
+}
+
+/// Parses the header at the front of `buf`: `Ok(None)` until all of it has arrived.
 ///
 /// Every header rule is checked as soon as the bytes it needs are present, so
 /// a hostile header is rejected without waiting for (or allocating) its payload.
 /// Non-minimal length encodings are tolerated, as most implementations do.
-pub fn decode(
-    buf: &mut [u8],
+pub fn parse_header(buf: &[u8], max_payload: usize) -> Result<Option<Header>, ProtocolError> {
+    parse_header_with(buf, max_payload, false)
+}
+
+/// `parse_header` for a connection that negotiated permessage-deflate when
+/// `deflate` is set: RSV1 is then allowed on the first frame of a data message.
+pub fn parse_header_with(
+    buf: &[u8],
     max_payload: usize,
-) -> Result<Option<(Frame<'_>, usize)>, ProtocolError> {
+    deflate: bool,
+) -> Result<Option<Header>, ProtocolError> {
     let Some(&b0) = buf.first() else {
         return Ok(None);
     };
-    if b0 & RSV_BITS != 0 {
+    let opcode_bits = b0 & OPCODE_BITS;
+    let opcode = OpCode::from_u8(opcode_bits).ok_or(ProtocolError::UnknownOpcode(opcode_bits));
+    let compressed = b0 & RSV1_BIT != 0;
+    let rsv1_ok = deflate && matches!(opcode, Ok(OpCode::Text | OpCode::Binary));
+    if b0 & RSV_BITS & !RSV1_BIT != 0 || (compressed && !rsv1_ok) {
         return Err(ProtocolError::ReservedBits);
     }
-    let opcode_bits = b0 & OPCODE_BITS;
-    let opcode = OpCode::from_u8(opcode_bits).ok_or(ProtocolError::UnknownOpcode(opcode_bits))?;
+    let opcode = opcode?;
     let fin = b0 & FIN_BIT != 0;
     if opcode.is_control() && !fin {
         return Err(ProtocolError::FragmentedControl);
@@ -213,21 +239,72 @@ pub fn decode(
     let Some(key) = array_at::<MASK_KEY_LEN>(buf, key_at) else {
         return Ok(None);
     };
-    let start = key_at + MASK_KEY_LEN;
+    let payload_at = key_at + MASK_KEY_LEN;
     // Only reachable when max_payload is close to usize::MAX.
-    let end = start.checked_add(len).ok_or(ProtocolError::FrameTooBig)?;
-    let Some(payload) = buf.get_mut(start..end) else {
+    payload_at
+        .checked_add(len)
+        .ok_or(ProtocolError::FrameTooBig)?;
+    Ok(Some(Header {
+        fin,
+        opcode,
+        compressed,
+        len,
+        key,
+        payload_at,
+    }))
+}
+
+/// Decode one client frame from the front of `buf`, unmasking its payload in place.
+///
+/// `Ok(None)` = need more bytes (the caller appends and calls again with the
+/// grown buffer); `buf` is left untouched in that case, so retrying is safe.
+/// `Ok(Some((frame, consumed)))` = one frame; `consumed` bytes of `buf` belong to it.
+pub fn decode(
+    buf: &mut [u8],
+    max_payload: usize,
+) -> Result<Option<(Frame<'_>, usize)>, ProtocolError> {
+    decode_with(buf, max_payload, false)
+}
+
+/// `decode` for a connection that negotiated permessage-deflate when `deflate`
+/// is set (see `parse_header_with`).
+pub fn decode_with(
+    buf: &mut [u8],
+    max_payload: usize,
+    deflate: bool,
+) -> Result<Option<(Frame<'_>, usize)>, ProtocolError> {
+    let Some(header) = parse_header_with(buf, max_payload, deflate)? else {
         return Ok(None);
     };
-    apply_mask(payload, key);
+    let end = header.payload_at + header.len;
+    let Some(payload) = buf.get_mut(header.payload_at..end) else {
+        return Ok(None);
+    };
+    apply_mask(payload, header.key);
     Ok(Some((
         Frame {
-            fin,
-            opcode,
+            fin: header.fin,
+            opcode: header.opcode,
+            compressed: header.compressed,
             payload,
         },
         end,
     )))
+}
+
+/// Unmasks the payload bytes `from..` that have arrived of an incomplete frame
+/// into `out`, leaving `wire` untouched so that `decode` can retry on it later.
+pub fn unmask_arrived(wire: &[u8], header: &Header, from: usize, out: &mut [u8]) -> usize {
+    let start = header.payload_at.saturating_add(from);
+    let end = wire.len().min(header.payload_at.saturating_add(header.len));
+    let arrived = wire.get(start..end).unwrap_or_default();
+    let n = arrived.len().min(out.len());
+    let dst = &mut out[..n];
+    dst.copy_from_slice(&arrived[..n]);
+    let mut key = header.key;
+    key.rotate_left(from % MASK_KEY_LEN);
+    apply_mask(dst, key);
+    n
 }
 
 /// `N` bytes of `buf` starting at `at`, or `None` if they have not all arrived.
@@ -275,6 +352,14 @@ pub fn encode(opcode: OpCode, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len().saturating_add(MAX_SERVER_HEADER_LEN));
     encode_header(true, opcode, payload.len(), &mut out);
     out.extend_from_slice(payload);
+    out
+}
+
+/// A whole final frame with RSV1 set: `deflated` is a message compressed as
+/// RFC 7692 §7.2.1 says (trailing empty block removed).
+pub fn encode_compressed(opcode: OpCode, deflated: &[u8]) -> Vec<u8> {
+    let mut out = encode(opcode, deflated);
+    out[0] |= RSV1_BIT;
     out
 }
 
@@ -345,6 +430,35 @@ mod tests {
     }
 
     #[test]
+    fn rsv1_only_on_a_data_frame_of_a_deflate_connection() {
+        for (b0, deflate, ok) in [
+            (0xc1, true, true),   // FIN | RSV1 | text
+            (0x42, true, true),   // RSV1 | binary, more fragments to come
+            (0xc1, false, false), // not negotiated
+            (0x40, true, false),  // RSV1 on a continuation
+            (0xc9, true, false),  // RSV1 on a ping
+            (0xa1, true, false),  // RSV2
+            (0x91, true, false),  // RSV3
+        ] {
+            let mut wire = raw_client_frame(b0, b"x", KEY);
+            let got = decode_with(&mut wire, MAX, deflate).map(|f| f.map(|(f, _)| f.compressed));
+            let want = if ok {
+                Ok(Some(b0 & 0x40 != 0))
+            } else {
+                Err(ProtocolError::ReservedBits)
+            };
+            assert_eq!(got, want, "{b0:#x} deflate={deflate}");
+            // Rejected from the first byte, before the rest of the header.
+            if !ok {
+                assert_eq!(
+                    parse_header_with(&wire[..1], MAX, deflate),
+                    Err(ProtocolError::ReservedBits)
+                );
+            }
+        }
+    }
+
+    #[test]
     fn rfc_masked_hello() {
         let mut buf = [
             0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
@@ -355,6 +469,7 @@ mod tests {
             Frame {
                 fin: true,
                 opcode: OpCode::Text,
+                compressed: false,
                 payload: b"Hello"
             }
         );

@@ -125,6 +125,19 @@ pub fn response(accept: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// The 101 response accepting an extension, e.g. `DeflateParams::response_header()`.
+pub fn response_with_extensions(accept: &str, extensions: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\n\
+         Upgrade: websocket\r\n\
+         Connection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {accept}\r\n\
+         Sec-WebSocket-Extensions: {extensions}\r\n\
+         \r\n"
+    )
+    .into_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,6 +153,18 @@ mod tests {
             version: Some(b"13"),
             key: Some(RFC_KEY),
         }
+    }
+
+    #[test]
+    fn response_with_the_deflate_answer() {
+        let params = crate::ws::deflate::negotiate([&b"permessage-deflate"[..]]).unwrap();
+        let got = response_with_extensions(RFC_ACCEPT, &params.response_header());
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\
+             Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n\r\n"
+        );
     }
 
     #[test]

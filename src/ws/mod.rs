@@ -2,5 +2,7 @@
 //! message assembly. Pure byte-level code with no I/O; `server` drives it.
 
 pub mod assembler;
+pub mod deflate;
 pub mod frame;
 pub mod handshake;
+pub mod utf8;

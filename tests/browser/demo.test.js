@@ -355,3 +355,61 @@ test("a reloaded page gets what was sent while it was away, once", { timeout: 60
     assert.equal(exit.code, 0, `graceful shutdown; stderr:\n${server.stderr}`);
   }
 });
+
+test("without WebSocket the page falls back to EventSource and gets its pushes", { timeout: 60_000 }, async (t) => {
+  const server = await startServer();
+  const base = `http://127.0.0.1:${server.port}`;
+  const own = await chromium.launch({
+    executablePath: CHROMIUM,
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  });
+  try {
+    const context = await own.newContext();
+    // A browser (or a proxy in the way) without WebSocket.
+    await context.addInitScript(() => {
+      window.WebSocket = undefined;
+    });
+    const page = await context.newPage();
+    const pageErrors = [];
+    page.on("pageerror", (e) => pageErrors.push(String(e)));
+    await page.goto(`${base}/?uid=404&autoconnect=1`);
+    await stateIs(page, "open");
+    assert.match(await page.textContent("#state-detail"), /\/sse\?uid=404&since=0$/);
+    assert.equal(await page.evaluate(() => typeof window.WebSocket), "undefined");
+    await backendSend(server.port, { topic: "uids", topic_ids: ["404"], types: "chat", msg: { text: "over SSE" } });
+    await backendSend(server.port, { topic: "all", msg: "broadcast over SSE" });
+    await countIs(page, 2);
+    let got = await messages(page);
+    assert.equal(got[0].body, "broadcast over SSE");
+    assert.deepEqual(JSON.parse(got[1].body), { text: "over SSE" });
+    assert.equal(got[1].types, "chat");
+    assert.match(got[1].time, TIME);
+
+    // subscribe() reopens the stream with the new types, resuming where it was.
+    await page.fill("#sub-types", "chat");
+    await page.click("#subscribe-form button[type=submit]");
+    await page.waitForFunction(
+      () => /\/sse\?uid=404&types=chat&since=/.test(document.getElementById("state-detail").textContent) &&
+        document.getElementById("state").textContent === "open",
+      null,
+      POLL,
+    );
+    await backendSend(server.port, { topic: "uids", topic_ids: ["404"], types: "notice", msg: "filtered out" });
+    await backendSend(server.port, { topic: "uids", topic_ids: ["404"], types: "chat", msg: "chat only" });
+    await countIs(page, 3);
+    got = await messages(page);
+    assert.equal(got[0].body, "chat only");
+    const stats = await (await fetch(`${base}/stats`)).json();
+    assert.equal(stats.sse_opened, 2, "the first stream and the one subscribe() opened");
+    assert.equal(stats.ws_opened, 0);
+    assert.deepEqual(pageErrors, []);
+    const shot = path.join(ARTIFACTS, "sse-fallback.png");
+    await page.screenshot({ path: shot, fullPage: true });
+    t.diagnostic(`screenshot: ${shot}`);
+  } finally {
+    await own.close().catch(() => {});
+    const exit = await stopServer(server);
+    assert.equal(exit.code, 0, `graceful shutdown; stderr:\n${server.stderr}`);
+  }
+});

@@ -275,3 +275,76 @@ test("a URL the browser refuses ends in closed, without retries", () => {
   assert.deepEqual(last(states), ["closed", { code: 1006, reason: "invalid URL", wasClean: false }]);
   assert.equal(clock.timers.size, 0);
 });
+
+/** An EventSource stand-in: the test plays the server's part. */
+class FakeEventSource {
+  constructor(url) {
+    this.url = url;
+    this.readyState = 0;
+    this.listeners = {};
+    this.closed = false;
+    FakeEventSource.all.push(this);
+  }
+  addEventListener(name, fn) {
+    (this.listeners[name] = this.listeners[name] || []).push(fn);
+  }
+  close() {
+    this.closed = true;
+    this.readyState = 2;
+  }
+  // server side
+  accept() {
+    this.readyState = 1;
+    this.onopen && this.onopen({});
+  }
+  push(data) {
+    this.onmessage && this.onmessage({ data });
+  }
+  emit(name, data) {
+    for (const fn of this.listeners[name] || []) fn({ data });
+  }
+  fail(fatal) {
+    this.readyState = fatal ? 2 : 0;
+    this.onerror && this.onerror({});
+  }
+}
+
+test("a WebSocket that never opens falls back to /sse; subscribe reopens it; sse:false opts out", () => {
+  FakeEventSource.all = [];
+  globalThis.EventSource = FakeEventSource;
+  try {
+    const { c, states, msgs } = client({ uid: "5", types: "notice" });
+    c.connect();
+    FakeWebSocket.all[0].drop(1006);
+    assert.equal(c.transport, "sse");
+    const es = FakeEventSource.all[0];
+    assert.equal(es.url, "http://127.0.0.1:3210/sse?uid=5&types=notice&since=0");
+    es.accept();
+    assert.equal(last(states)[0], "open");
+    assert.equal(last(states)[1].transport, "sse");
+    es.push('{"types":"notice","msg":1,"id":"a-1"}');
+    es.push('{"types":"notice","msg":1,"id":"a-1"}');
+    assert.equal(msgs.length, 1, "a repeated id is dropped");
+    c.subscribe(["chat"]);
+    assert.ok(es.closed);
+    const es2 = FakeEventSource.all[1];
+    assert.equal(es2.url, "http://127.0.0.1:3210/sse?uid=5&types=chat&since=a-1");
+    // A refusal closes the stream for good: the client backs off and retries.
+    es2.fail(true);
+    assert.equal(last(states)[0], "reconnecting");
+    clock.tick(60_000);
+    assert.equal(FakeEventSource.all.length, 3);
+    c.close();
+    assert.ok(FakeEventSource.all[2].closed);
+
+    const off = client({ sse: false });
+    off.c.connect();
+    FakeWebSocket.all[FakeWebSocket.all.length - 1].drop(1006);
+    assert.equal(off.c.transport, "ws");
+    assert.equal(last(off.states)[0], "reconnecting");
+    assert.equal(FakeEventSource.all.length, 3);
+    off.c.close();
+  } finally {
+    delete globalThis.EventSource;
+  }
+});

@@ -102,6 +102,44 @@ pub fn unmasked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// A whole masked, final client frame with RSV1 set: `deflated` is the message
+/// compressed as RFC 7692 §7.2.1 says.
+pub fn compressed_frame(opcode: u8, deflated: &[u8]) -> Vec<u8> {
+    let mut f = frame(true, opcode, deflated);
+    f[0] |= 0x40;
+    f
+}
+
+/// A client message compressed as a permessage-deflate client sends it.
+pub fn deflate(message: &[u8]) -> Vec<u8> {
+    miniz_oxide::deflate::compress_to_vec(message, 6)
+}
+
+/// The message in a compressed server frame (RFC 7692 §7.2.2: the sender strips
+/// the empty block that ends it, the receiver puts it back).
+pub fn inflate(payload: &[u8]) -> Vec<u8> {
+    let mut data = payload.to_vec();
+    // The empty sync block, then an empty final block (fixed Huffman, end of block
+    // at once) so that the stream ends where the message does.
+    data.extend_from_slice(&[0x00, 0x00, 0xff, 0xff, 0x03, 0x00]);
+    miniz_oxide::inflate::decompress_to_vec(&data).expect("the server's compressed frame inflates")
+}
+
+/// Performs the opening handshake offering permessage-deflate with `offer` as the
+/// `Sec-WebSocket-Extensions` value; returns the extensions the server agreed to.
+pub fn upgrade_offering(s: &mut TcpStream, query: &str, offer: &str) -> Option<String> {
+    let request = upgrade_request(query, "Upgrade");
+    let request = request.replacen(
+        "\r\n\r\n",
+        &format!("\r\nSec-WebSocket-Extensions: {offer}\r\n\r\n"),
+        1,
+    );
+    s.write_all(request.as_bytes()).unwrap();
+    let r = read_response(s);
+    assert_eq!(r.status, 101, "handshake refused: {}", r.text());
+    r.header("sec-websocket-extensions").map(str::to_string)
+}
+
 /// A close frame's payload: the code, then the reason bytes.
 pub fn close_payload(code: u16, reason: &[u8]) -> Vec<u8> {
     [&code.to_be_bytes()[..], reason].concat()
@@ -111,6 +149,8 @@ pub fn close_payload(code: u16, reason: &[u8]) -> Vec<u8> {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Frame {
     pub fin: bool,
+    /// RSV1: a permessage-deflate (RFC 7692) compressed message.
+    pub rsv1: bool,
     pub opcode: u8,
     pub payload: Vec<u8>,
 }
@@ -135,7 +175,8 @@ pub fn read_frame(s: &mut impl Read) -> Option<Frame> {
     }
     s.read_exact(&mut h[1..]).expect("read a frame header");
     assert_eq!(h[1] & 0x80, 0, "a server frame is masked (RFC 6455 §5.1)");
-    assert_eq!(h[0] & 0x70, 0, "reserved bits set in a server frame");
+    // RSV1 marks a permessage-deflate message; RSV2 and RSV3 are never used.
+    assert_eq!(h[0] & 0x30, 0, "reserved bits set in a server frame");
     let len = match h[1] & 0x7f {
         126 => {
             let mut b = [0u8; 2];
@@ -153,6 +194,7 @@ pub fn read_frame(s: &mut impl Read) -> Option<Frame> {
     s.read_exact(&mut payload).expect("read a frame payload");
     Some(Frame {
         fin: h[0] & 0x80 != 0,
+        rsv1: h[0] & 0x40 != 0,
         opcode: h[0] & 0x0f,
         payload,
     })
