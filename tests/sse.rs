@@ -312,3 +312,46 @@ fn a_shutdown_delivers_what_was_accepted_then_ends_the_stream() {
     drop(sse);
     assert!(server.wait_exit().success());
 }
+
+/// With the history in Redis a resume is read on a backend thread while live pushes
+/// wait: an event stream resumes so too, on a node that never saw it, and gets the
+/// replay as events with their ids, then the live pushes, each once.
+#[test]
+fn a_stream_resumes_from_redis_history_on_the_other_node() {
+    let redis = RedisServer::start();
+    let channel = format!("-queue-name={}", unique_name("sse-resume"));
+    let flag = redis.queue_flag();
+    let args = [flag.as_str(), channel.as_str()];
+    let (a, b) = (Server::start(&args), Server::start(&args));
+    wait_health(&a, 200);
+    wait_health(&b, 200);
+    let mut on_a = Sse::open(&a, "uid=7", "");
+    let mut watcher = b.ws("uid=7");
+    a.send_ok(&push_to("7", "\"seen\""));
+    let seen = on_a.event();
+    assert_eq!(seen.json()["msg"], "seen");
+    assert_eq!(recv_json(&mut watcher)["msg"], "seen");
+    drop(on_a);
+    a.send_ok(&push_to("7", "\"missed 1\""));
+    b.send_ok(&push_to("7", "\"missed 2\""));
+    // B has them live, so they are in its past when the stream comes back.
+    let ids: Vec<Value> = (0..2)
+        .map(|_| recv_json(&mut watcher)["id"].clone())
+        .collect();
+
+    let id = seen.id.expect("an id");
+    let mut on_b = Sse::open(&b, "uid=7", &format!("Last-Event-ID: {id}\r\n"));
+    let resumed = on_b.event();
+    assert_eq!(resumed.event.as_deref(), Some("resumed"));
+    assert_eq!(resumed.json(), serde_json::json!({"complete": true}));
+    let missed: Vec<Block> = (0..2).map(|_| on_b.event()).collect();
+    let msgs: Vec<Value> = missed.iter().map(|e| e.json()["msg"].clone()).collect();
+    assert_eq!(msgs, ["missed 1", "missed 2"]);
+    let event_ids: Vec<Value> = missed.iter().map(|e| Value::from(e.id.clone())).collect();
+    assert_eq!(event_ids, ids, "the replay is named by the same ids");
+    a.send_ok(&push_to("7", "\"live\""));
+    assert_eq!(on_b.event().json()["msg"], "live");
+    let stats = b.stats();
+    assert_eq!(stats["resumes"]["complete"], 1, "{stats}");
+    assert_eq!(stats["resumes"]["replayed"], 2, "{stats}");
+}
