@@ -197,3 +197,38 @@ fn a_client_that_narrows_the_window_gets_its_own_shared_frame() {
         "compressed once per window: {stats}"
     );
 }
+
+/// A compressed connection that resumes from Redis history on another node gets the
+/// replay as plain frames and the live pushes compressed, each once.
+#[test]
+fn a_compressed_connection_resumes_from_redis_history() {
+    let redis = common::RedisServer::start();
+    let channel = format!("-queue-name={}", common::unique_name("deflate-resume"));
+    let flag = redis.queue_flag();
+    let args = [flag.as_str(), channel.as_str(), "-deflate=on"];
+    let (a, b) = (Server::start(&args), Server::start(&args));
+    common::wait_health(&a, 200);
+    common::wait_health(&b, 200);
+    let mut watcher = b.ws("uid=7");
+    let to_7 = r#""topic":"uids","topic_ids":["7"]"#;
+    a.send_ok(&big_push(to_7, 20));
+    a.send_ok(&big_push(to_7, 21));
+    let first = common::recv_json(&mut watcher);
+    assert!(common::recv_json(&mut watcher)["id"].is_string());
+    let since = first["id"].as_str().unwrap();
+
+    let (mut s, _) = deflate_client(&b, &format!("uid=7&since={since}"));
+    let (resumed, _, _) = next_push(&mut s);
+    assert_eq!(resumed, serde_json::json!({"op":"resumed","complete":true}));
+    let (missed, compressed, _) = next_push(&mut s);
+    assert!(!compressed, "a replay is one connection's: sent plain");
+    assert_eq!(
+        missed["msg"]["text"].as_str().unwrap().len(),
+        21 * 44,
+        "the one after `since`"
+    );
+    a.send_ok(&big_push(to_7, 22));
+    let (live, compressed, _) = next_push(&mut s);
+    assert!(compressed, "live pushes are compressed");
+    assert_eq!(live["msg"]["text"].as_str().unwrap().len(), 22 * 44);
+}
