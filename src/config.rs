@@ -133,6 +133,11 @@ flags! {
     queue_backlog: usize = 32 << 20,
         "queue-backlog" "BYTES" positive,
         "bytes of Redis messages held while delivery is behind; /send answers 503 past half";
+    /// Subscription changes (a uid's first connection, its last leaving) waiting
+    /// for the Redis subscriber, which takes them all in one SUBSCRIBE per turn.
+    queue_interest: usize = 65_536,
+        "queue-interest" "N" positive,
+        "Redis subscription changes waiting; past it a connection of a uid new to the node is closed with 1013";
     /// Events the queue threads may have in flight towards the reactor.
     inbound_size: usize = 1024,
         "inbound-size" "N" positive, "queue events waiting for the reactor";

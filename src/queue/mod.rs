@@ -69,6 +69,30 @@ pub enum Resume {
     Unavailable,
 }
 
+/// How a push connection of a uid starts receiving ([`Queue::join`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Joined {
+    /// Live messages for the uid already reach this node.
+    Live,
+    /// The backend first makes them reach this node, then reads what the uid got
+    /// since the connection joined (or since its `since`) and answers with
+    /// [`Inbound::History`]; live pushes to the connection are held meanwhile.
+    Pending,
+    /// Too many connections are starting at once: the connection is turned away.
+    Refused,
+}
+
+/// What a backend that routes by interest received, for `/stats`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RoutingCounts {
+    /// Messages read from the backend by this node (repeats included).
+    pub received: u64,
+    /// Uids whose channel this node is subscribed to.
+    pub channels: usize,
+    /// Connections turned away because the subscriber had too many joins waiting.
+    pub refused: u64,
+}
+
 /// The immediate answer to a publish.
 #[derive(Debug)]
 pub enum Submit {
@@ -144,6 +168,24 @@ pub trait Queue: Send {
     /// reactor thread: must not block.
     fn resume(&mut self, _ticket: Ticket, _uid: Option<&str>, _since: &str) -> Resume {
         Resume::Local
+    }
+
+    /// A push connection of `uid` joined the hub. Runs on the reactor thread:
+    /// must not block. Backends that hand every node every message answer `Live`.
+    fn join(&mut self, _ticket: Ticket, _uid: &str, _since: Option<&str>) -> Joined {
+        Joined::Live
+    }
+
+    /// The last push connection of `uid` on this node left.
+    fn left(&mut self, _uid: &str) {}
+
+    /// A connection of `uid` got its [`Inbound::History`]: live messages for the
+    /// uid reach this node from now on, later connections of it start at once.
+    fn subscribed(&mut self, _uid: &str) {}
+
+    /// What interest routing received; zero for backends without it.
+    fn routing(&self) -> RoutingCounts {
+        RoutingCounts::default()
     }
 
     /// How often the backend has re-established a lost connection.
@@ -240,8 +282,8 @@ impl Link {
 /// Why [`Notifier::try_deliver`] did not send.
 #[derive(Debug)]
 pub enum TrySend {
-    /// The reactor is behind: here is the batch back.
-    Full(Vec<Envelope>),
+    /// The reactor is behind: here is the event back.
+    Full(Inbound),
     /// The reactor is gone.
     Gone,
 }
@@ -295,16 +337,13 @@ impl Notifier {
         Ok(())
     }
 
-    /// Sends `Inbound::Deliver(batch)` if the channel has room, else gives the
-    /// batch back, so a backend thread that must keep reading elsewhere can hold
-    /// it meanwhile.
-    pub fn try_deliver(&self, batch: Vec<Envelope>) -> Result<(), TrySend> {
-        match self.tx.try_send(Inbound::Deliver(batch)) {
+    /// Sends `event` if the channel has room, else gives it back, so a backend
+    /// thread that must keep reading elsewhere can hold it meanwhile.
+    pub fn try_deliver(&self, event: Inbound) -> Result<(), TrySend> {
+        match self.tx.try_send(event) {
             Ok(()) => {}
-            Err(TrySendError::Full(Inbound::Deliver(batch))) => return Err(TrySend::Full(batch)),
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                return Err(TrySend::Gone);
-            }
+            Err(TrySendError::Full(event)) => return Err(TrySend::Full(event)),
+            Err(TrySendError::Disconnected(_)) => return Err(TrySend::Gone),
         }
         if !self.pending.swap(true, Ordering::AcqRel) {
             let _ = self.waker.wake();

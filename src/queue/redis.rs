@@ -11,7 +11,7 @@
 //! network fault costs this node's connections nothing. While it is not subscribed
 //! `/healthz` and `/send` answer 503, as before.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread;
@@ -19,18 +19,25 @@ use std::time::{Duration, Instant};
 
 use super::driver::{Driver, Ended, Session};
 use super::publisher::{self, BackendError, Endpoint, Publisher, SendError, SendFn, Settings};
-use super::reader::Reader;
-use super::streams::{Streams, seq_of};
+use super::reader::{self, Answer, From, Reader};
+use super::streams::{Streams, first_seq_at, seq_of};
 use super::{
-    BacklogCounts, Backoff, Inbound, Link, Notifier, Queue, QueueError, QueueState, ReactorGone,
-    Resume, Submit, Ticket, TrySend,
+    BacklogCounts, Backoff, Inbound, Joined, Link, Notifier, Queue, QueueError, QueueState,
+    ReactorGone, Resume, RoutingCounts, Submit, Ticket, TrySend,
 };
 use crate::history::Epoch;
-use crate::message::{self, Envelope};
+use crate::message::{self, Envelope, Target};
+use ::redis::PubSub;
+use crossbeam_channel::{Receiver, Sender};
 
-/// How often a blocked subscriber looks at its stop flag. Shutdown waits at most
-/// this long for it; it bounds no resource.
-const TICK: Duration = Duration::from_millis(100);
+/// How often a blocked subscriber looks at its stop flag and at the reactor's
+/// interest changes: a connection of a uid new to this node waits about this long
+/// for its subscription. It bounds no resource.
+const TICK: Duration = Duration::from_millis(10);
+
+/// How often the subscriber fences the history's clock, so that a quiet node's
+/// catch-up point stays recent (a catch-up reads the log from there).
+const CLOCK_EVERY: Duration = Duration::from_secs(1);
 
 /// While batches wait for room in the reactor's channel, how long one read from
 /// Redis may block before the hand-off is tried again.
@@ -53,6 +60,8 @@ pub struct RedisSettings {
     pub history_ttl: u64,
     pub history_size: usize,
     pub history_log: usize,
+    /// Interest changes (first joins, last leaves) waiting for the subscriber.
+    pub interest: usize,
 }
 
 impl RedisSettings {
@@ -68,6 +77,7 @@ impl RedisSettings {
             history_ttl: cfg.history_ttl.as_secs(),
             history_size: cfg.history_size,
             history_log: cfg.history_log,
+            interest: cfg.queue_interest,
         }
     }
 
@@ -92,6 +102,15 @@ pub struct RedisQueue {
     dropped: Arc<AtomicU64>,
     refused: u64,
     reader: Reader,
+    interest: Sender<Interest>,
+    /// Uids whose channel is known subscribed: their connections start at once.
+    live: HashSet<Arc<str>>,
+    /// Leaves the interest channel had no room for, sent on a later tick. A join
+    /// of the uid meanwhile takes it back (the channel stays subscribed).
+    leaves: HashSet<Arc<str>>,
+    joins_refused: u64,
+    received: Arc<AtomicU64>,
+    channels: Arc<AtomicUsize>,
 }
 
 impl RedisQueue {
@@ -103,15 +122,48 @@ impl RedisQueue {
         let stop = Arc::new(AtomicBool::new(false));
         let held = Arc::new(AtomicUsize::new(0));
         let dropped = Arc::new(AtomicU64::new(0));
+        let streams = set.streams();
+        let fence_channel = format!("{}:n:{:016x}", set.channel, node_id());
+        let (results_tx, results) = crossbeam_channel::bounded(set.capacity.max(1));
+        let reader = Reader::start(
+            endpoint.clone(),
+            set.streams(),
+            set.timeout,
+            set.capacity,
+            set.history_size,
+            notifier.clone(),
+            reader::Fence {
+                results: results_tx,
+                channel: fence_channel.clone(),
+            },
+        )?;
+        let (interest, interest_rx) = crossbeam_channel::bounded(set.interest.max(1));
+        let received = Arc::new(AtomicU64::new(0));
+        let channels = Arc::new(AtomicUsize::new(0));
         let subscriber = Subscriber {
             endpoint: endpoint.clone(),
-            channel: set.channel.clone(),
             timeout: set.timeout,
             backlog: Backlog::new(set.backlog, held.clone(), dropped.clone()),
             rules: set.rules,
-            streams: set.streams(),
+            all_channel: streams.channel(None),
+            fence_channel,
+            streams,
             seen: None,
             log_limit: set.history_log,
+            was_empty: false,
+            interest: interest_rx,
+            uids: HashSet::new(),
+            joins: Vec::new(),
+            reader: reader.clone(),
+            fences: Fences {
+                next: 0,
+                asked: HashMap::new(),
+                results,
+                answered: HashMap::new(),
+                clock_asked: None,
+            },
+            received: received.clone(),
+            channels: channels.clone(),
         };
         let driver = Driver::new(
             "Redis subscriber",
@@ -125,20 +177,10 @@ impl RedisQueue {
         thread::Builder::new()
             .name("wspush-redis-sub".into())
             .spawn(move || driver.run(subscriber))?;
-        let reader = Reader::start(
-            endpoint.clone(),
-            set.streams(),
-            set.timeout,
-            set.capacity,
-            set.history_size,
-            notifier.clone(),
-        )?;
-        let channel = set.channel.clone();
         let streams = set.streams();
         // The epoch a Redis without one takes: the first node to publish sets it.
         let fresh = Epoch::new();
-        let send: SendFn =
-            Box::new(move |con, batch| publish(con, &streams, &channel, batch, fresh));
+        let send: SendFn = Box::new(move |con, batch| publish(con, &streams, batch, fresh));
         let publisher = Publisher::start(
             endpoint,
             Settings {
@@ -164,19 +206,51 @@ impl RedisQueue {
             dropped,
             refused: 0,
             reader,
+            interest,
+            live: HashSet::new(),
+            leaves: HashSet::new(),
+            joins_refused: 0,
+            received,
+            channels,
         })
     }
+
+    /// Sends the leaves that found the interest channel full before.
+    fn send_leaves(&mut self) {
+        while let Some(uid) = self.leaves.iter().next().cloned() {
+            if self
+                .interest
+                .try_send(Interest::Leave(uid.clone()))
+                .is_err()
+            {
+                return;
+            }
+            self.leaves.remove(&uid);
+        }
+    }
+}
+
+/// A number naming this node's fence channel, different on every start.
+fn node_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 /// One batch into the history and to every subscribed node, this one included.
 fn publish(
     con: &mut ::redis::Connection,
     streams: &Streams,
-    channel: &str,
     batch: &[Envelope],
     fresh: Epoch,
 ) -> Result<(), SendError> {
-    let appended = streams.append(con, channel, batch, fresh)?;
+    let appended = streams.append(con, batch, fresh)?;
     // Nobody subscribed (this node's subscriber included) is no loss now: the
     // message is in the history, and a subscriber that comes back catches up on
     // it before anything newer. A 503 here would only make the sender repeat it.
@@ -219,7 +293,59 @@ impl Queue for RedisQueue {
     }
 
     fn resume(&mut self, ticket: Ticket, uid: Option<&str>, since: &str) -> Resume {
-        self.reader.request(ticket, uid, since)
+        self.reader
+            .request(ticket, uid, From::Since(since.to_owned()), None)
+    }
+
+    fn join(&mut self, ticket: Ticket, uid: &str, since: Option<&str>) -> Joined {
+        self.leaves.remove(uid);
+        self.send_leaves();
+        if self.live.contains(uid) {
+            return Joined::Live;
+        }
+        let join = Join {
+            uid: Arc::from(uid),
+            ticket,
+            since: since.map(str::to_owned),
+            at: Instant::now(),
+        };
+        match self.interest.try_send(Interest::Join(join)) {
+            Ok(()) => Joined::Pending,
+            Err(_) => {
+                self.joins_refused += 1;
+                Joined::Refused
+            }
+        }
+    }
+
+    fn left(&mut self, uid: &str) {
+        self.live.remove(uid);
+        let uid: Arc<str> = Arc::from(uid);
+        if self
+            .interest
+            .try_send(Interest::Leave(uid.clone()))
+            .is_err()
+        {
+            self.leaves.insert(uid);
+        }
+    }
+
+    fn subscribed(&mut self, uid: &str) {
+        if !self.live.contains(uid) {
+            self.live.insert(Arc::from(uid));
+        }
+    }
+
+    fn set_listeners(&mut self, _n: usize) {
+        self.send_leaves();
+    }
+
+    fn routing(&self) -> RoutingCounts {
+        RoutingCounts {
+            received: self.received.load(Ordering::Relaxed),
+            channels: self.channels.load(Ordering::Relaxed),
+            refused: self.joins_refused,
+        }
     }
 
     fn reconnects(&self) -> u64 {
@@ -241,7 +367,7 @@ impl Queue for RedisQueue {
 /// cuts the connection and everything in flight is lost unseen. Here the bound is
 /// ours, the overflow is counted, and `/send` on this node is refused first.
 struct Backlog {
-    batches: VecDeque<(Vec<Envelope>, usize)>,
+    batches: VecDeque<(Inbound, usize)>,
     limit: usize,
     /// Bytes held, read by the reactor to refuse `/send`.
     held: Arc<AtomicUsize>,
@@ -269,24 +395,34 @@ impl Backlog {
     /// Hands over a batch, or holds it while the reactor is behind; drops (and
     /// counts) it when the backlog is full.
     fn push(&mut self, batch: Vec<Envelope>, notifier: &Notifier) -> Result<(), ReactorGone> {
+        self.push_event(Inbound::Deliver(batch), notifier)
+    }
+
+    /// Any event, in order with the batches (a fenced history read).
+    fn push_event(&mut self, event: Inbound, notifier: &Notifier) -> Result<(), ReactorGone> {
         if self.batches.is_empty() {
-            match notifier.try_deliver(batch) {
+            match notifier.try_deliver(event) {
                 Ok(()) => return Ok(()),
                 Err(TrySend::Gone) => return Err(ReactorGone),
-                Err(TrySend::Full(batch)) => {
-                    self.hold(batch);
+                Err(TrySend::Full(event)) => {
+                    self.hold(event);
                     return Ok(());
                 }
             }
         }
-        self.hold(batch);
+        self.hold(event);
         self.flush(notifier)
     }
 
-    fn hold(&mut self, batch: Vec<Envelope>) {
-        let n = Self::bytes(&batch);
+    fn hold(&mut self, event: Inbound) {
+        let n = match &event {
+            Inbound::Deliver(batch) => Self::bytes(batch),
+            _ => 0,
+        };
         let held = self.held.load(Ordering::Acquire);
-        if held + n > self.limit {
+        if let Inbound::Deliver(batch) = &event
+            && held + n > self.limit
+        {
             self.dropped
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
             warn!(
@@ -296,19 +432,19 @@ impl Backlog {
             return;
         }
         self.held.fetch_add(n, Ordering::AcqRel);
-        self.batches.push_back((batch, n));
+        self.batches.push_back((event, n));
     }
 
     /// Hands over what the channel has room for, oldest first, without blocking.
     fn flush(&mut self, notifier: &Notifier) -> Result<(), ReactorGone> {
-        while let Some((batch, n)) = self.batches.pop_front() {
-            match notifier.try_deliver(batch) {
+        while let Some((event, n)) = self.batches.pop_front() {
+            match notifier.try_deliver(event) {
                 Ok(()) => {
                     self.held.fetch_sub(n, Ordering::AcqRel);
                 }
                 Err(TrySend::Gone) => return Err(ReactorGone),
-                Err(TrySend::Full(batch)) => {
-                    self.batches.push_front((batch, n));
+                Err(TrySend::Full(event)) => {
+                    self.batches.push_front((event, n));
                     return Ok(());
                 }
             }
@@ -318,17 +454,51 @@ impl Backlog {
 
     /// Hands over everything, waiting for room: nothing is left to read.
     fn flush_all(&mut self, notifier: &Notifier) -> Result<(), ReactorGone> {
-        while let Some((batch, n)) = self.batches.pop_front() {
-            notifier.send(Inbound::Deliver(batch))?;
+        while let Some((event, n)) = self.batches.pop_front() {
+            notifier.send(event)?;
             self.held.fetch_sub(n, Ordering::AcqRel);
         }
         Ok(())
     }
 }
 
+/// A change of this node's interest, from the reactor to the subscriber.
+pub enum Interest {
+    /// A connection of a uid joined whose channel may not be subscribed yet.
+    Join(Join),
+    /// The last connection of a uid left.
+    Leave(Arc<str>),
+}
+
+/// A joining connection: its read is asked for once its uid's channel is subscribed.
+pub struct Join {
+    uid: Arc<str>,
+    ticket: Ticket,
+    since: Option<String>,
+    at: Instant,
+}
+
+/// The fenced reads in flight, by fence number (see [`reader::Fence`]).
+struct Fences {
+    next: u64,
+    /// When each was asked for: one whose fence never comes is given up.
+    asked: HashMap<u64, Instant>,
+    results: Receiver<(u64, Answer)>,
+    answered: HashMap<u64, Answer>,
+    /// When the clock was last asked for; `None`: at once (a new session).
+    clock_asked: Option<Instant>,
+}
+
+impl Fences {
+    fn collect(&mut self) {
+        while let Ok((n, answer)) = self.results.try_recv() {
+            self.answered.insert(n, answer);
+        }
+    }
+}
+
 struct Subscriber {
     endpoint: Endpoint,
-    channel: String,
     timeout: Duration,
     backlog: Backlog,
     rules: message::Rules,
@@ -338,6 +508,20 @@ struct Subscriber {
     seen: Option<(Epoch, u64)>,
     /// The most messages one catch-up reads from the log.
     log_limit: usize,
+    /// Before anything was seen: a fenced look found no history in Redis at all.
+    was_empty: bool,
+    /// Always subscribed: the broadcasts' channel and this node's fence channel.
+    all_channel: String,
+    fence_channel: String,
+    interest: Receiver<Interest>,
+    /// The uids whose channels this node wants; subscribed whenever a session is.
+    uids: HashSet<Arc<str>>,
+    /// Joins whose reads wait for the next SUBSCRIBE to succeed.
+    joins: Vec<Join>,
+    reader: Reader,
+    fences: Fences,
+    received: Arc<AtomicU64>,
+    channels: Arc<AtomicUsize>,
 }
 
 impl Subscriber {
@@ -373,31 +557,71 @@ impl Subscriber {
         Ok(Some(batch))
     }
 
+    /// Every message up to `seq` of `epoch` that this node subscribes to has
+    /// arrived (a fence): the catch-up point moves there.
+    fn saw(&mut self, epoch: Epoch, seq: u64) {
+        match self.seen {
+            Some((e, last)) if e == epoch && last >= seq => {}
+            _ => self.seen = Some((epoch, seq)),
+        }
+    }
+
+    /// Whether this node has receivers for a message.
+    fn wanted(&self, env: &Envelope) -> bool {
+        match &env.target {
+            Target::All => true,
+            Target::Uids(uids) => uids.iter().any(|u| self.uids.contains(&**u)),
+        }
+    }
+
     /// After a re-subscription: what was published while this node was not
-    /// listening, from the log, before any live message. A gap the log cannot
-    /// fill whole makes the reactor send its connections off to resume.
+    /// listening, from the log, before any live message; of it only what this node
+    /// has receivers for. A gap the log cannot fill whole makes the reactor send its
+    /// connections off to resume.
     fn catch_up(&mut self, driver: &mut Driver) -> Result<(), Ended> {
-        let Some((epoch, after)) = self.seen else {
-            return Ok(());
-        };
-        let fetched = self
+        let mut con = self
             .endpoint
             .connect(self.timeout)
-            .and_then(|mut con| self.streams.fill(&mut con, epoch, after, self.log_limit, 0));
+            .map_err(|e| Ended::Lost(format!("reading history: {e}")))?;
+        let (epoch, after) = match (self.seen, self.was_empty) {
+            (Some(seen), _) => seen,
+            // Redis had no history when this node last looked: whatever it holds
+            // now came after, and nothing at all means nothing was missed.
+            (None, true) => match self.streams.clock(&mut con) {
+                Ok(Some((epoch, _))) => (epoch, 0),
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(Ended::Lost(format!("reading history: {e}"))),
+            },
+            (None, false) => {
+                // Where the gap starts is unknown: the connections resume from
+                // their own ids.
+                warn!("Redis subscriber: no point to catch up from; connections resume");
+                return match driver.notifier.send(Inbound::Unfilled) {
+                    Ok(()) => Ok(()),
+                    Err(ReactorGone) => Err(Ended::ReactorGone),
+                };
+            }
+        };
+        let fetched = self.streams.fill(&mut con, epoch, after, self.log_limit, 0);
         let event = match fetched {
             Ok(f) if f.complete => {
                 if let Some(last) = f.batch.last() {
                     self.seen = Some((epoch, last.seq));
                 }
+                self.received
+                    .fetch_add(f.batch.len() as u64, Ordering::Relaxed);
+                let mut batch = f.batch;
+                batch.retain(|e| self.wanted(e));
                 info!(
                     "Redis subscriber: {} missed messages read from history",
-                    f.batch.len()
+                    batch.len()
                 );
-                (!f.batch.is_empty()).then_some(Inbound::Deliver(f.batch))
+                (!batch.is_empty()).then_some(Inbound::Deliver(batch))
             }
             Ok(_) => {
                 warn!("Redis subscriber: the gap is no longer in history; connections resume");
                 self.seen = None;
+                self.was_empty = false;
                 Some(Inbound::Unfilled)
             }
             Err(e) => return Err(Ended::Lost(format!("reading history: {e}"))),
@@ -406,6 +630,180 @@ impl Subscriber {
             && driver.notifier.send(event).is_err()
         {
             return Err(Ended::ReactorGone);
+        }
+        Ok(())
+    }
+
+    /// Takes the interest changes waiting (at most what the channel holds now) and
+    /// returns the uids to subscribe and to unsubscribe: only the net change, so a
+    /// uid that left and came back in one turn is never unsubscribed.
+    fn take_interest(&mut self) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
+        let mut before: HashMap<Arc<str>, bool> = HashMap::new();
+        let n = self.interest.len();
+        for change in self.interest.try_iter().take(n) {
+            let uid = match &change {
+                Interest::Join(j) => j.uid.clone(),
+                Interest::Leave(u) => u.clone(),
+            };
+            let was = self.uids.contains(&uid);
+            before.entry(uid.clone()).or_insert(was);
+            match change {
+                Interest::Join(j) => {
+                    self.uids.insert(uid);
+                    self.joins.push(j);
+                }
+                Interest::Leave(_) => {
+                    self.uids.remove(&uid);
+                }
+            }
+        }
+        let (mut on, mut off) = (Vec::new(), Vec::new());
+        for (uid, was) in before {
+            match (was, self.uids.contains(&uid)) {
+                (false, true) => on.push(uid),
+                (true, false) => off.push(uid),
+                _ => {}
+            }
+        }
+        (on, off)
+    }
+
+    /// One SUBSCRIBE and one UNSUBSCRIBE for all the changes of a turn, then the
+    /// joins' reads: their channels are subscribed once the reply is in. True when
+    /// it talked to Redis (with the operation timeout on the socket).
+    fn apply_interest(&mut self, sub: &mut PubSub<'_>, notifier: &Notifier) -> Result<bool, Ended> {
+        let (on, off) = self.take_interest();
+        let talked = !on.is_empty() || !off.is_empty();
+        if talked {
+            let channels = |uids: &[Arc<str>]| -> Vec<String> {
+                uids.iter().map(|u| self.streams.channel(Some(u))).collect()
+            };
+            let done = sub
+                .set_read_timeout(Some(self.timeout))
+                .and_then(|()| match off.is_empty() {
+                    true => Ok(()),
+                    false => sub.unsubscribe(channels(&off)),
+                })
+                .and_then(|()| match on.is_empty() {
+                    true => Ok(()),
+                    false => sub.subscribe(channels(&on)),
+                });
+            if let Err(e) = done {
+                return Err(Ended::Lost(format!("changing subscriptions: {e}")));
+            }
+            self.channels.store(self.uids.len(), Ordering::Relaxed);
+        }
+        self.ask_joins(notifier)?;
+        Ok(talked)
+    }
+
+    /// Asks the reader for each join's history, fenced.
+    fn ask_joins(&mut self, notifier: &Notifier) -> Result<(), Ended> {
+        for j in std::mem::take(&mut self.joins) {
+            let n = self.fences.next;
+            self.fences.next += 1;
+            let from = match j.since {
+                Some(since) => From::Since(since),
+                None => From::Joined(j.at),
+            };
+            match self.reader.request(j.ticket, Some(&j.uid), from, Some(n)) {
+                Resume::Pending => {
+                    self.fences.asked.insert(n, Instant::now());
+                }
+                _ => {
+                    let event = Inbound::History {
+                        ticket: j.ticket,
+                        fetched: Err("too many history reads waiting".into()),
+                    };
+                    if self.backlog.push_event(event, notifier).is_err() {
+                        return Err(Ended::ReactorGone);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A fence arrived: every message published before its read is delivered, so
+    /// its answer goes to the reactor now, behind them.
+    fn on_fence(&mut self, n: u64, notifier: &Notifier) -> Result<(), ReactorGone> {
+        self.fences.collect();
+        self.fences.asked.remove(&n);
+        match self.fences.answered.remove(&n) {
+            Some(Answer::History(event)) => {
+                // Everything published before the read has arrived: a point to
+                // catch up from (ids below its Redis time were issued before it).
+                if let Inbound::History { fetched: Ok(f), .. } = &event
+                    && let Some(epoch) = f.epoch
+                    && f.redis_ms > 0
+                {
+                    self.saw(epoch, first_seq_at(f.redis_ms).saturating_sub(1));
+                }
+                self.backlog.push_event(event, notifier)
+            }
+            Some(Answer::Clock(Some((epoch, seq)))) => {
+                self.saw(epoch, seq);
+                Ok(())
+            }
+            Some(Answer::Clock(None)) => {
+                self.was_empty |= self.seen.is_none();
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Reads whose fence did not come within the bound (a publish that failed, a
+    /// fence lost with a subscription): answered as failures, which close their
+    /// connections; and the periodic clock fence.
+    fn tend_fences(&mut self, notifier: &Notifier) -> Result<(), ReactorGone> {
+        let bound = self.timeout * 4;
+        let late: Vec<u64> = self
+            .fences
+            .asked
+            .iter()
+            .filter(|(_, at)| at.elapsed() > bound)
+            .map(|(n, _)| *n)
+            .collect();
+        if !late.is_empty() {
+            self.fences.collect();
+        }
+        for n in late {
+            self.fences.asked.remove(&n);
+            if let Some(Answer::History(Inbound::History { ticket, .. })) =
+                self.fences.answered.remove(&n)
+            {
+                let event = Inbound::History {
+                    ticket,
+                    fetched: Err("history read not confirmed in order".into()),
+                };
+                self.backlog.push_event(event, notifier)?;
+            }
+        }
+        if self
+            .fences
+            .clock_asked
+            .is_none_or(|at| at.elapsed() >= CLOCK_EVERY)
+        {
+            self.fences.clock_asked = Some(Instant::now());
+            let n = self.fences.next;
+            self.fences.next += 1;
+            if self.reader.clock(n) == Resume::Pending {
+                self.fences.asked.insert(n, Instant::now());
+            }
+        }
+        Ok(())
+    }
+
+    /// After a re-subscription and its catch-up, which delivered everything up to
+    /// now: the answers still waiting for a fence that may have been lost with the
+    /// old subscription go to the reactor, in order behind it.
+    fn release_answered(&mut self, notifier: &Notifier) -> Result<(), ReactorGone> {
+        self.fences.collect();
+        let mut ns: Vec<u64> = self.fences.answered.keys().copied().collect();
+        ns.sort_unstable();
+        for n in ns {
+            self.on_fence(n, notifier)?;
         }
         Ok(())
     }
@@ -419,9 +817,15 @@ impl Session for Subscriber {
             Err(e) => return Ended::Lost(e.to_string()),
         };
         let mut sub = con.as_pubsub();
-        if let Err(e) = sub.subscribe(&self.channel) {
+        // Every channel in one command: the broadcasts, fences, and the uids held.
+        let _ = self.take_interest();
+        let mut channels = vec![self.all_channel.clone(), self.fence_channel.clone()];
+        channels.extend(self.uids.iter().map(|u| self.streams.channel(Some(u))));
+        if let Err(e) = sub.subscribe(channels) {
             return Ended::Lost(e.to_string());
         }
+        self.channels.store(self.uids.len(), Ordering::Relaxed);
+        self.fences.clock_asked = None;
         if driver.up() {
             if driver.notifier.send(Inbound::Resubscribed).is_err() {
                 return Ended::ReactorGone;
@@ -430,6 +834,12 @@ impl Session for Subscriber {
             if let Err(ended) = self.catch_up(driver) {
                 return ended;
             }
+            if self.release_answered(&driver.notifier).is_err() {
+                return Ended::ReactorGone;
+            }
+        }
+        if let Err(ended) = self.ask_joins(&driver.notifier) {
+            return ended;
         }
         if let Err(e) = sub.set_read_timeout(Some(TICK)) {
             return Ended::Lost(e.to_string());
@@ -448,6 +858,15 @@ impl Session for Subscriber {
             if self.backlog.flush(&driver.notifier).is_err() {
                 return Ended::ReactorGone;
             }
+            match self.apply_interest(&mut sub, &driver.notifier) {
+                // Its replies were read with the operation timeout.
+                Ok(true) => wait = self.timeout,
+                Ok(false) => {}
+                Err(ended) => return ended,
+            }
+            if self.tend_fences(&driver.notifier).is_err() {
+                return Ended::ReactorGone;
+            }
             // Batches waiting for the reactor: come back to them soon.
             let want = if self.backlog.is_empty() {
                 TICK
@@ -463,6 +882,18 @@ impl Session for Subscriber {
             match sub.get_message() {
                 Ok(msg) => {
                     heard = Instant::now();
+                    if msg.get_channel_name() == self.fence_channel {
+                        let n = std::str::from_utf8(msg.get_payload_bytes())
+                            .ok()
+                            .and_then(|n| n.parse().ok());
+                        if let Some(n) = n
+                            && self.on_fence(n, &driver.notifier).is_err()
+                        {
+                            return Ended::ReactorGone;
+                        }
+                        continue;
+                    }
+                    self.received.fetch_add(1, Ordering::Relaxed);
                     match self.decode(msg.get_payload_bytes()) {
                         Ok(Some(batch)) => {
                             if self.backlog.push(batch, &driver.notifier).is_err() {
@@ -470,7 +901,9 @@ impl Session for Subscriber {
                             }
                         }
                         Ok(None) => {}
-                        Err(e) => warn!("Redis channel {:?}: {e}; skipped", self.channel),
+                        Err(e) => {
+                            warn!("Redis channel {:?}: {e}; skipped", msg.get_channel_name())
+                        }
                     }
                 }
                 Err(e) if e.is_timeout() => {

@@ -75,6 +75,9 @@ pub struct WsState {
 pub struct Held {
     pub frames: Vec<(u64, Arc<[u8]>)>,
     pub bytes: usize,
+    /// A connection without `since` whose uid was new to the node: its replay is
+    /// what was sent between its join and the subscription, without a `resumed`.
+    pub quiet: bool,
 }
 
 impl WsState {

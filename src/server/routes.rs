@@ -254,6 +254,7 @@ impl Server {
             queue_reconnects: self.queue.reconnects(),
             history: self.history.stats(),
             queue_backlog: self.queue.backlog(),
+            queue_routing: self.queue.routing(),
             uptime_seconds: self.started.elapsed().as_secs(),
             rss_bytes: stats::rss_bytes(),
         })

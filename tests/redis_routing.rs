@@ -1,0 +1,218 @@
+//! Interest routing with Redis, against a real `redis-server` and two wspush nodes:
+//! a node subscribes only to the uids it holds (and `all`), and a connection of a
+//! uid that is new to its node misses nothing while that subscription is set up,
+//! even with `/send` flooding the uid and the broadcasts at that moment.
+
+mod common;
+use common::*;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde_json::{Value, json};
+
+fn two_nodes(redis: &RedisServer, extra: &[&str]) -> (Server, Server) {
+    let channel = format!("-queue-name={}", unique_name("routing"));
+    let flag = redis.queue_flag();
+    let mut args = vec![flag.as_str(), channel.as_str()];
+    args.extend_from_slice(extra);
+    let (a, b) = (Server::start(&args), Server::start(&args));
+    wait_health(&a, 200);
+    wait_health(&b, 200);
+    (a, b)
+}
+
+fn received(node: &Server) -> u64 {
+    node.stats()["queue"]["received"].as_u64().unwrap()
+}
+
+#[test]
+fn a_node_receives_only_its_uids_and_the_broadcasts() {
+    let redis = RedisServer::start();
+    let (a, b) = two_nodes(&redis, &[]);
+    let mut on_a = a.ws("uid=held-a");
+    let mut on_b = b.ws("uid=held-b");
+    // Both subscriptions are live once each connection got a message through them.
+    for (node, ws, uid) in [(&a, &mut on_a, "held-a"), (&b, &mut on_b, "held-b")] {
+        node.send_ok(&json!({"topic":"uids","topic_ids":[uid],"msg":"hello"}).to_string());
+        assert_eq!(recv_json(ws)["msg"], "hello");
+    }
+    wait_stats(&a, "A subscribed to its uid", |s| {
+        s["queue"]["channels"] == 1
+    });
+    wait_stats(&b, "B subscribed to its uid", |s| {
+        s["queue"]["channels"] == 1
+    });
+    let (before_a, before_b) = (received(&a), received(&b));
+    for i in 0..30 {
+        a.send_ok(&json!({"topic":"uids","topic_ids":["held-a"],"msg":i}).to_string());
+        a.send_ok(&json!({"topic":"uids","topic_ids":["held-b"],"msg":i}).to_string());
+        a.send_ok(&json!({"topic":"uids","topic_ids":["nobody"],"msg":i}).to_string());
+    }
+    for i in 0..5 {
+        b.send_ok(&json!({"topic":"all","msg":i}).to_string());
+    }
+    for ws in [&mut on_a, &mut on_b] {
+        for i in 0..30 {
+            assert_eq!(recv_json(ws)["msg"], i);
+        }
+        for i in 0..5 {
+            assert_eq!(recv_json(ws)["msg"], i);
+        }
+    }
+    // 30 for its own uid and 5 broadcasts, nothing of the other node's or nobody's.
+    assert_eq!(received(&a) - before_a, 35, "{}", a.stats());
+    assert_eq!(received(&b) - before_b, 35, "{}", b.stats());
+    let metrics = a.get("/metrics").text();
+    assert!(
+        metrics.contains("\nwspush_queue_received_total "),
+        "{metrics}"
+    );
+
+    // The uid's last connection leaves: the node unsubscribes and stops receiving it.
+    drop(on_a);
+    wait_stats(&a, "A unsubscribed", |s| {
+        s["connections"] == 0 && s["queue"]["channels"] == 0
+    });
+    let before_a = received(&a);
+    for i in 0..10 {
+        b.send_ok(&json!({"topic":"uids","topic_ids":["held-a"],"msg":i}).to_string());
+    }
+    b.send_ok(&json!({"topic":"all","msg":"last"}).to_string());
+    assert_eq!(recv_json(&mut on_b)["msg"], "last");
+    wait_stats(&a, "the broadcast at A", |s| {
+        s["queue"]["received"].as_u64() == Some(before_a + 1)
+    });
+
+    // A new connection of that uid, with `since`, gets what it missed meanwhile.
+    let mut back = a.ws("uid=held-a&since=0");
+    assert_eq!(recv_json(&mut back)["op"], "resumed");
+    let got: Vec<Value> = std::iter::from_fn(|| recv_json_within(&mut back, WAIT / 10))
+        .map(|m| m["msg"].clone())
+        .collect();
+    let tail: Vec<Value> = (0..10).map(|i| json!(i)).chain([json!("last")]).collect();
+    assert!(got.ends_with(&tail), "{got:?}");
+}
+
+/// One message sent by the flood: its number, when its `/send` began, and whether
+/// it was answered 200.
+#[derive(Clone, Copy)]
+struct Sent {
+    n: u64,
+    at: Instant,
+    ok: bool,
+}
+
+/// Sends batches to `nodes` in turn until stopped, each of four numbered messages:
+/// to `uid`, to all, to `uid` and another uid, to all. One sender, one batch at a
+/// time: the numbers (from `first`) are the order Redis took them in.
+fn flood(
+    nodes: [SocketAddr; 2],
+    uid: String,
+    stop: Arc<AtomicBool>,
+    batches: Arc<AtomicU64>,
+    first: u64,
+) -> Vec<Sent> {
+    let mut sent = Vec::new();
+    let mut n = first;
+    let mut turn = 0;
+    while !stop.load(Ordering::Acquire) {
+        let body = json!([
+            {"topic":"uids","topic_ids":[uid],"msg":n},
+            {"topic":"all","msg":n + 1},
+            {"topic":"uids","topic_ids":[uid, "someone-else"],"msg":n + 2},
+            {"topic":"all","msg":n + 3},
+        ])
+        .to_string();
+        let at = Instant::now();
+        let ok = send_to(nodes[turn % 2], &body).status == 200;
+        sent.extend((n..n + 4).map(|n| Sent { n, at, ok }));
+        n += 4;
+        turn += 1;
+        batches.fetch_add(1, Ordering::AcqRel);
+    }
+    sent
+}
+
+#[test]
+fn a_uid_new_to_its_node_misses_nothing_while_its_subscription_starts() {
+    let redis = RedisServer::start();
+    // Room in each uid's history for everything sent while a join is read.
+    let (a, b) = two_nodes(&redis, &["-history-size=5000"]);
+    let mut checked = 0;
+    for round in 0..12 {
+        let uid = format!("new-{round}");
+        let stop = Arc::new(AtomicBool::new(false));
+        let batches = Arc::new(AtomicU64::new(0));
+        let sender = {
+            let (uid, stop, batches) = (uid.clone(), stop.clone(), batches.clone());
+            // Numbers grow across rounds: a resume replays earlier rounds' broadcasts.
+            let first = round * 1_000_000;
+            std::thread::spawn(move || flood([a.addr, b.addr], uid, stop, batches, first))
+        };
+        wait_until("the flood to run", WAIT, || {
+            batches.load(Ordering::Acquire) >= 10
+        });
+        // Every other round resumes from nothing, through the same path.
+        let since = round % 2 == 1;
+        let query = if since {
+            format!("uid={uid}&since=0")
+        } else {
+            format!("uid={uid}")
+        };
+        let mut ws = b.ws(&query);
+        let joined = Instant::now();
+        let got = Arc::new(Mutex::new(Vec::<Value>::new()));
+        let reader = {
+            let got = got.clone();
+            std::thread::spawn(move || {
+                loop {
+                    let m = recv_json(&mut ws);
+                    let end = m["msg"] == "end";
+                    got.lock().unwrap().push(m);
+                    if end {
+                        return;
+                    }
+                }
+            })
+        };
+        let at_join = batches.load(Ordering::Acquire);
+        wait_until("the flood to go on", WAIT, || {
+            batches.load(Ordering::Acquire) >= at_join + 60
+        });
+        stop.store(true, Ordering::Release);
+        let sent = sender.join().unwrap();
+        a.send_ok(&json!({"topic":"uids","topic_ids":[uid],"msg":"end"}).to_string());
+        reader.join().unwrap();
+        let got = got.lock().unwrap();
+        let mut frames = got.iter().peekable();
+        if since {
+            let head = frames.next().unwrap();
+            assert_eq!(head["op"], "resumed", "round {round}: {head}");
+        }
+        let numbers: Vec<u64> = frames.filter_map(|m| m["msg"].as_u64()).collect();
+        assert!(
+            numbers.windows(2).all(|w| w[0] < w[1]),
+            "round {round}: out of order or twice: {numbers:?}"
+        );
+        let have: HashSet<u64> = numbers.iter().copied().collect();
+        let owed: Vec<u64> = sent
+            .iter()
+            .filter(|s| s.ok && s.at >= joined)
+            .map(|s| s.n)
+            .collect();
+        let missing: Vec<u64> = owed.iter().copied().filter(|n| !have.contains(n)).collect();
+        assert!(
+            missing.is_empty(),
+            "round {round}: answered 200 after the handshake, never received: {missing:?}"
+        );
+        assert!(owed.len() >= 200, "round {round}: only {} sent", owed.len());
+        checked += owed.len();
+    }
+    report(&format!(
+        "measured: 12 joins of new uids under a flood: {checked} messages owed, all received in order"
+    ));
+}
