@@ -7,8 +7,9 @@
 //!
 //! With Redis the history is read on a backend thread: the connection joins the hub
 //! at once and its live pushes are held (`WsState::resuming`) until the read comes
-//! back; then the replay goes out, and of what was held only what is newer than the
-//! replay. Every push carries its sequence number, so a message in both is sent once.
+//! back; then the replay and what was held go out merged by sequence number, so a
+//! message in both is sent once. A connection of a uid new to the node starts the
+//! same way while the node subscribes (`Server::join_queue`).
 
 use std::sync::Arc;
 
