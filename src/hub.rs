@@ -253,6 +253,11 @@ impl Hub {
         self.count
     }
 
+    /// Connections of one uid.
+    pub fn count(&self, uid: &str) -> usize {
+        self.by_uid.get(uid).map_or(0, Vec::len)
+    }
+
     /// Distinct uids online.
     pub fn users(&self) -> usize {
         self.by_uid.len()

@@ -8,6 +8,7 @@
 pub mod disque;
 pub mod driver;
 pub mod list;
+pub mod presence;
 pub mod publisher;
 pub mod reader;
 pub mod redis;
@@ -51,6 +52,12 @@ pub enum Inbound {
     /// Redis lost its data): the node's connections may have missed messages and
     /// are told to reconnect, so that each resumes from its own last id.
     Unfilled,
+    /// The answer to a `/presence` read ([`Queue::presence`]): each uid asked for
+    /// with its connections on every live node.
+    Presence {
+        ticket: Ticket,
+        result: Result<Vec<(String, u64)>, String>,
+    },
     /// The history a resuming connection asked for ([`Queue::resume`]).
     History {
         ticket: Ticket,
@@ -80,6 +87,20 @@ pub enum Joined {
     Pending,
     /// Too many connections are starting at once: the connection is turned away.
     Refused,
+}
+
+/// Where a `/presence` answer comes from ([`Queue::presence`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum PresenceRead {
+    /// This node's hub: it is the whole deployment (`list`), or the backend keeps
+    /// no presence.
+    Local,
+    /// The backend reads it and answers with [`Inbound::Presence`].
+    Pending,
+    /// It cannot be read now (too many reads waiting): 503.
+    Unavailable,
+    /// The backend cannot know other nodes' connections (Disque): 501.
+    Unsupported,
 }
 
 /// What a backend that routes by interest received, for `/stats`.
@@ -182,6 +203,15 @@ pub trait Queue: Send {
     /// A connection of `uid` got its [`Inbound::History`]: live messages for the
     /// uid reach this node from now on, later connections of it start at once.
     fn subscribed(&mut self, _uid: &str) {}
+
+    /// A uid's connections on this node are now `n` (after every join and leave).
+    fn presence_changed(&mut self, _uid: &str, _n: usize) {}
+
+    /// Asks which of `uids` are online across the deployment. Runs on the reactor
+    /// thread: must not block.
+    fn presence(&mut self, _ticket: Ticket, _uids: Vec<String>) -> PresenceRead {
+        PresenceRead::Local
+    }
 
     /// What interest routing received; zero for backends without it.
     fn routing(&self) -> RoutingCounts {

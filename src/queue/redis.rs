@@ -18,12 +18,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::driver::{Driver, Ended, Session};
+use super::presence::Presence;
 use super::publisher::{self, BackendError, Endpoint, Publisher, SendError, SendFn, Settings};
 use super::reader::{self, Answer, From, Reader};
 use super::streams::{Streams, first_seq_at, seq_of};
 use super::{
-    BacklogCounts, Backoff, Inbound, Joined, Link, Notifier, Queue, QueueError, QueueState,
-    ReactorGone, Resume, RoutingCounts, Submit, Ticket, TrySend,
+    BacklogCounts, Backoff, Inbound, Joined, Link, Notifier, PresenceRead, Queue, QueueError,
+    QueueState, ReactorGone, Resume, RoutingCounts, Submit, Ticket, TrySend,
 };
 use crate::history::Epoch;
 use crate::message::{self, Envelope, Target};
@@ -62,6 +63,8 @@ pub struct RedisSettings {
     pub history_log: usize,
     /// Interest changes (first joins, last leaves) waiting for the subscriber.
     pub interest: usize,
+    /// `-presence-ttl`: a node's heartbeat lives this long.
+    pub presence_ttl: Duration,
 }
 
 impl RedisSettings {
@@ -78,6 +81,7 @@ impl RedisSettings {
             history_size: cfg.history_size,
             history_log: cfg.history_log,
             interest: cfg.queue_interest,
+            presence_ttl: cfg.presence_ttl,
         }
     }
 
@@ -111,6 +115,9 @@ pub struct RedisQueue {
     joins_refused: u64,
     received: Arc<AtomicU64>,
     channels: Arc<AtomicUsize>,
+    presence: Presence,
+    /// Counts the presence queue had no room for, sent on a later tick.
+    counts: HashMap<Arc<str>, usize>,
 }
 
 impl RedisQueue {
@@ -123,7 +130,17 @@ impl RedisQueue {
         let held = Arc::new(AtomicUsize::new(0));
         let dropped = Arc::new(AtomicU64::new(0));
         let streams = set.streams();
-        let fence_channel = format!("{}:n:{:016x}", set.channel, node_id());
+        let node = node_id();
+        let fence_channel = format!("{}:n:{node:016x}", set.channel);
+        let presence = Presence::start(
+            endpoint.clone(),
+            &set.channel,
+            node,
+            set.presence_ttl,
+            set.timeout,
+            set.capacity,
+            notifier.clone(),
+        )?;
         let (results_tx, results) = crossbeam_channel::bounded(set.capacity.max(1));
         let reader = Reader::start(
             endpoint.clone(),
@@ -212,7 +229,19 @@ impl RedisQueue {
             joins_refused: 0,
             received,
             channels,
+            presence,
+            counts: HashMap::new(),
         })
+    }
+
+    /// Sends the counts that found the presence queue full before.
+    fn send_counts(&mut self) {
+        while let Some((uid, n)) = self.counts.iter().next().map(|(u, n)| (u.clone(), *n)) {
+            if self.presence.count(&uid, n).is_err() {
+                return;
+            }
+            self.counts.remove(&uid);
+        }
     }
 
     /// Sends the leaves that found the interest channel full before.
@@ -338,6 +367,21 @@ impl Queue for RedisQueue {
 
     fn set_listeners(&mut self, _n: usize) {
         self.send_leaves();
+        self.send_counts();
+    }
+
+    fn presence_changed(&mut self, uid: &str, n: usize) {
+        self.counts.remove(uid);
+        if self.presence.count(uid, n).is_err() {
+            self.counts.insert(Arc::from(uid), n);
+        }
+    }
+
+    fn presence(&mut self, ticket: Ticket, uids: Vec<String>) -> PresenceRead {
+        match self.presence.read(ticket, uids) {
+            Ok(()) => PresenceRead::Pending,
+            Err(_) => PresenceRead::Unavailable,
+        }
     }
 
     fn routing(&self) -> RoutingCounts {

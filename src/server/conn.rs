@@ -27,6 +27,8 @@ pub enum Phase {
     },
     /// A `/send` batch is with the queue backend; input waits until it answers.
     Publishing { accepted: usize, keep_alive: bool },
+    /// A `/presence` read is with the queue backend; input waits until it answers.
+    Asking { keep_alive: bool },
     /// An upgraded push connection.
     Ws(WsState),
     /// The server sent a close frame and waits for the peer's.

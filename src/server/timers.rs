@@ -122,7 +122,7 @@ impl Server {
                 self.counters.limited[Limit::RequestTimeout.index()] += 1;
                 self.reply(key, &Response::error(408, "request timeout"), false, false)
             }
-            Phase::Publishing { .. } => {
+            Phase::Publishing { .. } | Phase::Asking { .. } => {
                 let resp = Response::error(503, "queue backend did not answer in time");
                 self.reply(key, &resp, false, false)
             }

@@ -93,6 +93,9 @@ impl Server {
                 .map_or_else(|| "-".to_string(), |ip| ip.to_string())
         );
         self.hub.join(key, up.uid.as_deref(), up.types);
+        if let Some(uid) = up.uid.as_deref() {
+            self.queue.presence_changed(uid, self.hub.count(uid));
+        }
         self.queue.set_listeners(self.hub.connections());
         self.counters.ws_opened += 1;
         // Before the 101: what the client sends once it has it comes after the join.
@@ -261,7 +264,12 @@ impl Server {
             conn.peer,
             conn.opened.elapsed().as_secs_f64()
         );
-        if let Some(uid) = self.hub.leave(key) {
+        let uid = self.hub.uid(key).map(str::to_owned);
+        let last = self.hub.leave(key);
+        if let Some(uid) = uid {
+            self.queue.presence_changed(&uid, self.hub.count(&uid));
+        }
+        if let Some(uid) = last {
             self.queue.left(&uid);
         }
         self.counters.ws_closed += 1;
