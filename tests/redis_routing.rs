@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
@@ -215,4 +215,103 @@ fn a_uid_new_to_its_node_misses_nothing_while_its_subscription_starts() {
     report(&format!(
         "measured: 12 joins of new uids under a flood: {checked} messages owed, all received in order"
     ));
+}
+
+/// `calls` of one command in Redis's `INFO commandstats`.
+fn command_calls(redis: &RedisServer, command: &str) -> u64 {
+    let info = redis.client().cmd(&["INFO", "commandstats"]).text();
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[test]
+fn a_connect_storm_subscribes_in_batches_and_every_connection_gets_its_messages() {
+    use std::io::Write;
+    let redis = RedisServer::start();
+    let (a, _b) = two_nodes(&redis, &[]);
+    let before = command_calls(&redis, "subscribe");
+    const N: usize = 300;
+    // Every handshake is on the wire before the first answer is read: a storm.
+    let mut socks: Vec<std::net::TcpStream> = (0..N).map(|_| a.tcp()).collect();
+    for (i, s) in socks.iter_mut().enumerate() {
+        let req = raw_ws::upgrade_request(&format!("uid=storm-{i}"), "Upgrade");
+        s.write_all(req.as_bytes()).unwrap();
+    }
+    for s in &mut socks {
+        assert_eq!(read_response(s).status, 101);
+    }
+    wait_stats(&a, "every uid subscribed", |s| s["queue"]["channels"] == N);
+    let subscribes = command_calls(&redis, "subscribe") - before;
+    report(&format!(
+        "measured: {N} handshakes of new uids at once: {subscribes} SUBSCRIBE commands"
+    ));
+    assert!(
+        subscribes <= (N / 10) as u64,
+        "{subscribes} SUBSCRIBEs for {N} joins"
+    );
+    let body: Vec<Value> = (0..N)
+        .map(|i| json!({"topic":"uids","topic_ids":[format!("storm-{i}")],"msg":i}))
+        .collect();
+    for chunk in body.chunks(100) {
+        a.send_ok(&Value::from(chunk.to_vec()).to_string());
+    }
+    for (i, s) in socks.iter_mut().enumerate() {
+        let f = raw_ws::next_frame(s);
+        let m: Value = serde_json::from_slice(&f.payload).unwrap();
+        assert_eq!(m["msg"], i, "{m}");
+    }
+    // All of them leave: the node unsubscribes them.
+    let unsubscribes = command_calls(&redis, "unsubscribe");
+    drop(socks);
+    wait_stats(&a, "every uid unsubscribed", |s| {
+        s["queue"]["channels"] == 0
+    });
+    let unsubscribes = command_calls(&redis, "unsubscribe") - unsubscribes;
+    assert!(
+        unsubscribes <= (N / 10) as u64,
+        "{unsubscribes} UNSUBSCRIBEs"
+    );
+}
+
+#[test]
+fn joins_beyond_the_interest_queue_are_told_to_retry_and_the_others_start_later() {
+    let redis = RedisServer::start();
+    let (a, _b) = two_nodes(&redis, &["-queue-interest=1", "-queue-timeout=1s"]);
+    // A stopped Redis holds the subscriber in its SUBSCRIBE: joins queue up behind it.
+    signal(redis.pid(), "STOP");
+    let mut open = Vec::new();
+    let mut retried = 0;
+    for i in 0..4 {
+        let mut ws = a.ws(&format!("uid=waiting-{i}"));
+        // The refused ones are closed with 1013 right after their handshake.
+        ws.get_ref()
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        match ws.read() {
+            Ok(tungstenite::Message::Close(Some(c))) => {
+                assert_eq!(u16::from(c.code), 1013);
+                retried += 1;
+            }
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                ws.get_ref().set_read_timeout(Some(WAIT)).unwrap();
+                open.push((i, ws));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    signal(redis.pid(), "CONT");
+    assert!(retried >= 1, "none refused");
+    assert!(!open.is_empty(), "none kept");
+    wait_health(&a, 200);
+    wait_stats(&a, "refusals counted", |s| {
+        s["queue"]["joins_refused"].as_u64() == Some(retried)
+    });
+    for (i, ws) in &mut open {
+        let uid = format!("waiting-{i}");
+        a.send_ok(&json!({"topic":"uids","topic_ids":[uid],"msg":"late"}).to_string());
+        assert_eq!(recv_json(ws)["msg"], "late");
+    }
 }
