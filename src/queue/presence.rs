@@ -32,6 +32,8 @@ enum Job {
     Count(Arc<str>, usize),
     /// A `/presence` read.
     Read { ticket: Ticket, uids: Vec<String> },
+    /// The node stops: its heartbeat goes at once.
+    Stop,
 }
 
 /// The reactor's handle.
@@ -90,6 +92,11 @@ impl Presence {
             .map_err(|_| Busy)
     }
 
+    /// The node is shutting down: others stop counting it now, not after the ttl.
+    pub fn stop(&self) {
+        let _ = self.tx.try_send(Job::Stop);
+    }
+
     pub fn read(&self, ticket: Ticket, uids: Vec<String>) -> Result<(), Busy> {
         match self.tx.try_send(Job::Read { ticket, uids }) {
             Ok(()) => Ok(()),
@@ -113,16 +120,17 @@ impl Worker {
         let start = Instant::now();
         let mut beat = start.checked_sub(self.ttl).unwrap_or(start);
         let mut first = true;
-        loop {
+        let mut stop = false;
+        while !stop {
             let mut reads = Vec::new();
             match rx.recv_timeout(TURN) {
-                Ok(job) => self.take(job, &mut reads),
+                Ok(job) => stop |= self.take(job, &mut reads),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             let n = rx.len();
             for job in rx.try_iter().take(n) {
-                self.take(job, &mut reads);
+                stop |= self.take(job, &mut reads);
             }
             if con.is_none() {
                 match self.endpoint.connect(self.timeout) {
@@ -171,7 +179,8 @@ impl Worker {
         }
     }
 
-    fn take(&mut self, job: Job, reads: &mut Vec<(Ticket, Vec<String>)>) {
+    /// Takes a job; true for [`Job::Stop`].
+    fn take(&mut self, job: Job, reads: &mut Vec<(Ticket, Vec<String>)>) -> bool {
         match job {
             Job::Count(uid, n) => {
                 if n == 0 {
@@ -182,7 +191,9 @@ impl Worker {
                 self.dirty.insert(uid);
             }
             Job::Read { ticket, uids } => reads.push((ticket, uids)),
+            Job::Stop => return true,
         }
+        false
     }
 
     /// Renews the heartbeat. One that had expired (Redis stalled, or restarted) may

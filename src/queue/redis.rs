@@ -259,6 +259,44 @@ impl RedisQueue {
     }
 }
 
+/// Applies interest changes, in order, to the uids wanted; the joins go to `joins`.
+/// Returns the uids to subscribe and to unsubscribe: only the net change of each.
+fn net_interest(
+    uids: &mut HashSet<Arc<str>>,
+    joins: &mut Vec<Join>,
+    changes: Vec<Interest>,
+) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
+    let mut before: HashMap<Arc<str>, bool> = HashMap::new();
+    for change in changes {
+        let uid = match &change {
+            Interest::Join(j) => j.uid.clone(),
+            Interest::Leave(u) => u.clone(),
+        };
+        let was = uids.contains(&uid);
+        before.entry(uid.clone()).or_insert(was);
+        match change {
+            Interest::Join(j) => {
+                uids.insert(uid);
+                joins.push(j);
+            }
+            Interest::Leave(_) => {
+                uids.remove(&uid);
+            }
+        }
+    }
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for (uid, was) in before {
+        match (was, uids.contains(&uid)) {
+            (false, true) => on.push(uid),
+            (true, false) => off.push(uid),
+            _ => {}
+        }
+    }
+    on.sort_unstable();
+    off.sort_unstable();
+    (on, off)
+}
+
 /// A number naming this node's fence channel, different on every start.
 fn node_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -319,6 +357,7 @@ impl Queue for RedisQueue {
 
     fn close(&mut self) {
         self.publisher.close();
+        self.presence.stop();
     }
 
     fn resume(&mut self, ticket: Ticket, uid: Option<&str>, since: &str) -> Resume {
@@ -682,34 +721,9 @@ impl Subscriber {
     /// returns the uids to subscribe and to unsubscribe: only the net change, so a
     /// uid that left and came back in one turn is never unsubscribed.
     fn take_interest(&mut self) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
-        let mut before: HashMap<Arc<str>, bool> = HashMap::new();
         let n = self.interest.len();
-        for change in self.interest.try_iter().take(n) {
-            let uid = match &change {
-                Interest::Join(j) => j.uid.clone(),
-                Interest::Leave(u) => u.clone(),
-            };
-            let was = self.uids.contains(&uid);
-            before.entry(uid.clone()).or_insert(was);
-            match change {
-                Interest::Join(j) => {
-                    self.uids.insert(uid);
-                    self.joins.push(j);
-                }
-                Interest::Leave(_) => {
-                    self.uids.remove(&uid);
-                }
-            }
-        }
-        let (mut on, mut off) = (Vec::new(), Vec::new());
-        for (uid, was) in before {
-            match (was, self.uids.contains(&uid)) {
-                (false, true) => on.push(uid),
-                (true, false) => off.push(uid),
-                _ => {}
-            }
-        }
-        (on, off)
+        let changes: Vec<Interest> = self.interest.try_iter().take(n).collect();
+        net_interest(&mut self.uids, &mut self.joins, changes)
     }
 
     /// One SUBSCRIBE and one UNSUBSCRIBE for all the changes of a turn, then the
@@ -991,6 +1005,47 @@ mod tests {
             seq: 0,
             frame: Arc::from(&[n; 9][..]),
         }]
+    }
+
+    fn join(uid: &str) -> Interest {
+        Interest::Join(Join {
+            uid: Arc::from(uid),
+            ticket: Ticket { key: 0, serial: 0 },
+            since: None,
+            at: Instant::now(),
+        })
+    }
+
+    fn leave(uid: &str) -> Interest {
+        Interest::Leave(Arc::from(uid))
+    }
+
+    #[test]
+    fn interest_changes_of_a_turn_net_out_per_uid() {
+        let mut uids: HashSet<Arc<str>> = ["held", "going"].into_iter().map(Arc::from).collect();
+        let mut joins = Vec::new();
+        let (on, off) = net_interest(
+            &mut uids,
+            &mut joins,
+            vec![
+                join("new"),
+                leave("going"),
+                // Left and came back in one turn: never unsubscribed, its read
+                // is still asked for (the channel stays subscribed throughout).
+                leave("held"),
+                join("held"),
+                // Came and went: nothing to subscribe.
+                join("brief"),
+                leave("brief"),
+            ],
+        );
+        assert_eq!(on, [Arc::from("new")]);
+        assert_eq!(off, [Arc::from("going")]);
+        let mut now: Vec<&str> = uids.iter().map(|u| &**u).collect();
+        now.sort_unstable();
+        assert_eq!(now, ["held", "new"]);
+        let asked: Vec<&str> = joins.iter().map(|j| &*j.uid).collect();
+        assert_eq!(asked, ["new", "held", "brief"]);
     }
 
     #[test]
