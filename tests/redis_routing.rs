@@ -315,3 +315,17 @@ fn joins_beyond_the_interest_queue_are_told_to_retry_and_the_others_start_later(
         assert_eq!(recv_json(ws)["msg"], "late");
     }
 }
+
+#[test]
+fn a_join_whose_read_fails_is_read_again_once_redis_answers() {
+    let redis = RedisServer::start();
+    let (a, _b) = two_nodes(&redis, &["-queue-timeout=1s"]);
+    // Writes (scripts and PUBLISH) wait, SUBSCRIBE goes through: the join's
+    // subscription is made, its read times out and its fence cannot be published.
+    redis.client().cmd(&["CLIENT", "PAUSE", "2500", "WRITE"]);
+    let mut ws = a.ws("uid=frozen");
+    // A write returns once the pause is over.
+    redis.client().cmd(&["SET", "thaw", "1"]);
+    a.send_ok(r#"{"topic":"uids","topic_ids":["frozen"],"msg":"thawed"}"#);
+    assert_eq!(recv_json(&mut ws)["msg"], "thawed");
+}

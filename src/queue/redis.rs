@@ -36,6 +36,10 @@ use crossbeam_channel::{Receiver, Sender};
 /// for its subscription. It bounds no resource.
 const TICK: Duration = Duration::from_millis(10);
 
+/// How long after its join a connection's failed read is asked again before the
+/// connection is closed with 1012 (Redis down that long).
+const JOIN_RETRY_FOR: Duration = Duration::from_secs(30);
+
 /// How often the subscriber fences the history's clock, so that a quiet node's
 /// catch-up point stays recent (a catch-up reads the log from there).
 const CLOCK_EVERY: Duration = Duration::from_secs(1);
@@ -554,6 +558,7 @@ pub enum Interest {
 }
 
 /// A joining connection: its read is asked for once its uid's channel is subscribed.
+#[derive(Clone)]
 pub struct Join {
     uid: Arc<str>,
     ticket: Ticket,
@@ -564,12 +569,18 @@ pub struct Join {
 /// The fenced reads in flight, by fence number (see [`reader::Fence`]).
 struct Fences {
     next: u64,
-    /// When each was asked for: one whose fence never comes is given up.
-    asked: HashMap<u64, Instant>,
+    /// What each was asked for, and when.
+    asked: HashMap<u64, Asked>,
     results: Receiver<(u64, Answer)>,
     answered: HashMap<u64, Answer>,
     /// When the clock was last asked for; `None`: at once (a new session).
     clock_asked: Option<Instant>,
+}
+
+/// A fenced request in flight: a join's read (asked again if it fails) or the clock.
+struct Asked {
+    at: Instant,
+    join: Option<Join>,
 }
 
 impl Fences {
@@ -760,20 +771,24 @@ impl Subscriber {
         for j in std::mem::take(&mut self.joins) {
             let n = self.fences.next;
             self.fences.next += 1;
-            let from = match j.since {
+            let from = match j.since.clone() {
                 Some(since) => From::Since(since),
                 None => From::Joined(j.at),
             };
+            let asked = Asked {
+                at: Instant::now(),
+                join: Some(j.clone()),
+            };
             match self.reader.request(j.ticket, Some(&j.uid), from, Some(n)) {
                 Resume::Pending => {
-                    self.fences.asked.insert(n, Instant::now());
+                    self.fences.asked.insert(n, asked);
                 }
+                // The reader is full: next turn, within the retry bound.
                 _ => {
-                    let event = Inbound::History {
-                        ticket: j.ticket,
-                        fetched: Err("too many history reads waiting".into()),
-                    };
-                    if self.backlog.push_event(event, notifier).is_err() {
+                    if self
+                        .retry_or_fail(j, "too many history reads waiting", notifier)
+                        .is_err()
+                    {
                         return Err(Ended::ReactorGone);
                     }
                 }
@@ -786,8 +801,14 @@ impl Subscriber {
     /// its answer goes to the reactor now, behind them.
     fn on_fence(&mut self, n: u64, notifier: &Notifier) -> Result<(), ReactorGone> {
         self.fences.collect();
-        self.fences.asked.remove(&n);
+        let asked = self.fences.asked.remove(&n);
         match self.fences.answered.remove(&n) {
+            Some(Answer::History(Inbound::History {
+                fetched: Err(e), ..
+            })) if asked.as_ref().is_some_and(|a| a.join.is_some()) => {
+                let join = asked.and_then(|a| a.join).expect("matched above");
+                self.retry_or_fail(join, &e, notifier)
+            }
             Some(Answer::History(event)) => {
                 // Everything published before the read has arrived: a point to
                 // catch up from (ids below its Redis time were issued before it).
@@ -811,31 +832,52 @@ impl Subscriber {
         }
     }
 
-    /// Reads whose fence did not come within the bound (a publish that failed, a
-    /// fence lost with a subscription): answered as failures, which close their
-    /// connections; and the periodic clock fence.
+    /// A join whose read failed is asked again (Redis stalled or restarting: its
+    /// window still starts at the join) until [`JOIN_RETRY_FOR`] after the join;
+    /// then the connection is answered with the failure and closed (1012).
+    fn retry_or_fail(
+        &mut self,
+        join: Join,
+        why: &str,
+        notifier: &Notifier,
+    ) -> Result<(), ReactorGone> {
+        if join.at.elapsed() < JOIN_RETRY_FOR {
+            self.joins.push(join);
+            return Ok(());
+        }
+        let event = Inbound::History {
+            ticket: join.ticket,
+            fetched: Err(why.to_string()),
+        };
+        self.backlog.push_event(event, notifier)
+    }
+
+    /// Answers whose fence did not come within the bound (a publish that failed, a
+    /// fence lost with a subscription): a join is asked again, the clock dropped;
+    /// a request not answered yet is waited for (every read has its timeout). And
+    /// the periodic clock fence.
     fn tend_fences(&mut self, notifier: &Notifier) -> Result<(), ReactorGone> {
         let bound = self.timeout * 4;
         let late: Vec<u64> = self
             .fences
             .asked
             .iter()
-            .filter(|(_, at)| at.elapsed() > bound)
+            .filter(|(_, a)| a.at.elapsed() > bound)
             .map(|(n, _)| *n)
             .collect();
         if !late.is_empty() {
             self.fences.collect();
         }
         for n in late {
-            self.fences.asked.remove(&n);
-            if let Some(Answer::History(Inbound::History { ticket, .. })) =
-                self.fences.answered.remove(&n)
-            {
-                let event = Inbound::History {
-                    ticket,
-                    fetched: Err("history read not confirmed in order".into()),
-                };
-                self.backlog.push_event(event, notifier)?;
+            if !self.fences.answered.contains_key(&n) {
+                if let Some(a) = self.fences.asked.get_mut(&n) {
+                    a.at = Instant::now();
+                }
+                continue;
+            }
+            self.fences.answered.remove(&n);
+            if let Some(join) = self.fences.asked.remove(&n).and_then(|a| a.join) {
+                self.retry_or_fail(join, "history read not confirmed in order", notifier)?;
             }
         }
         if self
@@ -847,7 +889,11 @@ impl Subscriber {
             let n = self.fences.next;
             self.fences.next += 1;
             if self.reader.clock(n) == Resume::Pending {
-                self.fences.asked.insert(n, Instant::now());
+                let asked = Asked {
+                    at: Instant::now(),
+                    join: None,
+                };
+                self.fences.asked.insert(n, asked);
             }
         }
         Ok(())
