@@ -143,7 +143,7 @@ fn a_uid_new_to_its_node_misses_nothing_while_its_subscription_starts() {
     // Room in each uid's history for everything sent while a join is read.
     let (a, b) = two_nodes(&redis, &["-history-size=5000"]);
     let mut checked = 0;
-    for round in 0..12 {
+    for round in 0..20 {
         let uid = format!("new-{round}");
         let stop = Arc::new(AtomicBool::new(false));
         let batches = Arc::new(AtomicU64::new(0));
@@ -213,7 +213,7 @@ fn a_uid_new_to_its_node_misses_nothing_while_its_subscription_starts() {
         checked += owed.len();
     }
     report(&format!(
-        "measured: 12 joins of new uids under a flood: {checked} messages owed, all received in order"
+        "measured: 20 joins of new uids under a flood: {checked} messages owed, all received in order"
     ));
 }
 
