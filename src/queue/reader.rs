@@ -225,6 +225,7 @@ fn read_once(
             cut: false,
             trimmed: 0,
             epoch: None,
+            clock: None,
         }),
         (From::Joined(at), Some(uid)) => {
             for margin in [MARGIN, timeout] {

@@ -21,7 +21,7 @@ use super::driver::{Driver, Ended, Session};
 use super::presence::Presence;
 use super::publisher::{self, BackendError, Endpoint, Publisher, SendError, SendFn, Settings};
 use super::reader::{self, Answer, From, Reader};
-use super::streams::{Streams, first_seq_at, seq_of};
+use super::streams::{Streams, seq_of};
 use super::{
     BacklogCounts, Backoff, Inbound, Joined, Link, Notifier, PresenceRead, Queue, QueueError,
     QueueState, ReactorGone, Resume, RoutingCounts, Submit, Ticket, TrySend,
@@ -810,13 +810,12 @@ impl Subscriber {
                 self.retry_or_fail(join, &e, notifier)
             }
             Some(Answer::History(event)) => {
-                // Everything published before the read has arrived: a point to
-                // catch up from (ids below its Redis time were issued before it).
+                // Everything published before the read has arrived: the clock it
+                // read is a point to catch up from.
                 if let Inbound::History { fetched: Ok(f), .. } = &event
-                    && let Some(epoch) = f.epoch
-                    && f.redis_ms > 0
+                    && let (Some(epoch), Some(clock)) = (f.epoch, f.clock)
                 {
-                    self.saw(epoch, first_seq_at(f.redis_ms).saturating_sub(1));
+                    self.saw(epoch, clock);
                 }
                 self.backlog.push_event(event, notifier)
             }

@@ -124,7 +124,13 @@ return out
 const READ: &str = r#"
 local epoch = redis.call('GET', KEYS[1])
 local t = redis.call('TIME')
-local out = {epoch or false, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
+local out = {epoch or false, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), false}
+-- The newest id issued (ARGV[5] names the clock key): every message up to it was
+-- published before this read.
+if ARGV[5] then
+  local clock = redis.call('HMGET', ARGV[5], 'ms', 'n')
+  if clock[1] then out[3] = clock[1] .. '-' .. clock[2] end
+end
 -- An id of another epoch says nothing about these streams: read them whole.
 local start = ARGV[1]
 if epoch ~= ARGV[3] then start = '-' end
@@ -222,6 +228,8 @@ pub struct Fetched {
     pub trimmed: u64,
     /// The epoch of Redis's history, if it has one.
     pub epoch: Option<Epoch>,
+    /// The newest sequence number issued when it read (joins' reads only).
+    pub clock: Option<u64>,
 }
 
 impl Streams {
@@ -344,6 +352,7 @@ impl Streams {
             limit.max(1).to_string().into_bytes(),
             Vec::new(),
             (ago.as_millis() + 1).to_string().into_bytes(),
+            self.meta("clock").into_bytes(),
         ];
         let reply = self.read.run(con, &keys, &args)?;
         parse_fetched(reply, "0", limit, 0, self.ttl_ms, &self.rules)
@@ -505,6 +514,7 @@ fn parse_fetched(
             cut: false,
             trimmed: 0,
             epoch: None,
+            clock: None,
         });
     };
     let since = epoch.parse_since(since).unwrap_or(Since::Foreign);
@@ -517,7 +527,8 @@ fn parse_fetched(
     let mut merged: Vec<(u64, Envelope)> = Vec::new();
     let mut cut = false;
     let mut trimmed = 0;
-    for v in &items[2..] {
+    let clock = items.get(2).and_then(text).and_then(seq_of);
+    for v in items.get(3..).unwrap_or_default() {
         match parse_part(v, epoch, limit, rules)? {
             Some(part) => {
                 cut |= part.cut;
@@ -551,5 +562,6 @@ fn parse_fetched(
         cut,
         trimmed,
         epoch: Some(epoch),
+        clock,
     })
 }
