@@ -140,6 +140,19 @@ flags! {
     queue_backlog: usize = 32 << 20,
         "queue-backlog" "BYTES" positive,
         "bytes of Redis messages held while delivery is behind; /send answers 503 past half";
+    /// Subscription changes (a uid's first connection, its last leaving) waiting
+    /// for the Redis subscriber, which takes them all in one SUBSCRIBE per turn.
+    queue_interest: usize = 65_536,
+        "queue-interest" "N" positive,
+        "Redis subscription changes waiting; past it a connection of a uid new to the node is closed with 1013";
+    /// With Redis: a node's presence heartbeat lives this long, so a dead node's
+    /// connections stop counting in `/presence` within it.
+    presence_ttl: Duration = Duration::from_secs(3),
+        "presence-ttl" "DUR" duration,
+        "Redis: a dead node's connections drop out of /presence within this";
+    /// The most uids one `/presence` request may ask for.
+    presence_max: usize = 100,
+        "presence-max" "N" positive, "most uids one /presence request asks for";
     /// Events the queue threads may have in flight towards the reactor.
     inbound_size: usize = 1024,
         "inbound-size" "N" positive, "queue events waiting for the reactor";

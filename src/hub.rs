@@ -173,7 +173,8 @@ pub struct Hub {
 
 impl Hub {
     pub fn join(&mut self, key: usize, uid: Option<&str>, types: TypeSet) {
-        self.leave(key);
+        // A slab key joins once per connection; nothing to tell anyone here.
+        let _ = self.leave(key);
         if self.members.len() <= key {
             self.members.resize_with(key + 1, || None);
         }
@@ -192,10 +193,10 @@ impl Hub {
         self.count += 1;
     }
 
-    pub fn leave(&mut self, key: usize) {
-        let Some(member) = self.members.get_mut(key).and_then(Option::take) else {
-            return;
-        };
+    /// Takes the connection out; returns its uid if it was the uid's last one.
+    pub fn leave(&mut self, key: usize) -> Option<Arc<str>> {
+        let member = self.members.get_mut(key).and_then(Option::take)?;
+        let mut last = None;
         self.count -= 1;
         self.types.release(member.types);
         if let Some(uid) = member.uid
@@ -212,6 +213,7 @@ impl Hub {
             }
             if keys.is_empty() {
                 self.by_uid.remove(&uid);
+                last = Some(uid);
             } else if keys.capacity() > 16 && keys.len() < keys.capacity() / 4 {
                 keys.shrink_to(keys.len() * 2);
             }
@@ -223,6 +225,7 @@ impl Hub {
         if self.members.capacity() > 64 && self.members.len() < self.members.capacity() / 4 {
             self.members.shrink_to(self.members.len() * 2);
         }
+        last
     }
 
     pub fn subscribe(&mut self, key: usize, types: TypeSet) {
@@ -248,6 +251,11 @@ impl Hub {
     /// Push connections in the hub.
     pub fn connections(&self) -> usize {
         self.count
+    }
+
+    /// Connections of one uid.
+    pub fn count(&self, uid: &str) -> usize {
+        self.by_uid.get(uid).map_or(0, Vec::len)
     }
 
     /// Distinct uids online.

@@ -319,7 +319,7 @@ fn malformed_channel_messages_are_skipped() {
         b"[{\"target\":\"all\",\"types\":\"t\",\"expires\":0,\"push\":\"x\"}]",
         b"\xff\xfe\x00",
     ] {
-        let got = c.call(&[b"PUBLISH", name.as_bytes(), junk]);
+        let got = c.call(&[b"PUBLISH", format!("{name}:all").as_bytes(), junk]);
         assert_eq!(got, Resp::Int(1), "the node is subscribed");
     }
     a.send_ok(r#"{"topic":"all","msg":"still fine"}"#);

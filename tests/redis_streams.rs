@@ -78,12 +78,11 @@ fn appends_publish_in_order_and_a_resume_merges_uid_and_all() {
     let mut con = connect(&redis);
     let mut sub = connect(&redis);
     let mut pubsub = sub.as_pubsub();
-    pubsub.subscribe("ch").unwrap();
+    pubsub.subscribe(&["t:all", "t:u:1", "t:u:2"]).unwrap();
     let s = Streams::new("t", 300, 100, 1000, Rules::default());
     let a = s
         .append(
             &mut con,
-            "ch",
             &[
                 env(uids(&["1"]), "notice", 0, "one"),
                 env(Target::All, "notice", 0, "all"),
@@ -96,10 +95,19 @@ fn appends_publish_in_order_and_a_resume_merges_uid_and_all() {
     assert_eq!(a.epoch, Epoch(0xbeef));
     assert!(a.seqs.windows(2).all(|w| w[0] < w[1]), "{:?}", a.seqs);
     assert_eq!(a.receivers, 1);
-    for i in 0..4 {
+    // Each message on its targets' channels: "both" once per uid.
+    let on = [
+        ("t:u:1", 0),
+        ("t:all", 1),
+        ("t:u:1", 2),
+        ("t:u:2", 2),
+        ("t:u:2", 3),
+    ];
+    for (channel, i) in on {
         let m = pubsub.get_message().unwrap();
         let payload: String = m.get_payload().unwrap();
         let want = format!("beef {} ", stream_id(a.seqs[i]));
+        assert_eq!(m.get_channel_name(), channel);
         assert!(payload.starts_with(&want), "{payload} / {want}");
     }
     let r = s.read(&mut con, Some("1"), "0", 1000, now_ms()).unwrap();
@@ -116,7 +124,6 @@ fn appends_publish_in_order_and_a_resume_merges_uid_and_all() {
     let b = s
         .append(
             &mut con,
-            "ch",
             &[env(uids(&["1"]), "notice", 0, "later")],
             Epoch(7),
         )
@@ -134,7 +141,6 @@ fn expired_messages_are_not_replayed_and_are_not_missing() {
     let a = s
         .append(
             &mut con,
-            "ch",
             &[
                 env(uids(&["1"]), "notice", past, "gone"),
                 env(uids(&["1"]), "notice", 0, "kept"),
@@ -159,7 +165,7 @@ fn a_size_trim_makes_older_resumes_incomplete() {
     let batch: Vec<Envelope> = (0..4)
         .map(|i| env(uids(&["1"]), "notice", 0, &format!("m{i}")))
         .collect();
-    let a = s.append(&mut con, "ch", &batch, Epoch(1)).unwrap();
+    let a = s.append(&mut con, &batch, Epoch(1)).unwrap();
     let r = s
         .read(&mut con, Some("1"), &id(&a, 0), 1000, now_ms())
         .unwrap();
@@ -182,24 +188,14 @@ fn a_redis_that_lost_its_data_never_answers_complete_for_an_old_id() {
     let mut con = connect(&redis);
     let s = Streams::new("t", 300, 100, 1000, Rules::default());
     let a = s
-        .append(
-            &mut con,
-            "ch",
-            &[env(uids(&["1"]), "notice", 0, "m")],
-            Epoch(1),
-        )
+        .append(&mut con, &[env(uids(&["1"]), "notice", 0, "m")], Epoch(1))
         .unwrap();
     let old = id(&a, 0);
     let _: () = ::redis::cmd("FLUSHALL").query(&mut con).unwrap();
     let r = s.read(&mut con, Some("1"), &old, 1000, now_ms()).unwrap();
     assert!(!r.complete, "no epoch: nothing known");
-    s.append(
-        &mut con,
-        "ch",
-        &[env(uids(&["1"]), "notice", 0, "new")],
-        Epoch(2),
-    )
-    .unwrap();
+    s.append(&mut con, &[env(uids(&["1"]), "notice", 0, "new")], Epoch(2))
+        .unwrap();
     let r = s.read(&mut con, Some("1"), &old, 1000, now_ms()).unwrap();
     assert!(!r.complete, "another epoch");
     assert_eq!(
@@ -211,7 +207,6 @@ fn a_redis_that_lost_its_data_never_answers_complete_for_an_old_id() {
     let _: () = ::redis::cmd("SCRIPT").arg("FLUSH").query(&mut con).unwrap();
     s.append(
         &mut con,
-        "ch",
         &[env(uids(&["1"]), "notice", 0, "again")],
         Epoch(2),
     )
@@ -224,12 +219,7 @@ fn an_expired_stream_is_complete_only_for_a_recent_id() {
     let mut con = connect(&redis);
     let s = Streams::new("t", 300, 100, 1000, Rules::default());
     let a = s
-        .append(
-            &mut con,
-            "ch",
-            &[env(uids(&["9"]), "notice", 0, "m")],
-            Epoch(1),
-        )
+        .append(&mut con, &[env(uids(&["9"]), "notice", 0, "m")], Epoch(1))
         .unwrap();
     let _: () = ::redis::cmd("DEL")
         .arg(s.key(Some("9")))
@@ -260,7 +250,7 @@ fn a_read_cut_by_its_limit_is_incomplete() {
     let batch: Vec<Envelope> = (0..5)
         .map(|i| env(uids(&["1"]), "notice", 0, &format!("m{i}")))
         .collect();
-    s.append(&mut con, "ch", &batch, Epoch(1)).unwrap();
+    s.append(&mut con, &batch, Epoch(1)).unwrap();
     let r = s.read(&mut con, Some("1"), "0", 3, now_ms()).unwrap();
     assert!(!r.complete);
     assert_eq!(r.batch.len(), 3);

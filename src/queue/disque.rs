@@ -334,6 +334,10 @@ pub fn live_nodes(own: &str, announcements: Vec<Job>, max: usize) -> Vec<String>
 }
 
 impl Queue for DisqueQueue {
+    fn presence(&mut self, _ticket: Ticket, _uids: Vec<String>) -> super::PresenceRead {
+        super::PresenceRead::Unsupported
+    }
+
     fn name(&self) -> &'static str {
         "disque"
     }

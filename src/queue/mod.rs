@@ -8,6 +8,7 @@
 pub mod disque;
 pub mod driver;
 pub mod list;
+pub mod presence;
 pub mod publisher;
 pub mod reader;
 pub mod redis;
@@ -51,6 +52,12 @@ pub enum Inbound {
     /// Redis lost its data): the node's connections may have missed messages and
     /// are told to reconnect, so that each resumes from its own last id.
     Unfilled,
+    /// The answer to a `/presence` read ([`Queue::presence`]): each uid asked for
+    /// with its connections on every live node.
+    Presence {
+        ticket: Ticket,
+        result: Result<Vec<(String, u64)>, String>,
+    },
     /// The history a resuming connection asked for ([`Queue::resume`]).
     History {
         ticket: Ticket,
@@ -67,6 +74,44 @@ pub enum Resume {
     Pending,
     /// It cannot be read now (too many reads waiting): answer `complete:false`.
     Unavailable,
+}
+
+/// How a push connection of a uid starts receiving ([`Queue::join`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Joined {
+    /// Live messages for the uid already reach this node.
+    Live,
+    /// The backend first makes them reach this node, then reads what the uid got
+    /// since the connection joined (or since its `since`) and answers with
+    /// [`Inbound::History`]; live pushes to the connection are held meanwhile.
+    Pending,
+    /// Too many connections are starting at once: the connection is turned away.
+    Refused,
+}
+
+/// Where a `/presence` answer comes from ([`Queue::presence`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum PresenceRead {
+    /// This node's hub: it is the whole deployment (`list`), or the backend keeps
+    /// no presence.
+    Local,
+    /// The backend reads it and answers with [`Inbound::Presence`].
+    Pending,
+    /// It cannot be read now (too many reads waiting): 503.
+    Unavailable,
+    /// The backend cannot know other nodes' connections (Disque): 501.
+    Unsupported,
+}
+
+/// What a backend that routes by interest received, for `/stats`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RoutingCounts {
+    /// Messages read from the backend by this node (repeats included).
+    pub received: u64,
+    /// Uids whose channel this node is subscribed to.
+    pub channels: usize,
+    /// Connections turned away because the subscriber had too many joins waiting.
+    pub refused: u64,
 }
 
 /// The immediate answer to a publish.
@@ -146,6 +191,33 @@ pub trait Queue: Send {
         Resume::Local
     }
 
+    /// A push connection of `uid` joined the hub. Runs on the reactor thread:
+    /// must not block. Backends that hand every node every message answer `Live`.
+    fn join(&mut self, _ticket: Ticket, _uid: &str, _since: Option<&str>) -> Joined {
+        Joined::Live
+    }
+
+    /// The last push connection of `uid` on this node left.
+    fn left(&mut self, _uid: &str) {}
+
+    /// A connection of `uid` got its [`Inbound::History`]: live messages for the
+    /// uid reach this node from now on, later connections of it start at once.
+    fn subscribed(&mut self, _uid: &str) {}
+
+    /// A uid's connections on this node are now `n` (after every join and leave).
+    fn presence_changed(&mut self, _uid: &str, _n: usize) {}
+
+    /// Asks which of `uids` are online across the deployment. Runs on the reactor
+    /// thread: must not block.
+    fn presence(&mut self, _ticket: Ticket, _uids: Vec<String>) -> PresenceRead {
+        PresenceRead::Local
+    }
+
+    /// What interest routing received; zero for backends without it.
+    fn routing(&self) -> RoutingCounts {
+        RoutingCounts::default()
+    }
+
     /// How often the backend has re-established a lost connection.
     fn reconnects(&self) -> u64 {
         0
@@ -156,6 +228,11 @@ pub trait Queue: Send {
     fn backlog(&self) -> BacklogCounts {
         BacklogCounts::default()
     }
+
+    /// Sends on what the reactor queued for the backend this turn (interest and
+    /// presence changes). Runs on the reactor thread, after a join and on every
+    /// timer tick: must not block.
+    fn flush(&mut self) {}
 }
 
 /// See [`Queue::backlog`].
@@ -240,8 +317,8 @@ impl Link {
 /// Why [`Notifier::try_deliver`] did not send.
 #[derive(Debug)]
 pub enum TrySend {
-    /// The reactor is behind: here is the batch back.
-    Full(Vec<Envelope>),
+    /// The reactor is behind: here is the event back.
+    Full(Inbound),
     /// The reactor is gone.
     Gone,
 }
@@ -295,16 +372,13 @@ impl Notifier {
         Ok(())
     }
 
-    /// Sends `Inbound::Deliver(batch)` if the channel has room, else gives the
-    /// batch back, so a backend thread that must keep reading elsewhere can hold
-    /// it meanwhile.
-    pub fn try_deliver(&self, batch: Vec<Envelope>) -> Result<(), TrySend> {
-        match self.tx.try_send(Inbound::Deliver(batch)) {
+    /// Sends `event` if the channel has room, else gives it back, so a backend
+    /// thread that must keep reading elsewhere can hold it meanwhile.
+    pub fn try_deliver(&self, event: Inbound) -> Result<(), TrySend> {
+        match self.tx.try_send(event) {
             Ok(()) => {}
-            Err(TrySendError::Full(Inbound::Deliver(batch))) => return Err(TrySend::Full(batch)),
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                return Err(TrySend::Gone);
-            }
+            Err(TrySendError::Full(event)) => return Err(TrySend::Full(event)),
+            Err(TrySendError::Disconnected(_)) => return Err(TrySend::Gone),
         }
         if !self.pending.swap(true, Ordering::AcqRel) {
             let _ = self.waker.wake();

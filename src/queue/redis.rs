@@ -11,26 +11,38 @@
 //! network fault costs this node's connections nothing. While it is not subscribed
 //! `/healthz` and `/send` answer 503, as before.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use super::driver::{Driver, Ended, Session};
+use super::presence::Presence;
 use super::publisher::{self, BackendError, Endpoint, Publisher, SendError, SendFn, Settings};
-use super::reader::Reader;
+use super::reader::{self, Answer, From, Reader};
 use super::streams::{Streams, seq_of};
 use super::{
-    BacklogCounts, Backoff, Inbound, Link, Notifier, Queue, QueueError, QueueState, ReactorGone,
-    Resume, Submit, Ticket, TrySend,
+    BacklogCounts, Backoff, Inbound, Joined, Link, Notifier, PresenceRead, Queue, QueueError,
+    QueueState, ReactorGone, Resume, RoutingCounts, Submit, Ticket, TrySend,
 };
 use crate::history::Epoch;
-use crate::message::{self, Envelope};
+use crate::message::{self, Envelope, Target};
+use ::redis::PubSub;
+use crossbeam_channel::{Receiver, Sender};
 
-/// How often a blocked subscriber looks at its stop flag. Shutdown waits at most
-/// this long for it; it bounds no resource.
-const TICK: Duration = Duration::from_millis(100);
+/// How often a blocked subscriber looks at its stop flag and at the reactor's
+/// interest changes: a connection of a uid new to this node waits about this long
+/// for its subscription. It bounds no resource.
+const TICK: Duration = Duration::from_millis(10);
+
+/// How long after its join a connection's failed read is asked again before the
+/// connection is closed with 1012 (Redis down that long).
+const JOIN_RETRY_FOR: Duration = Duration::from_secs(30);
+
+/// How often the subscriber fences the history's clock, so that a quiet node's
+/// catch-up point stays recent (a catch-up reads the log from there).
+const CLOCK_EVERY: Duration = Duration::from_secs(1);
 
 /// While batches wait for room in the reactor's channel, how long one read from
 /// Redis may block before the hand-off is tried again.
@@ -53,6 +65,10 @@ pub struct RedisSettings {
     pub history_ttl: u64,
     pub history_size: usize,
     pub history_log: usize,
+    /// Interest changes (first joins, last leaves) waiting for the subscriber.
+    pub interest: usize,
+    /// `-presence-ttl`: a node's heartbeat lives this long.
+    pub presence_ttl: Duration,
 }
 
 impl RedisSettings {
@@ -68,6 +84,8 @@ impl RedisSettings {
             history_ttl: cfg.history_ttl.as_secs(),
             history_size: cfg.history_size,
             history_log: cfg.history_log,
+            interest: cfg.queue_interest,
+            presence_ttl: cfg.presence_ttl,
         }
     }
 
@@ -92,6 +110,18 @@ pub struct RedisQueue {
     dropped: Arc<AtomicU64>,
     refused: u64,
     reader: Reader,
+    interest: Sender<Interest>,
+    /// Uids whose channel is known subscribed: their connections start at once.
+    live: HashSet<Arc<str>>,
+    /// Leaves the interest channel had no room for, sent on a later tick. A join
+    /// of the uid meanwhile takes it back (the channel stays subscribed).
+    leaves: HashSet<Arc<str>>,
+    joins_refused: u64,
+    received: Arc<AtomicU64>,
+    channels: Arc<AtomicUsize>,
+    presence: Presence,
+    /// Counts the presence queue had no room for, sent on a later tick.
+    counts: HashMap<Arc<str>, usize>,
 }
 
 impl RedisQueue {
@@ -103,15 +133,58 @@ impl RedisQueue {
         let stop = Arc::new(AtomicBool::new(false));
         let held = Arc::new(AtomicUsize::new(0));
         let dropped = Arc::new(AtomicU64::new(0));
+        let streams = set.streams();
+        let node = node_id();
+        let fence_channel = format!("{}:n:{node:016x}", set.channel);
+        let presence = Presence::start(
+            endpoint.clone(),
+            &set.channel,
+            node,
+            set.presence_ttl,
+            set.timeout,
+            set.capacity,
+            notifier.clone(),
+        )?;
+        let (results_tx, results) = crossbeam_channel::bounded(set.capacity.max(1));
+        let reader = Reader::start(
+            endpoint.clone(),
+            set.streams(),
+            set.timeout,
+            set.capacity,
+            set.history_size,
+            notifier.clone(),
+            reader::Fence {
+                results: results_tx,
+                channel: fence_channel.clone(),
+            },
+        )?;
+        let (interest, interest_rx) = crossbeam_channel::bounded(set.interest.max(1));
+        let received = Arc::new(AtomicU64::new(0));
+        let channels = Arc::new(AtomicUsize::new(0));
         let subscriber = Subscriber {
             endpoint: endpoint.clone(),
-            channel: set.channel.clone(),
             timeout: set.timeout,
             backlog: Backlog::new(set.backlog, held.clone(), dropped.clone()),
             rules: set.rules,
-            streams: set.streams(),
-            seen: Seen::Unknown,
+            all_channel: streams.channel(None),
+            fence_channel,
+            streams,
+            seen: None,
             log_limit: set.history_log,
+            was_empty: false,
+            interest: interest_rx,
+            uids: HashSet::new(),
+            joins: Vec::new(),
+            reader: reader.clone(),
+            fences: Fences {
+                next: 0,
+                asked: HashMap::new(),
+                results,
+                answered: HashMap::new(),
+                clock_asked: None,
+            },
+            received: received.clone(),
+            channels: channels.clone(),
         };
         let driver = Driver::new(
             "Redis subscriber",
@@ -125,20 +198,10 @@ impl RedisQueue {
         thread::Builder::new()
             .name("wspush-redis-sub".into())
             .spawn(move || driver.run(subscriber))?;
-        let reader = Reader::start(
-            endpoint.clone(),
-            set.streams(),
-            set.timeout,
-            set.capacity,
-            set.history_size,
-            notifier.clone(),
-        )?;
-        let channel = set.channel.clone();
         let streams = set.streams();
         // The epoch a Redis without one takes: the first node to publish sets it.
         let fresh = Epoch::new();
-        let send: SendFn =
-            Box::new(move |con, batch| publish(con, &streams, &channel, batch, fresh));
+        let send: SendFn = Box::new(move |con, batch| publish(con, &streams, batch, fresh));
         let publisher = Publisher::start(
             endpoint,
             Settings {
@@ -164,19 +227,101 @@ impl RedisQueue {
             dropped,
             refused: 0,
             reader,
+            interest,
+            live: HashSet::new(),
+            leaves: HashSet::new(),
+            joins_refused: 0,
+            received,
+            channels,
+            presence,
+            counts: HashMap::new(),
         })
     }
+
+    /// Sends the counts that found the presence queue full before.
+    fn send_counts(&mut self) {
+        while let Some((uid, n)) = self.counts.iter().next().map(|(u, n)| (u.clone(), *n)) {
+            if self.presence.count(&uid, n).is_err() {
+                return;
+            }
+            self.counts.remove(&uid);
+        }
+    }
+
+    /// Sends the leaves that found the interest channel full before.
+    fn send_leaves(&mut self) {
+        while let Some(uid) = self.leaves.iter().next().cloned() {
+            if self
+                .interest
+                .try_send(Interest::Leave(uid.clone()))
+                .is_err()
+            {
+                return;
+            }
+            self.leaves.remove(&uid);
+        }
+    }
+}
+
+/// Applies interest changes, in order, to the uids wanted; the joins go to `joins`.
+/// Returns the uids to subscribe and to unsubscribe: only the net change of each.
+fn net_interest(
+    uids: &mut HashSet<Arc<str>>,
+    joins: &mut Vec<Join>,
+    changes: Vec<Interest>,
+) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
+    let mut before: HashMap<Arc<str>, bool> = HashMap::new();
+    for change in changes {
+        let uid = match &change {
+            Interest::Join(j) => j.uid.clone(),
+            Interest::Leave(u) => u.clone(),
+        };
+        let was = uids.contains(&uid);
+        before.entry(uid.clone()).or_insert(was);
+        match change {
+            Interest::Join(j) => {
+                uids.insert(uid);
+                joins.push(j);
+            }
+            Interest::Leave(_) => {
+                uids.remove(&uid);
+            }
+        }
+    }
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for (uid, was) in before {
+        match (was, uids.contains(&uid)) {
+            (false, true) => on.push(uid),
+            (true, false) => off.push(uid),
+            _ => {}
+        }
+    }
+    on.sort_unstable();
+    off.sort_unstable();
+    (on, off)
+}
+
+/// A number naming this node's fence channel, different on every start.
+fn node_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 /// One batch into the history and to every subscribed node, this one included.
 fn publish(
     con: &mut ::redis::Connection,
     streams: &Streams,
-    channel: &str,
     batch: &[Envelope],
     fresh: Epoch,
 ) -> Result<(), SendError> {
-    let appended = streams.append(con, channel, batch, fresh)?;
+    let appended = streams.append(con, batch, fresh)?;
     // Nobody subscribed (this node's subscriber included) is no loss now: the
     // message is in the history, and a subscriber that comes back catches up on
     // it before anything newer. A 503 here would only make the sender repeat it.
@@ -216,10 +361,78 @@ impl Queue for RedisQueue {
 
     fn close(&mut self) {
         self.publisher.close();
+        self.presence.stop();
     }
 
     fn resume(&mut self, ticket: Ticket, uid: Option<&str>, since: &str) -> Resume {
-        self.reader.request(ticket, uid, since)
+        self.reader
+            .request(ticket, uid, From::Since(since.to_owned()), None)
+    }
+
+    fn join(&mut self, ticket: Ticket, uid: &str, since: Option<&str>) -> Joined {
+        self.leaves.remove(uid);
+        self.send_leaves();
+        if self.live.contains(uid) {
+            return Joined::Live;
+        }
+        let join = Join {
+            uid: Arc::from(uid),
+            ticket,
+            since: since.map(str::to_owned),
+            at: Instant::now(),
+        };
+        match self.interest.try_send(Interest::Join(join)) {
+            Ok(()) => Joined::Pending,
+            Err(_) => {
+                self.joins_refused += 1;
+                Joined::Refused
+            }
+        }
+    }
+
+    fn left(&mut self, uid: &str) {
+        self.live.remove(uid);
+        let uid: Arc<str> = Arc::from(uid);
+        if self
+            .interest
+            .try_send(Interest::Leave(uid.clone()))
+            .is_err()
+        {
+            self.leaves.insert(uid);
+        }
+    }
+
+    fn subscribed(&mut self, uid: &str) {
+        if !self.live.contains(uid) {
+            self.live.insert(Arc::from(uid));
+        }
+    }
+
+    fn flush(&mut self) {
+        self.send_leaves();
+        self.send_counts();
+    }
+
+    fn presence_changed(&mut self, uid: &str, n: usize) {
+        self.counts.remove(uid);
+        if self.presence.count(uid, n).is_err() {
+            self.counts.insert(Arc::from(uid), n);
+        }
+    }
+
+    fn presence(&mut self, ticket: Ticket, uids: Vec<String>) -> PresenceRead {
+        match self.presence.read(ticket, uids) {
+            Ok(()) => PresenceRead::Pending,
+            Err(_) => PresenceRead::Unavailable,
+        }
+    }
+
+    fn routing(&self) -> RoutingCounts {
+        RoutingCounts {
+            received: self.received.load(Ordering::Relaxed),
+            channels: self.channels.load(Ordering::Relaxed),
+            refused: self.joins_refused,
+        }
     }
 
     fn reconnects(&self) -> u64 {
@@ -241,7 +454,7 @@ impl Queue for RedisQueue {
 /// cuts the connection and everything in flight is lost unseen. Here the bound is
 /// ours, the overflow is counted, and `/send` on this node is refused first.
 struct Backlog {
-    batches: VecDeque<(Vec<Envelope>, usize)>,
+    batches: VecDeque<(Inbound, usize)>,
     limit: usize,
     /// Bytes held, read by the reactor to refuse `/send`.
     held: Arc<AtomicUsize>,
@@ -269,24 +482,34 @@ impl Backlog {
     /// Hands over a batch, or holds it while the reactor is behind; drops (and
     /// counts) it when the backlog is full.
     fn push(&mut self, batch: Vec<Envelope>, notifier: &Notifier) -> Result<(), ReactorGone> {
+        self.push_event(Inbound::Deliver(batch), notifier)
+    }
+
+    /// Any event, in order with the batches (a fenced history read).
+    fn push_event(&mut self, event: Inbound, notifier: &Notifier) -> Result<(), ReactorGone> {
         if self.batches.is_empty() {
-            match notifier.try_deliver(batch) {
+            match notifier.try_deliver(event) {
                 Ok(()) => return Ok(()),
                 Err(TrySend::Gone) => return Err(ReactorGone),
-                Err(TrySend::Full(batch)) => {
-                    self.hold(batch);
+                Err(TrySend::Full(event)) => {
+                    self.hold(event);
                     return Ok(());
                 }
             }
         }
-        self.hold(batch);
+        self.hold(event);
         self.flush(notifier)
     }
 
-    fn hold(&mut self, batch: Vec<Envelope>) {
-        let n = Self::bytes(&batch);
+    fn hold(&mut self, event: Inbound) {
+        let n = match &event {
+            Inbound::Deliver(batch) => Self::bytes(batch),
+            _ => 0,
+        };
         let held = self.held.load(Ordering::Acquire);
-        if held + n > self.limit {
+        if let Inbound::Deliver(batch) = &event
+            && held + n > self.limit
+        {
             self.dropped
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
             warn!(
@@ -296,19 +519,19 @@ impl Backlog {
             return;
         }
         self.held.fetch_add(n, Ordering::AcqRel);
-        self.batches.push_back((batch, n));
+        self.batches.push_back((event, n));
     }
 
     /// Hands over what the channel has room for, oldest first, without blocking.
     fn flush(&mut self, notifier: &Notifier) -> Result<(), ReactorGone> {
-        while let Some((batch, n)) = self.batches.pop_front() {
-            match notifier.try_deliver(batch) {
+        while let Some((event, n)) = self.batches.pop_front() {
+            match notifier.try_deliver(event) {
                 Ok(()) => {
                     self.held.fetch_sub(n, Ordering::AcqRel);
                 }
                 Err(TrySend::Gone) => return Err(ReactorGone),
-                Err(TrySend::Full(batch)) => {
-                    self.batches.push_front((batch, n));
+                Err(TrySend::Full(event)) => {
+                    self.batches.push_front((event, n));
                     return Ok(());
                 }
             }
@@ -318,37 +541,81 @@ impl Backlog {
 
     /// Hands over everything, waiting for room: nothing is left to read.
     fn flush_all(&mut self, notifier: &Notifier) -> Result<(), ReactorGone> {
-        while let Some((batch, n)) = self.batches.pop_front() {
-            notifier.send(Inbound::Deliver(batch))?;
+        while let Some((event, n)) = self.batches.pop_front() {
+            notifier.send(event)?;
             self.held.fetch_sub(n, Ordering::AcqRel);
         }
         Ok(())
     }
 }
 
+/// A change of this node's interest, from the reactor to the subscriber.
+pub enum Interest {
+    /// A connection of a uid joined whose channel may not be subscribed yet.
+    Join(Join),
+    /// The last connection of a uid left.
+    Leave(Arc<str>),
+}
+
+/// A joining connection: its read is asked for once its uid's channel is subscribed.
+#[derive(Clone)]
+pub struct Join {
+    uid: Arc<str>,
+    ticket: Ticket,
+    since: Option<String>,
+    at: Instant,
+}
+
+/// The fenced reads in flight, by fence number (see [`reader::Fence`]).
+struct Fences {
+    next: u64,
+    /// What each was asked for, and when.
+    asked: HashMap<u64, Asked>,
+    results: Receiver<(u64, Answer)>,
+    answered: HashMap<u64, Answer>,
+    /// When the clock was last asked for; `None`: at once (a new session).
+    clock_asked: Option<Instant>,
+}
+
+/// A fenced request in flight: a join's read (asked again if it fails) or the clock.
+struct Asked {
+    at: Instant,
+    join: Option<Join>,
+}
+
+impl Fences {
+    fn collect(&mut self) {
+        while let Ok((n, answer)) = self.results.try_recv() {
+            self.answered.insert(n, answer);
+        }
+    }
+}
+
 struct Subscriber {
     endpoint: Endpoint,
-    channel: String,
     timeout: Duration,
     backlog: Backlog,
     rules: message::Rules,
     streams: Streams,
     /// The epoch and sequence number of the newest message delivered: where a
     /// re-subscription picks up, and below which a live message is a repeat.
-    seen: Seen,
+    seen: Option<(Epoch, u64)>,
     /// The most messages one catch-up reads from the log.
     log_limit: usize,
-}
-
-/// How far this node has the history.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Seen {
-    /// Not subscribed yet.
-    Unknown,
-    /// Subscribed while Redis held no history: all of it is new to this node.
-    Empty,
-    /// Up to and including this message.
-    At(Epoch, u64),
+    /// Before anything was seen: a fenced look found no history in Redis at all.
+    was_empty: bool,
+    /// Always subscribed: the broadcasts' channel and this node's fence channel.
+    all_channel: String,
+    fence_channel: String,
+    interest: Receiver<Interest>,
+    /// The uids whose channels this node wants; subscribed whenever a session is.
+    uids: HashSet<Arc<str>>,
+    /// Joins whose reads wait for the next SUBSCRIBE to succeed.
+    joins: Vec<Join>,
+    reader: Reader,
+    fences: Fences,
+    received: Arc<AtomicU64>,
+    channels: Arc<AtomicUsize>,
 }
 
 impl Subscriber {
@@ -372,7 +639,7 @@ impl Subscriber {
             .ok()
             .and_then(seq_of)
             .ok_or("bad id")?;
-        if matches!(self.seen, Seen::At(e, last) if e == epoch && seq <= last) {
+        if self.seen.is_some_and(|(e, last)| e == epoch && seq <= last) {
             return Ok(None);
         }
         let mut batch = message::decode_wire(wire, &self.rules).map_err(|e| e.to_string())?;
@@ -380,49 +647,75 @@ impl Subscriber {
         for env in &mut batch {
             env.set_id(seq, &id);
         }
-        self.seen = Seen::At(epoch, seq);
+        self.seen = Some((epoch, seq));
         Ok(Some(batch))
     }
 
-    /// Takes the history's head as this node's position (after SUBSCRIBE, so what
-    /// comes after the head arrives live).
-    fn locate(&mut self) -> ::redis::RedisResult<()> {
-        let mut con = self.endpoint.connect(self.timeout)?;
-        self.seen = match self.streams.head(&mut con)? {
-            Some((epoch, seq)) => Seen::At(epoch, seq),
-            None => Seen::Empty,
-        };
-        Ok(())
+    /// Every message up to `seq` of `epoch` that this node subscribes to has
+    /// arrived (a fence): the catch-up point moves there.
+    fn saw(&mut self, epoch: Epoch, seq: u64) {
+        match self.seen {
+            Some((e, last)) if e == epoch && last >= seq => {}
+            _ => self.seen = Some((epoch, seq)),
+        }
+    }
+
+    /// Whether this node has receivers for a message.
+    fn wanted(&self, env: &Envelope) -> bool {
+        match &env.target {
+            Target::All => true,
+            Target::Uids(uids) => uids.iter().any(|u| self.uids.contains(&**u)),
+        }
     }
 
     /// After a re-subscription: what was published while this node was not
-    /// listening, from the log, before any live message. A gap the log cannot
-    /// fill whole makes the reactor send its connections off to resume.
+    /// listening, from the log, before any live message; of it only what this node
+    /// has receivers for. A gap the log cannot fill whole makes the reactor send its
+    /// connections off to resume.
     fn catch_up(&mut self, driver: &mut Driver) -> Result<(), Ended> {
-        let from = match self.seen {
-            Seen::At(epoch, after) => Some((epoch, after)),
-            Seen::Empty | Seen::Unknown => None,
-        };
-        let fetched = self
+        let mut con = self
             .endpoint
             .connect(self.timeout)
-            .and_then(|mut con| self.streams.fill(&mut con, from, self.log_limit, 0));
+            .map_err(|e| Ended::Lost(format!("reading history: {e}")))?;
+        let (epoch, after) = match (self.seen, self.was_empty) {
+            (Some(seen), _) => seen,
+            // Redis had no history when this node last looked: whatever it holds
+            // now came after, and nothing at all means nothing was missed.
+            (None, true) => match self.streams.clock(&mut con) {
+                Ok(Some((epoch, _))) => (epoch, 0),
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(Ended::Lost(format!("reading history: {e}"))),
+            },
+            (None, false) => {
+                // Where the gap starts is unknown: the connections resume from
+                // their own ids.
+                warn!("Redis subscriber: no point to catch up from; connections resume");
+                return match driver.notifier.send(Inbound::Unfilled) {
+                    Ok(()) => Ok(()),
+                    Err(ReactorGone) => Err(Ended::ReactorGone),
+                };
+            }
+        };
+        let fetched = self.streams.fill(&mut con, epoch, after, self.log_limit, 0);
         let event = match fetched {
             Ok(f) if f.complete => {
-                if let (Some(last), Some(epoch)) = (f.batch.last(), f.epoch) {
-                    self.seen = Seen::At(epoch, last.seq);
+                if let Some(last) = f.batch.last() {
+                    self.seen = Some((epoch, last.seq));
                 }
+                self.received
+                    .fetch_add(f.batch.len() as u64, Ordering::Relaxed);
+                let mut batch = f.batch;
+                batch.retain(|e| self.wanted(e));
                 info!(
                     "Redis subscriber: {} missed messages read from history",
-                    f.batch.len()
+                    batch.len()
                 );
-                (!f.batch.is_empty()).then_some(Inbound::Deliver(f.batch))
+                (!batch.is_empty()).then_some(Inbound::Deliver(batch))
             }
             Ok(_) => {
                 warn!("Redis subscriber: the gap is no longer in history; connections resume");
-                self.seen = Seen::Unknown;
-                self.locate()
-                    .map_err(|e| Ended::Lost(format!("reading history: {e}")))?;
+                self.seen = None;
+                self.was_empty = false;
                 Some(Inbound::Unfilled)
             }
             Err(e) => return Err(Ended::Lost(format!("reading history: {e}"))),
@@ -431,6 +724,189 @@ impl Subscriber {
             && driver.notifier.send(event).is_err()
         {
             return Err(Ended::ReactorGone);
+        }
+        Ok(())
+    }
+
+    /// Takes the interest changes waiting (at most what the channel holds now) and
+    /// returns the uids to subscribe and to unsubscribe: only the net change, so a
+    /// uid that left and came back in one turn is never unsubscribed.
+    fn take_interest(&mut self) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
+        let n = self.interest.len();
+        let changes: Vec<Interest> = self.interest.try_iter().take(n).collect();
+        net_interest(&mut self.uids, &mut self.joins, changes)
+    }
+
+    /// One SUBSCRIBE and one UNSUBSCRIBE for all the changes of a turn, then the
+    /// joins' reads: their channels are subscribed once the reply is in. True when
+    /// it talked to Redis (with the operation timeout on the socket).
+    fn apply_interest(&mut self, sub: &mut PubSub<'_>, notifier: &Notifier) -> Result<bool, Ended> {
+        let (on, off) = self.take_interest();
+        let talked = !on.is_empty() || !off.is_empty();
+        if talked {
+            let channels = |uids: &[Arc<str>]| -> Vec<String> {
+                uids.iter().map(|u| self.streams.channel(Some(u))).collect()
+            };
+            let done = sub
+                .set_read_timeout(Some(self.timeout))
+                .and_then(|()| match off.is_empty() {
+                    true => Ok(()),
+                    false => sub.unsubscribe(channels(&off)),
+                })
+                .and_then(|()| match on.is_empty() {
+                    true => Ok(()),
+                    false => sub.subscribe(channels(&on)),
+                });
+            if let Err(e) = done {
+                return Err(Ended::Lost(format!("changing subscriptions: {e}")));
+            }
+            self.channels.store(self.uids.len(), Ordering::Relaxed);
+        }
+        self.ask_joins(notifier)?;
+        Ok(talked)
+    }
+
+    /// Asks the reader for each join's history, fenced.
+    fn ask_joins(&mut self, notifier: &Notifier) -> Result<(), Ended> {
+        for j in std::mem::take(&mut self.joins) {
+            let n = self.fences.next;
+            self.fences.next += 1;
+            let from = match j.since.clone() {
+                Some(since) => From::Since(since),
+                None => From::Joined(j.at),
+            };
+            let asked = Asked {
+                at: Instant::now(),
+                join: Some(j.clone()),
+            };
+            match self.reader.request(j.ticket, Some(&j.uid), from, Some(n)) {
+                Resume::Pending => {
+                    self.fences.asked.insert(n, asked);
+                }
+                // The reader is full: next turn, within the retry bound.
+                _ => {
+                    if self
+                        .retry_or_fail(j, "too many history reads waiting", notifier)
+                        .is_err()
+                    {
+                        return Err(Ended::ReactorGone);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A fence arrived: every message published before its read is delivered, so
+    /// its answer goes to the reactor now, behind them.
+    fn on_fence(&mut self, n: u64, notifier: &Notifier) -> Result<(), ReactorGone> {
+        self.fences.collect();
+        let asked = self.fences.asked.remove(&n);
+        match self.fences.answered.remove(&n) {
+            Some(Answer::History(Inbound::History {
+                fetched: Err(e), ..
+            })) if asked.as_ref().is_some_and(|a| a.join.is_some()) => {
+                let join = asked.and_then(|a| a.join).expect("matched above");
+                self.retry_or_fail(join, &e, notifier)
+            }
+            Some(Answer::History(event)) => {
+                // Everything published before the read has arrived: the clock it
+                // read is a point to catch up from.
+                if let Inbound::History { fetched: Ok(f), .. } = &event
+                    && let (Some(epoch), Some(clock)) = (f.epoch, f.clock)
+                {
+                    self.saw(epoch, clock);
+                }
+                self.backlog.push_event(event, notifier)
+            }
+            Some(Answer::Clock(Some((epoch, seq)))) => {
+                self.saw(epoch, seq);
+                Ok(())
+            }
+            Some(Answer::Clock(None)) => {
+                self.was_empty |= self.seen.is_none();
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// A join whose read failed is asked again (Redis stalled or restarting: its
+    /// window still starts at the join) until [`JOIN_RETRY_FOR`] after the join;
+    /// then the connection is answered with the failure and closed (1012).
+    fn retry_or_fail(
+        &mut self,
+        join: Join,
+        why: &str,
+        notifier: &Notifier,
+    ) -> Result<(), ReactorGone> {
+        if join.at.elapsed() < JOIN_RETRY_FOR {
+            self.joins.push(join);
+            return Ok(());
+        }
+        let event = Inbound::History {
+            ticket: join.ticket,
+            fetched: Err(why.to_string()),
+        };
+        self.backlog.push_event(event, notifier)
+    }
+
+    /// Answers whose fence did not come within the bound (a publish that failed, a
+    /// fence lost with a subscription): a join is asked again, the clock dropped;
+    /// a request not answered yet is waited for (every read has its timeout). And
+    /// the periodic clock fence.
+    fn tend_fences(&mut self, notifier: &Notifier) -> Result<(), ReactorGone> {
+        let bound = self.timeout * 4;
+        let late: Vec<u64> = self
+            .fences
+            .asked
+            .iter()
+            .filter(|(_, a)| a.at.elapsed() > bound)
+            .map(|(n, _)| *n)
+            .collect();
+        if !late.is_empty() {
+            self.fences.collect();
+        }
+        for n in late {
+            if !self.fences.answered.contains_key(&n) {
+                if let Some(a) = self.fences.asked.get_mut(&n) {
+                    a.at = Instant::now();
+                }
+                continue;
+            }
+            self.fences.answered.remove(&n);
+            if let Some(join) = self.fences.asked.remove(&n).and_then(|a| a.join) {
+                self.retry_or_fail(join, "history read not confirmed in order", notifier)?;
+            }
+        }
+        if self
+            .fences
+            .clock_asked
+            .is_none_or(|at| at.elapsed() >= CLOCK_EVERY)
+        {
+            self.fences.clock_asked = Some(Instant::now());
+            let n = self.fences.next;
+            self.fences.next += 1;
+            if self.reader.clock(n) == Resume::Pending {
+                let asked = Asked {
+                    at: Instant::now(),
+                    join: None,
+                };
+                self.fences.asked.insert(n, asked);
+            }
+        }
+        Ok(())
+    }
+
+    /// After a re-subscription and its catch-up, which delivered everything up to
+    /// now: the answers still waiting for a fence that may have been lost with the
+    /// old subscription go to the reactor, in order behind it.
+    fn release_answered(&mut self, notifier: &Notifier) -> Result<(), ReactorGone> {
+        self.fences.collect();
+        let mut ns: Vec<u64> = self.fences.answered.keys().copied().collect();
+        ns.sort_unstable();
+        for n in ns {
+            self.on_fence(n, notifier)?;
         }
         Ok(())
     }
@@ -444,16 +920,15 @@ impl Session for Subscriber {
             Err(e) => return Ended::Lost(e.to_string()),
         };
         let mut sub = con.as_pubsub();
-        if let Err(e) = sub.subscribe(&self.channel) {
+        // Every channel in one command: the broadcasts, fences, and the uids held.
+        let _ = self.take_interest();
+        let mut channels = vec![self.all_channel.clone(), self.fence_channel.clone()];
+        channels.extend(self.uids.iter().map(|u| self.streams.channel(Some(u))));
+        if let Err(e) = sub.subscribe(channels) {
             return Ended::Lost(e.to_string());
         }
-        // The first subscription learns where the history stands, so that a gap
-        // after it can be filled even if no message arrived before it.
-        if self.seen == Seen::Unknown
-            && let Err(e) = self.locate()
-        {
-            return Ended::Lost(format!("reading history: {e}"));
-        }
+        self.channels.store(self.uids.len(), Ordering::Relaxed);
+        self.fences.clock_asked = None;
         if driver.up() {
             if driver.notifier.send(Inbound::Resubscribed).is_err() {
                 return Ended::ReactorGone;
@@ -462,6 +937,12 @@ impl Session for Subscriber {
             if let Err(ended) = self.catch_up(driver) {
                 return ended;
             }
+            if self.release_answered(&driver.notifier).is_err() {
+                return Ended::ReactorGone;
+            }
+        }
+        if let Err(ended) = self.ask_joins(&driver.notifier) {
+            return ended;
         }
         if let Err(e) = sub.set_read_timeout(Some(TICK)) {
             return Ended::Lost(e.to_string());
@@ -480,6 +961,15 @@ impl Session for Subscriber {
             if self.backlog.flush(&driver.notifier).is_err() {
                 return Ended::ReactorGone;
             }
+            match self.apply_interest(&mut sub, &driver.notifier) {
+                // Its replies were read with the operation timeout.
+                Ok(true) => wait = self.timeout,
+                Ok(false) => {}
+                Err(ended) => return ended,
+            }
+            if self.tend_fences(&driver.notifier).is_err() {
+                return Ended::ReactorGone;
+            }
             // Batches waiting for the reactor: come back to them soon.
             let want = if self.backlog.is_empty() {
                 TICK
@@ -495,6 +985,18 @@ impl Session for Subscriber {
             match sub.get_message() {
                 Ok(msg) => {
                     heard = Instant::now();
+                    if msg.get_channel_name() == self.fence_channel {
+                        let n = std::str::from_utf8(msg.get_payload_bytes())
+                            .ok()
+                            .and_then(|n| n.parse().ok());
+                        if let Some(n) = n
+                            && self.on_fence(n, &driver.notifier).is_err()
+                        {
+                            return Ended::ReactorGone;
+                        }
+                        continue;
+                    }
+                    self.received.fetch_add(1, Ordering::Relaxed);
                     match self.decode(msg.get_payload_bytes()) {
                         Ok(Some(batch)) => {
                             if self.backlog.push(batch, &driver.notifier).is_err() {
@@ -502,7 +1004,9 @@ impl Session for Subscriber {
                             }
                         }
                         Ok(None) => {}
-                        Err(e) => warn!("Redis channel {:?}: {e}; skipped", self.channel),
+                        Err(e) => {
+                            warn!("Redis channel {:?}: {e}; skipped", msg.get_channel_name())
+                        }
                     }
                 }
                 Err(e) if e.is_timeout() => {
@@ -546,6 +1050,47 @@ mod tests {
             seq: 0,
             frame: Arc::from(&[n; 9][..]),
         }]
+    }
+
+    fn join(uid: &str) -> Interest {
+        Interest::Join(Join {
+            uid: Arc::from(uid),
+            ticket: Ticket { key: 0, serial: 0 },
+            since: None,
+            at: Instant::now(),
+        })
+    }
+
+    fn leave(uid: &str) -> Interest {
+        Interest::Leave(Arc::from(uid))
+    }
+
+    #[test]
+    fn interest_changes_of_a_turn_net_out_per_uid() {
+        let mut uids: HashSet<Arc<str>> = ["held", "going"].into_iter().map(Arc::from).collect();
+        let mut joins = Vec::new();
+        let (on, off) = net_interest(
+            &mut uids,
+            &mut joins,
+            vec![
+                join("new"),
+                leave("going"),
+                // Left and came back in one turn: never unsubscribed, its read
+                // is still asked for (the channel stays subscribed throughout).
+                leave("held"),
+                join("held"),
+                // Came and went: nothing to subscribe.
+                join("brief"),
+                leave("brief"),
+            ],
+        );
+        assert_eq!(on, [Arc::from("new")]);
+        assert_eq!(off, [Arc::from("going")]);
+        let mut now: Vec<&str> = uids.iter().map(|u| &**u).collect();
+        now.sort_unstable();
+        assert_eq!(now, ["held", "new"]);
+        let asked: Vec<&str> = joins.iter().map(|j| &*j.uid).collect();
+        assert_eq!(asked, ["new", "held", "brief"]);
     }
 
     #[test]

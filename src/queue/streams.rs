@@ -11,6 +11,11 @@
 //! - `<name>:{meta}:log` — every message once, in order, bounded by `-history-log`: a
 //!   node whose subscription was interrupted reads what it missed from here.
 //!
+//! Channels: `<name>:u:<uid>` per uid and `<name>:all` for broadcasts. The script
+//! publishes a message once on each of its targets' channels, so a node subscribes
+//! only to the uids it holds; a message for two uids a node holds arrives twice and
+//! the subscriber drops the repeat by its id.
+//!
 //! A delivery id is `<epoch hex>-<seq>` with `seq = ms * 1024 + n`: one number orders
 //! a uid's messages and the broadcasts among each other (the script runs serially, so
 //! the ids follow the order in which messages were published), and its high part is a
@@ -31,6 +36,11 @@ use crate::message::{Envelope, Rules, Target, encode_wire};
 /// Messages per millisecond before the clock borrows from the next one.
 const PER_MS: u64 = 1024;
 
+/// The first sequence number of a millisecond.
+pub fn first_seq_at(ms: u64) -> u64 {
+    ms.saturating_mul(PER_MS)
+}
+
 /// The stream id of a sequence number.
 pub fn stream_id(seq: u64) -> String {
     format!("{}-{}", seq / PER_MS, seq % PER_MS)
@@ -43,32 +53,35 @@ pub fn seq_of(stream_id: &str) -> Option<u64> {
     (n < PER_MS).then(|| ms.checked_mul(PER_MS)?.checked_add(n))?
 }
 
-/// Appends a batch to the streams of its targets and publishes each message, in one
-/// atomic step. Returns the epoch, the ids given, and the fewest receivers any publish
-/// reached.
+/// Appends a batch to the streams of its targets and publishes each message on its
+/// targets' channels, in one atomic step. Returns the epoch, the ids given, and the
+/// fewest receivers any message reached.
+///
+/// Per message: ARGV holds the number of targets, each target's key index, each
+/// target's channel, then the payload.
 const APPEND: &str = r#"
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then
-  redis.call('SET', KEYS[1], ARGV[4])
-  epoch = ARGV[4]
+  redis.call('SET', KEYS[1], ARGV[3])
+  epoch = ARGV[3]
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local clock = redis.call('HMGET', KEYS[2], 'ms', 'n')
 local ms = tonumber(clock[1]) or 0
 local n = tonumber(clock[2]) or -1
-local ttl = tonumber(ARGV[2])
-local maxlen = tonumber(ARGV[3])
-local loglen = tonumber(ARGV[5])
+local ttl = tonumber(ARGV[1])
+local maxlen = tonumber(ARGV[2])
+local loglen = tonumber(ARGV[4])
 local out = {epoch}
 local fewest = -1
-local i = 6
+local i = 5
 while i <= #ARGV do
   if now > ms then ms = now; n = 0 else n = n + 1 end
   if n >= 1024 then ms = ms + 1; n = 0 end
   local id = string.format('%d-%d', ms, n)
   local count = tonumber(ARGV[i])
-  local payload = ARGV[i + count + 1]
+  local payload = ARGV[i + 2 * count + 1]
   for k = 1, count do
     local key = KEYS[tonumber(ARGV[i + k])]
     redis.call('XADD', key, id, 'm', payload)
@@ -92,10 +105,14 @@ while i <= #ARGV do
   end
   redis.call('XADD', KEYS[3], 'MAXLEN', loglen, id, 'm', payload)
   redis.call('XTRIM', KEYS[3], 'MINID', string.format('%d-0', ms - ttl))
-  local got = redis.call('PUBLISH', ARGV[1], epoch .. ' ' .. id .. ' ' .. payload)
+  local wire = epoch .. ' ' .. id .. ' ' .. payload
+  local got = 0
+  for k = 1, count do
+    got = got + redis.call('PUBLISH', ARGV[i + count + k], wire)
+  end
   if fewest < 0 or got < fewest then fewest = got end
   out[#out + 1] = id
-  i = i + count + 2
+  i = i + 2 * count + 2
 end
 redis.call('HSET', KEYS[2], 'ms', string.format('%d', ms), 'n', n)
 out[#out + 1] = fewest
@@ -107,10 +124,22 @@ return out
 const READ: &str = r#"
 local epoch = redis.call('GET', KEYS[1])
 local t = redis.call('TIME')
-local out = {epoch or false, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
+local out = {epoch or false, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), false}
+-- The newest id issued (ARGV[5] names the clock key): every message up to it was
+-- published before this read.
+if ARGV[5] then
+  local clock = redis.call('HMGET', ARGV[5], 'ms', 'n')
+  if clock[1] then out[3] = clock[1] .. '-' .. clock[2] end
+end
 -- An id of another epoch says nothing about these streams: read them whole.
 local start = ARGV[1]
 if epoch ~= ARGV[3] then start = '-' end
+-- A connection that just joined: what came in the last ARGV[4] ms (its caller
+-- narrows that to the moment it joined, by Redis's clock in the reply).
+if ARGV[4] then
+  local floor = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[4])
+  start = string.format('%d-0', math.max(floor, 0))
+end
 for k = 2, #KEYS do
   if redis.call('EXISTS', KEYS[k]) == 1 then
     local info = redis.call('XINFO', 'STREAM', KEYS[k])
@@ -189,10 +218,18 @@ pub struct Appended {
 pub struct Fetched {
     /// Nothing after `since` is missing.
     pub complete: bool,
-    /// The epoch Redis holds, if any.
-    pub epoch: Option<Epoch>,
     /// Each message with its sequence number, oldest first, frames built with their ids.
     pub batch: Vec<Envelope>,
+    /// Redis's clock when it read them (ms since the epoch).
+    pub redis_ms: u64,
+    /// A stream had more than the read's limit: what follows is not in `batch`.
+    pub cut: bool,
+    /// The newest sequence number a trim removed from any stream read.
+    pub trimmed: u64,
+    /// The epoch of Redis's history, if it has one.
+    pub epoch: Option<Epoch>,
+    /// The newest sequence number issued when it read (joins' reads only).
+    pub clock: Option<u64>,
 }
 
 impl Streams {
@@ -220,91 +257,105 @@ impl Streams {
         }
     }
 
-    /// Appends and publishes a batch on `channel`; `fresh` is the epoch a Redis without
-    /// one takes.
+    /// The pub/sub channel of one uid, or of the broadcasts.
+    pub fn channel(&self, uid: Option<&str>) -> String {
+        match uid {
+            Some(u) => format!("{}:u:{u}", self.name),
+            None => format!("{}:all", self.name),
+        }
+    }
+
+    /// Appends a batch and publishes each message on its targets' channels; `fresh`
+    /// is the epoch a Redis without one takes.
     pub fn append(
         &self,
         con: &mut Connection,
-        channel: &str,
         batch: &[Envelope],
         fresh: Epoch,
     ) -> RedisResult<Appended> {
         let mut keys = vec![self.meta("epoch"), self.meta("clock"), self.meta("log")];
         let mut args: Vec<Vec<u8>> = vec![
-            channel.as_bytes().to_vec(),
             self.ttl_ms.to_string().into_bytes(),
             self.size.to_string().into_bytes(),
             format!("{:x}", fresh.0).into_bytes(),
             self.log.to_string().into_bytes(),
         ];
         for env in batch {
-            let streams: Vec<String> = match &env.target {
-                Target::All => vec![self.key(None)],
-                Target::Uids(uids) => uids.iter().map(|u| self.key(Some(u))).collect(),
+            let targets: Vec<Option<&str>> = match &env.target {
+                Target::All => vec![None],
+                Target::Uids(uids) => uids.iter().map(|u| Some(&**u)).collect(),
             };
-            args.push(streams.len().to_string().into_bytes());
-            for s in streams {
+            args.push(targets.len().to_string().into_bytes());
+            for &t in &targets {
+                let s = self.key(t);
                 let at = keys.iter().position(|k| *k == s).unwrap_or_else(|| {
                     keys.push(s);
                     keys.len() - 1
                 });
                 args.push((at + 1).to_string().into_bytes());
             }
+            for &t in &targets {
+                args.push(self.channel(t).into_bytes());
+            }
             args.push(encode_wire(std::slice::from_ref(env)));
         }
         parse_appended(self.append.run(con, &keys, &args)?, batch.len())
     }
 
+    /// The epoch and the newest sequence number issued, if Redis has a history.
+    pub fn clock(&self, con: &mut Connection) -> RedisResult<Option<(Epoch, u64)>> {
+        let (epoch, ms, n): (Option<String>, Option<u64>, Option<u64>) = ::redis::pipe()
+            .atomic()
+            .get(self.meta("epoch"))
+            .hget(self.meta("clock"), "ms")
+            .hget(self.meta("clock"), "n")
+            .query(con)?;
+        let epoch = epoch.and_then(|e| epoch_of(&Value::SimpleString(e)));
+        Ok(epoch.map(|e| (e, ms.unwrap_or(0) * PER_MS + n.unwrap_or(0))))
+    }
+
     /// What a node missed while it was not subscribed: the log after `after`, at most
     /// `limit` messages, and whether that is all of it (nothing trimmed in between,
     /// same epoch, not cut by `limit`).
-    /// `from` is `None` for a node that subscribed while Redis held no history yet:
-    /// everything in the log is then new to it.
     pub fn fill(
         &self,
         con: &mut Connection,
-        from: Option<(Epoch, u64)>,
+        epoch: Epoch,
+        after: u64,
         limit: usize,
         now_ms: u64,
     ) -> RedisResult<Fetched> {
         let keys = vec![self.meta("epoch"), self.meta("log")];
-        let (since, args) = match from {
-            Some((epoch, after)) => (
-                epoch.id(after),
-                vec![
-                    format!("({}", stream_id(after)).into_bytes(),
-                    limit.max(1).to_string().into_bytes(),
-                    format!("{:x}", epoch.0).into_bytes(),
-                ],
-            ),
-            None => (
-                "0".to_string(),
-                vec![
-                    b"-".to_vec(),
-                    limit.max(1).to_string().into_bytes(),
-                    Vec::new(),
-                ],
-            ),
-        };
+        let since = epoch.id(after);
+        let args = vec![
+            format!("({}", stream_id(after)).into_bytes(),
+            limit.max(1).to_string().into_bytes(),
+            format!("{:x}", epoch.0).into_bytes(),
+        ];
         let reply = self.read.run(con, &keys, &args)?;
         parse_fetched(reply, &since, limit, now_ms, u64::MAX, &self.rules)
     }
 
-    /// Where the history stands: its epoch and the last sequence number issued, or
-    /// `None` while Redis holds no history at all.
-    pub fn head(&self, con: &mut Connection) -> RedisResult<Option<(Epoch, u64)>> {
-        let (epoch, ms, n): (Option<String>, Option<u64>, Option<u64>) = ::redis::pipe()
-            .cmd("GET")
-            .arg(self.meta("epoch"))
-            .cmd("HGET")
-            .arg(self.meta("clock"))
-            .arg("ms")
-            .cmd("HGET")
-            .arg(self.meta("clock"))
-            .arg("n")
-            .query(con)?;
-        let epoch = epoch.and_then(|e| epoch_of(&Value::BulkString(e.into_bytes())));
-        Ok(epoch.map(|e| (e, ms.unwrap_or(0) * PER_MS + n.unwrap_or(0))))
+    /// Reads what `uid` got in the last `ago` (by Redis's clock), at most `limit`:
+    /// for a connection that joined then. The caller cuts the batch at the moment it
+    /// joined ([`Fetched::redis_ms`]).
+    pub fn read_recent(
+        &self,
+        con: &mut Connection,
+        uid: &str,
+        ago: std::time::Duration,
+        limit: usize,
+    ) -> RedisResult<Fetched> {
+        let keys = vec![self.meta("epoch"), self.key(Some(uid))];
+        let args = vec![
+            b"-".to_vec(),
+            limit.max(1).to_string().into_bytes(),
+            Vec::new(),
+            (ago.as_millis() + 1).to_string().into_bytes(),
+            self.meta("clock").into_bytes(),
+        ];
+        let reply = self.read.run(con, &keys, &args)?;
+        parse_fetched(reply, "0", limit, 0, self.ttl_ms, &self.rules)
     }
 
     /// Reads what `uid` and `all` got after `since`, at most `limit` per stream.
@@ -454,11 +505,16 @@ fn parse_fetched(
     // Redis's clock decides what left retention; a later `now_ms` (a test's) wins.
     let now_ms = now_ms.max(u64::try_from(*redis_now).unwrap_or(0));
     // No epoch: Redis holds no history at all (restarted empty, or nothing sent yet).
+    let redis_ms = u64::try_from(*redis_now).unwrap_or(0);
     let Some(epoch) = epoch else {
         return Ok(Fetched {
             complete: since == "0",
-            epoch: None,
             batch: Vec::new(),
+            redis_ms,
+            cut: false,
+            trimmed: 0,
+            epoch: None,
+            clock: None,
         });
     };
     let since = epoch.parse_since(since).unwrap_or(Since::Foreign);
@@ -466,13 +522,17 @@ fn parse_fetched(
         Since::After(seq) => seq,
         _ => 0,
     };
-    // At least 1: for a catch-up (no ttl), `since=0` is complete only if nothing was trimmed.
-    let window_start = (now_ms.saturating_sub(ttl_ms) * PER_MS).max(1);
+    let window_start = now_ms.saturating_sub(ttl_ms) * PER_MS;
     let mut complete = since != Since::Foreign;
     let mut merged: Vec<(u64, Envelope)> = Vec::new();
-    for v in &items[2..] {
+    let mut cut = false;
+    let mut trimmed = 0;
+    let clock = items.get(2).and_then(text).and_then(seq_of);
+    for v in items.get(3..).unwrap_or_default() {
         match parse_part(v, epoch, limit, rules)? {
             Some(part) => {
+                cut |= part.cut;
+                trimmed = trimmed.max(part.deleted);
                 complete &= !part.cut
                     && match since {
                         // Only a bound that cut a message still within retention.
@@ -487,6 +547,8 @@ fn parse_fetched(
         }
     }
     merged.sort_by_key(|(seq, _)| *seq);
+    // A message for several uids sits in each of their streams: once is enough.
+    merged.dedup_by_key(|(seq, _)| *seq);
     let now = now_ms / 1000;
     let batch = merged
         .into_iter()
@@ -495,7 +557,11 @@ fn parse_fetched(
         .collect();
     Ok(Fetched {
         complete,
-        epoch: Some(epoch),
         batch,
+        redis_ms,
+        cut,
+        trimmed,
+        epoch: Some(epoch),
+        clock,
     })
 }

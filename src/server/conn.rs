@@ -28,6 +28,8 @@ pub enum Phase {
     },
     /// A `/send` batch is with the queue backend; input waits until it answers.
     Publishing { accepted: usize, keep_alive: bool },
+    /// A `/presence` read is with the queue backend; input waits until it answers.
+    Asking { keep_alive: bool },
     /// An upgraded push connection.
     Ws(WsState),
     /// A push connection on `/sse`: an event stream. The client never sends; its
@@ -149,6 +151,9 @@ pub struct Delivery {
 pub struct Held {
     pub frames: Vec<(u64, Arc<[u8]>)>,
     pub bytes: usize,
+    /// A connection without `since` whose uid was new to the node: its replay is
+    /// what was sent between its join and the subscription, without a `resumed`.
+    pub quiet: bool,
 }
 
 impl WsState {

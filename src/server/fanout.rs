@@ -154,6 +154,7 @@ impl Server {
             Inbound::Resubscribed => {}
             Inbound::Unfilled => self.restart_push_connections(),
             Inbound::History { ticket, fetched } => self.on_history(ticket, fetched),
+            Inbound::Presence { ticket, result } => self.on_presence(ticket, result),
         }
     }
 

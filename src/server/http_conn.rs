@@ -13,7 +13,7 @@ use crate::http::chunked::ChunkedDecoder;
 use crate::http::request::{self, BodyKind, Head, HttpError, Limits, Method};
 use crate::http::response::{self, Response};
 use crate::message::{Envelope, unix_now};
-use crate::queue::{QueueError, Submit, Ticket};
+use crate::queue::{PresenceRead, QueueError, Submit, Ticket};
 
 impl Server {
     pub(super) fn http_step(&mut self, key: usize, buf: &mut [u8]) -> Step {
@@ -165,6 +165,7 @@ impl Server {
             Action::Upgrade(upgrade) => self.upgrade(key, upgrade),
             Action::EventStream(listener) => self.open_sse(key, listener),
             Action::Publish(batch) => self.publish(key, batch, keep_alive),
+            Action::Ask(uids) => self.ask_presence(key, uids, keep_alive),
         };
     }
 
@@ -250,6 +251,68 @@ impl Server {
         self.reply(key, &resp, keep_alive, false)
     }
 
+    /// `/presence`: from this node's hub, or from the backend later.
+    fn ask_presence(&mut self, key: usize, uids: Vec<String>, keep_alive: bool) -> Liveness {
+        let Some(serial) = self.conns.get(key).map(|c| c.serial) else {
+            return Liveness::Closed;
+        };
+        match self.queue.presence(Ticket { key, serial }, uids.clone()) {
+            PresenceRead::Local => {
+                let counts = uids
+                    .into_iter()
+                    .map(|u| {
+                        let n = self.hub.count(&u) as u64;
+                        (u, n)
+                    })
+                    .collect();
+                self.reply(key, &presence_response(counts), keep_alive, false)
+            }
+            PresenceRead::Pending => {
+                let Some(conn) = self.conns.get_mut(key) else {
+                    return Liveness::Closed;
+                };
+                conn.phase = Phase::Asking { keep_alive };
+                conn.deadline = Instant::now() + self.cfg.request_timeout;
+                Liveness::Alive
+            }
+            PresenceRead::Unavailable => {
+                let resp = Response::error(503, "too many presence reads waiting");
+                self.reply(key, &resp, keep_alive, false)
+            }
+            PresenceRead::Unsupported => {
+                let resp = Response::error(501, "presence across nodes needs -queue=list or redis");
+                self.reply(key, &resp, keep_alive, false)
+            }
+        }
+    }
+
+    /// The backend's answer to a `/presence` that was waiting for it.
+    pub(super) fn on_presence(
+        &mut self,
+        ticket: Ticket,
+        result: Result<Vec<(String, u64)>, String>,
+    ) {
+        let Some(conn) = self.conns.get(ticket.key) else {
+            return;
+        };
+        let Phase::Asking { keep_alive } = conn.phase else {
+            return;
+        };
+        if conn.serial != ticket.serial {
+            return;
+        }
+        let resp = match result {
+            Ok(counts) => presence_response(counts),
+            Err(e) => {
+                warn!("/presence: {e}");
+                Response::error(503, &format!("presence unavailable: {e}"))
+            }
+        };
+        if self.reply(ticket.key, &resp, keep_alive, false).alive() {
+            let _ = self.resume(ticket.key);
+        }
+    }
+
     /// The backend's answer to a `/send` that was waiting for it.
     pub(super) fn on_published(&mut self, ticket: Ticket, result: Result<(), QueueError>) {
         let Some(conn) = self.conns.get(ticket.key) else {
@@ -272,4 +335,12 @@ impl Server {
             let _ = self.resume(ticket.key);
         }
     }
+}
+
+/// `{"ok":true,"presence":{"U":connections,…}}`: 0 is offline.
+fn presence_response(counts: Vec<(String, u64)>) -> Response {
+    let map: serde_json::Map<String, serde_json::Value> =
+        counts.into_iter().map(|(u, n)| (u, n.into())).collect();
+    let body = serde_json::json!({"ok": true, "presence": map});
+    Response::json(200, body.to_string().into_bytes())
 }

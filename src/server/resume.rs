@@ -8,10 +8,11 @@
 //!
 //! With Redis the history is read on a backend thread: the connection joins the hub
 //! at once and its live pushes are held (`Delivery::resuming`, in the encoding of
-//! its transport) until the read comes back; then the replay goes out, and of what
-//! was held only what is newer than the replay. Every push carries its sequence
-//! number, so a message in both is sent once. Both transports resume alike; only
-//! the encoding differs (WebSocket frames, or event-stream events with `id:`).
+//! its transport) until the read comes back; then the replay and what was held go
+//! out merged by sequence number, so a message in both is sent once. A connection of
+//! a uid new to the node starts the same way while the node subscribes
+//! (`Server::join_queue`). Both transports resume alike; only the encoding differs
+//! (WebSocket frames, or event-stream events with `id:`).
 
 use std::sync::Arc;
 
@@ -23,7 +24,7 @@ use crate::history::Since;
 use crate::http::sse;
 use crate::message::{self, Envelope, unix_now};
 use crate::queue::streams::Fetched;
-use crate::queue::{Resume, Ticket};
+use crate::queue::{Joined, Resume, Ticket};
 use crate::ws::frame::{self, OpCode};
 
 impl Server {
@@ -37,6 +38,25 @@ impl Server {
             env.set_id(seq, &self.history.epoch().id(seq));
             self.history.append(seq, env, now);
         }
+    }
+
+    /// Tells the backend a connection of `uid` joined. While its uid's messages
+    /// do not reach this node yet (`Pending`), the connection is started like a
+    /// resume: live pushes held until the backend's read of what it missed.
+    pub(super) fn join_queue(&mut self, key: usize, uid: &str, since: Option<&str>) -> Joined {
+        let Some(serial) = self.conns.get(key).map(|c| c.serial) else {
+            return Joined::Refused;
+        };
+        let joined = self.queue.join(Ticket { key, serial }, uid, since);
+        if joined == Joined::Pending
+            && let Some(d) = self.conns.get_mut(key).and_then(|c| c.phase.delivery_mut())
+        {
+            d.resuming = Some(Box::new(Held {
+                quiet: since.is_none(),
+                ..Held::default()
+            }));
+        }
+        joined
     }
 
     /// A connection opened with `?since=` (or `Last-Event-ID`): replayed from this
@@ -80,14 +100,26 @@ impl Server {
         let (Some(held), Some(transport)) = (held, transport) else {
             return; // gone, or closing, meanwhile
         };
+        let key = ticket.key;
+        // The read came after the uid's channel was subscribed: from now on its
+        // messages reach this node, and its next connections start at once.
+        if let Some(uid) = self.hub.uid(key) {
+            self.queue.subscribed(uid);
+        }
         let (complete, batch) = match fetched {
             Ok(f) => (f.complete, f.batch),
+            Err(e) if held.quiet => {
+                // Without a replay this connection may have missed what was sent
+                // between its join and the subscription: it reconnects instead.
+                warn!("join: history unreadable: {e}");
+                let _ = self.restart(key, "missed messages, reconnect");
+                return;
+            }
             Err(e) => {
                 warn!("resume: history unreadable: {e}");
                 (false, Vec::new())
             }
         };
-        let key = ticket.key;
         let now = unix_now();
         let frames: Vec<(u64, Arc<[u8]>)> = batch
             .into_iter()
@@ -100,18 +132,21 @@ impl Server {
                 (e.seq, bytes)
             })
             .collect();
-        self.count_resume(complete, frames.len());
-        if !self.send_resumed(key, complete).alive() {
-            return;
+        if !held.quiet {
+            self.count_resume(complete, frames.len());
+            if !self.send_resumed(key, complete).alive() {
+                return;
+            }
         }
-        let replayed_up_to = frames.last().map_or(0, |(seq, _)| *seq);
+        // The replay and the pushes held meanwhile overlap and interleave (a held
+        // broadcast may be older than a replayed message): merged by id, each once.
         let Held { frames: live, .. } = *held;
-        let newer = live.into_iter().filter(|(seq, _)| *seq > replayed_up_to);
-        let all: Vec<Arc<[u8]>> = frames
-            .into_iter()
-            .map(|(_, f)| f)
-            .chain(newer.map(|(_, f)| f))
-            .collect();
+        let mut merged = frames;
+        merged.extend(live);
+        merged.sort_by_key(|(seq, _)| *seq);
+        merged.dedup_by_key(|(seq, _)| *seq);
+        let up_to = merged.last().map_or(0, |(seq, _)| *seq);
+        let all: Vec<Arc<[u8]>> = merged.into_iter().map(|(_, f)| f).collect();
         self.counters.messages_out += all.len() as u64;
         if transport == Transport::WebSocket {
             // Held pushes were taken in the connection's encoding, compressed or not.
@@ -121,7 +156,7 @@ impl Server {
             return;
         };
         if let Some(d) = conn.phase.delivery_mut() {
-            d.last_seq = d.last_seq.max(replayed_up_to);
+            d.last_seq = d.last_seq.max(up_to);
         }
         for chunk in all.chunks(64) {
             if let Err(e) = conn.send_shared(chunk.iter()) {
@@ -138,16 +173,16 @@ impl Server {
     /// missing).
     pub(super) fn restart_push_connections(&mut self) {
         for key in self.keys_where(|c| c.phase.receives_pushes()) {
-            let transport = self.conns.get(key).and_then(|c| c.phase.transport());
-            let _ = match transport {
-                Some(Transport::EventStream) => self.end_sse(key, "missed messages, resume"),
-                _ => self.end_ws(
-                    key,
-                    Some(CloseCode::Restart),
-                    "missed messages, resume",
-                    Then::AwaitPeer,
-                ),
-            };
+            let _ = self.restart(key, "missed messages, resume");
+        }
+    }
+
+    /// Sends a push connection off to reconnect and resume: 1012 for a WebSocket;
+    /// an event stream ends, and the browser comes back with `Last-Event-ID`.
+    fn restart(&mut self, key: usize, why: &str) -> Liveness {
+        match self.conns.get(key).and_then(|c| c.phase.transport()) {
+            Some(Transport::EventStream) => self.end_sse(key, why),
+            _ => self.end_ws(key, Some(CloseCode::Restart), why, Then::AwaitPeer),
         }
     }
 

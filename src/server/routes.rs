@@ -31,6 +31,7 @@ pub(super) enum Route {
     Health,
     Stats,
     Metrics,
+    Presence,
     NotFound,
 }
 
@@ -45,13 +46,17 @@ impl Route {
             "/healthz" => Route::Health,
             "/stats" => Route::Stats,
             "/metrics" => Route::Metrics,
+            "/presence" => Route::Presence,
             _ => Route::NotFound,
         }
     }
 
-    /// Publishing and the figures need the API key when one is set.
+    /// Publishing, presence and the figures need the API key when one is set.
     fn guarded(self) -> bool {
-        matches!(self, Route::Send | Route::Stats | Route::Metrics)
+        matches!(
+            self,
+            Route::Send | Route::Stats | Route::Metrics | Route::Presence
+        )
     }
 }
 
@@ -64,6 +69,8 @@ pub(super) enum Action {
     /// Open an event stream (`/sse`).
     EventStream(Listener),
     Publish(Vec<Envelope>),
+    /// `/presence` for these uids.
+    Ask(Vec<String>),
 }
 
 /// A push receiver that passed every check, on either transport.
@@ -128,6 +135,10 @@ impl Server {
                 "text/plain; version=0.0.4; charset=utf-8",
                 self.snapshot(|s| s.to_prometheus()),
             )),
+            Route::Presence => match presence_uids(&head.query, self.cfg.presence_max) {
+                Ok(uids) => Action::Ask(uids),
+                Err(e) => respond(Response::error(e.status(), &e.to_string())),
+            },
         }
     }
 
@@ -324,6 +335,7 @@ impl Server {
             queue_reconnects: self.queue.reconnects(),
             history: self.history.stats(),
             queue_backlog: self.queue.backlog(),
+            queue_routing: self.queue.routing(),
             uptime_seconds: self.started.elapsed().as_secs(),
             rss_bytes: stats::rss_bytes(),
         })
@@ -332,6 +344,33 @@ impl Server {
 
 fn not_allowed(allow: &'static str) -> Response {
     Response::error(405, "method not allowed").with_header("Allow", allow)
+}
+
+/// The uids of a `/presence?uid=U[,U…]` query: each once, in order, at most `max`.
+fn presence_uids(query: &str, max: usize) -> Result<Vec<String>, HttpError> {
+    let raw = query::get(query, "uid")?.unwrap_or_default();
+    let mut uids: Vec<String> = Vec::new();
+    for uid in raw.split(',') {
+        if uid.is_empty() {
+            return Err(HttpError::BadRequest(
+                "uid must list one or more uids, separated by commas".into(),
+            ));
+        }
+        if uid.len() > MAX_UID_LEN {
+            return Err(HttpError::BadRequest(format!(
+                "uid is longer than {MAX_UID_LEN} bytes"
+            )));
+        }
+        if !uids.iter().any(|u| u == uid) {
+            uids.push(uid.to_string());
+        }
+        if uids.len() > max {
+            return Err(HttpError::BadRequest(format!(
+                "more than {max} uids (-presence-max)"
+            )));
+        }
+    }
+    Ok(uids)
 }
 
 /// `uid`, `types` and `since` from a `/ws` or `/sse` query string.
@@ -392,6 +431,17 @@ mod tests {
         );
         assert!(ws_params("since=yesterday").is_err());
         assert!(ws_params(&format!("uid={}", "x".repeat(300))).is_err());
+    }
+
+    #[test]
+    fn presence_uids_are_listed_once_and_bounded() {
+        assert_eq!(presence_uids("uid=a,b%2Cc,a", 5).unwrap(), ["a", "b", "c"]);
+        assert!(presence_uids("uid=", 5).is_err());
+        assert!(presence_uids("", 5).is_err());
+        assert!(presence_uids("uid=a,,b", 5).is_err());
+        assert!(presence_uids("uid=a,b,c", 2).is_err());
+        assert_eq!(presence_uids("uid=a,a,a", 1).unwrap(), ["a"]);
+        assert!(presence_uids(&format!("uid={}", "x".repeat(300)), 5).is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@ use super::routes::Listener;
 use super::stream::Step;
 use super::{Liveness, Server};
 use crate::http::sse;
+use crate::queue::Joined;
 
 impl Server {
     /// Answers `200 text/event-stream` and joins the hub; with a `since` (query
@@ -33,11 +34,25 @@ impl Server {
                 .map_or_else(|| "-".to_string(), |ip| ip.to_string())
         );
         self.hub.join(key, l.uid.as_deref(), l.types);
+        if let Some(uid) = l.uid.as_deref() {
+            self.queue.presence_changed(uid, self.hub.count(uid));
+        }
+        self.queue.flush();
         self.counters.sse_opened += 1;
+        // As on /ws: a uid new to this node starts once its messages reach the node.
+        let joined = match l.uid.as_deref() {
+            Some(uid) => self.join_queue(key, uid, l.since.as_deref()),
+            None => Joined::Live,
+        };
         let opened = self.send(key, Chunk::Owned(sse::RESPONSE_HEAD.to_vec()));
-        match l.since {
-            Some(since) if opened.alive() => self.resume_from(key, &since),
-            _ => opened,
+        if !opened.alive() {
+            return opened;
+        }
+        match (joined, l.since) {
+            (Joined::Pending, _) => Liveness::Alive,
+            (Joined::Refused, _) => self.end_sse(key, "too many connections starting, retry"),
+            (Joined::Live, Some(since)) => self.resume_from(key, &since),
+            (Joined::Live, None) => opened,
         }
     }
 

@@ -91,6 +91,8 @@ pub struct Snapshot<'a> {
     pub queue_reconnects: u64,
     /// Messages dropped and `/send` batches refused because delivery was behind.
     pub queue_backlog: crate::queue::BacklogCounts,
+    /// What interest routing received (Redis).
+    pub queue_routing: crate::queue::RoutingCounts,
     pub uptime_seconds: u64,
     pub rss_bytes: Option<u64>,
     /// What this node retains for resumes.
@@ -254,6 +256,24 @@ impl Snapshot<'_> {
             "/send batches refused because delivery was behind.",
             self.queue_backlog.refused,
         ));
+        m.push((
+            "queue_received_total",
+            "counter",
+            "Messages read from Redis by this node (pub/sub and catch-up, repeats included).",
+            self.queue_routing.received,
+        ));
+        m.push((
+            "queue_channels",
+            "gauge",
+            "Uids whose Redis channel this node is subscribed to.",
+            self.queue_routing.channels as u64,
+        ));
+        m.push((
+            "queue_joins_refused_total",
+            "counter",
+            "Connections closed with 1013 because -queue-interest subscription changes were waiting.",
+            self.queue_routing.refused,
+        ));
         m
     }
 
@@ -297,6 +317,9 @@ impl Snapshot<'_> {
                 "reconnects": self.queue_reconnects,
                 "dropped_behind": self.queue_backlog.dropped,
                 "refused_behind": self.queue_backlog.refused,
+                "received": self.queue_routing.received,
+                "channels": self.queue_routing.channels,
+                "joins_refused": self.queue_routing.refused,
             },
         });
         v.to_string().into_bytes()
@@ -366,6 +389,11 @@ mod tests {
                 dropped: 3,
                 refused: 4,
             },
+            queue_routing: crate::queue::RoutingCounts {
+                received: 5,
+                channels: 6,
+                refused: 7,
+            },
             uptime_seconds: 9,
             rss_bytes: Some(4096),
             history: HistoryStats {
@@ -405,6 +433,9 @@ mod tests {
         assert_eq!(v["history"]["trimmed"]["size"], 3);
         assert_eq!(v["resumes"]["incomplete"], 0);
         assert_eq!(v["queue"]["dropped_behind"], 3);
+        assert_eq!(v["queue"]["received"], 5);
+        assert_eq!(v["queue"]["channels"], 6);
+        assert_eq!(v["queue"]["joins_refused"], 7);
         assert_eq!(v["queue"]["refused_behind"], 4);
     }
 
@@ -420,6 +451,9 @@ mod tests {
         assert!(text.contains("\nwspush_history_messages 4\n"));
         assert!(text.contains("wspush_history_trimmed_total{reason=\"size\"} 3\n"));
         assert!(text.contains("\nwspush_queue_dropped_behind_total 3\n"));
+        assert!(text.contains("\nwspush_queue_received_total 5\n"));
+        assert!(text.contains("\nwspush_queue_channels 6\n"));
+        assert!(text.contains("\nwspush_queue_joins_refused_total 7\n"));
         assert!(text.contains("\nwspush_queue_refused_behind_total 4\n"));
         assert!(text.contains("wspush_queue_up{backend=\"list\",state=\"up\"} 1"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {

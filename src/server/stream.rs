@@ -124,7 +124,7 @@ impl Server {
             return false;
         };
         match conn.phase {
-            Phase::Publishing { .. } => false,
+            Phase::Publishing { .. } | Phase::Asking { .. } => false,
             Phase::Http { .. } => conn.out.bytes() <= self.cfg.max_backlog,
             Phase::Ws(_) | Phase::Sse(_) | Phase::Closing | Phase::Draining { .. } => true,
         }
@@ -198,7 +198,7 @@ impl Server {
                 Phase::Http { .. } => self.http_step(key, &mut buf[pos..]),
                 Phase::Ws(_) | Phase::Closing => self.ws_step(key, &mut buf[pos..]),
                 Phase::Sse(_) => self.sse_step(&buf[pos..]),
-                Phase::Publishing { .. } => Step::Stop,
+                Phase::Publishing { .. } | Phase::Asking { .. } => Step::Stop,
                 // Nothing more is answered; input is read only to notice the peer leaving.
                 Phase::Draining { .. } => Step::Progress(buf.len() - pos),
             };

@@ -76,6 +76,7 @@ pub(super) fn tick_for(cfg: &Config) -> Duration {
 
 impl Server {
     pub(super) fn on_tick(&mut self, now: Instant) {
+        self.queue.flush();
         self.history.sweep(crate::message::unix_now());
         self.admission.restore_spare();
         if self.admission.paused {
@@ -121,7 +122,7 @@ impl Server {
                 self.counters.limited[Limit::RequestTimeout.index()] += 1;
                 self.reply(key, &Response::error(408, "request timeout"), false, false)
             }
-            Phase::Publishing { .. } => {
+            Phase::Publishing { .. } | Phase::Asking { .. } => {
                 let resp = Response::error(503, "queue backend did not answer in time");
                 self.reply(key, &resp, false, false)
             }

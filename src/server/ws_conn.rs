@@ -9,6 +9,7 @@ use super::routes::{self, Upgrade};
 use super::stats::Limit;
 use super::stream::Step;
 use super::{Liveness, Reason, Server};
+use crate::queue::Joined;
 use crate::ws::assembler::{Assembler, Message};
 use crate::ws::deflate::Inflater;
 use crate::ws::frame::{self, OpCode, ProtocolError};
@@ -31,6 +32,8 @@ pub enum CloseCode {
     /// 1012: the server restarts the connection's service; reconnect (here: its
     /// node lost messages it could not recover, and a resume tells what is missing).
     Restart,
+    /// 1013: try again later (here: too many connections starting at once).
+    TryAgain,
     /// Any other code, as the peer sent it.
     Other(u16),
 }
@@ -44,6 +47,7 @@ impl CloseCode {
             CloseCode::Policy => 1008,
             CloseCode::TooBig => 1009,
             CloseCode::Restart => 1012,
+            CloseCode::TryAgain => 1013,
             CloseCode::Other(code) => code,
         }
     }
@@ -58,6 +62,7 @@ impl From<u16> for CloseCode {
             1008 => CloseCode::Policy,
             1009 => CloseCode::TooBig,
             1012 => CloseCode::Restart,
+            1013 => CloseCode::TryAgain,
             other => CloseCode::Other(other),
         }
     }
@@ -104,15 +109,34 @@ impl Server {
                 .map_or_else(|| "-".to_string(), |ip| ip.to_string())
         );
         self.hub.join(key, up.uid.as_deref(), up.types);
+        if let Some(uid) = up.uid.as_deref() {
+            self.queue.presence_changed(uid, self.hub.count(uid));
+        }
+        self.queue.flush();
         self.counters.ws_opened += 1;
+        // Before the 101: what the client sends once it has it comes after the join.
+        let joined = match up.uid.as_deref() {
+            Some(uid) => self.join_queue(key, uid, up.since.as_deref()),
+            None => Joined::Live,
+        };
         let response = match &deflate {
             Some(p) => handshake::response_with_extensions(&accept, &p.response_header()),
             None => handshake::response(&accept),
         };
         let opened = self.send(key, Chunk::Owned(response));
-        match up.since {
-            Some(since) if opened.alive() => self.resume_from(key, &since),
-            _ => opened,
+        if !opened.alive() {
+            return opened;
+        }
+        match (joined, up.since) {
+            (Joined::Pending, _) => Liveness::Alive,
+            (Joined::Refused, _) => self.end_ws(
+                key,
+                Some(CloseCode::TryAgain),
+                "too many connections starting, retry",
+                Then::AwaitPeer,
+            ),
+            (Joined::Live, Some(since)) => self.resume_from(key, &since),
+            (Joined::Live, None) => opened,
         }
     }
 
@@ -287,7 +311,14 @@ impl Server {
             conn.peer,
             conn.opened.elapsed().as_secs_f64()
         );
-        self.hub.leave(key);
+        let uid = self.hub.uid(key).map(str::to_owned);
+        let last = self.hub.leave(key);
+        if let Some(uid) = uid {
+            self.queue.presence_changed(&uid, self.hub.count(&uid));
+        }
+        if let Some(uid) = last {
+            self.queue.left(&uid);
+        }
         match transport {
             Transport::WebSocket => self.counters.ws_closed += 1,
             Transport::EventStream => self.counters.sse_closed += 1,
@@ -301,7 +332,7 @@ mod tests {
 
     #[test]
     fn close_codes_round_trip() {
-        for code in [1000, 1001, 1002, 1007, 1008, 1009, 3000, 4999] {
+        for code in [1000, 1001, 1002, 1007, 1008, 1009, 1012, 1013, 3000, 4999] {
             assert_eq!(CloseCode::from(code).as_u16(), code);
         }
         assert_eq!(CloseCode::from(1001), CloseCode::Away);
