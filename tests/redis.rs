@@ -66,17 +66,8 @@ fn accepted_but_lost(via: &Server, ws: Ws, faults: impl FnOnce()) -> (usize, usi
     (accepted.len(), lost)
 }
 
-/// Two wspush nodes on one Redis channel, both subscribed and healthy.
 fn two_nodes(redis: &RedisServer, extra: &[&str]) -> (Server, Server) {
-    let channel = format!("-queue-name={}", unique_name("redis"));
-    let flag = redis.queue_flag();
-    let mut args = vec![flag.as_str(), channel.as_str()];
-    args.extend_from_slice(extra);
-    let a = Server::start(&args);
-    let b = Server::start(&args);
-    wait_health(&a, 200);
-    wait_health(&b, 200);
-    (a, b)
+    two_redis_nodes(redis, "redis", extra)
 }
 
 /// A push without its delivery id, to compare the rest exactly.

@@ -15,14 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 fn two_nodes(redis: &RedisServer, extra: &[&str]) -> (Server, Server) {
-    let channel = format!("-queue-name={}", unique_name("routing"));
-    let flag = redis.queue_flag();
-    let mut args = vec![flag.as_str(), channel.as_str()];
-    args.extend_from_slice(extra);
-    let (a, b) = (Server::start(&args), Server::start(&args));
-    wait_health(&a, 200);
-    wait_health(&b, 200);
-    (a, b)
+    two_redis_nodes(redis, "routing", extra)
 }
 
 fn received(node: &Server) -> u64 {

@@ -83,6 +83,21 @@ async function stopServer(server) {
 }
 
 // Polled on a timer, not on animation frames: a background tab gets none.
+/** Headless Debian Chromium, without the background traffic a closed network refuses. */
+const launch = () =>
+  chromium.launch({
+    executablePath: CHROMIUM,
+    args: [
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-quic",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+    ],
+  });
+
 const POLL = { timeout: WAIT, polling: 50 };
 
 const stateIs = (page, state) =>
@@ -158,18 +173,7 @@ test("demo page: two uids, send form, reconnect after a server restart", { timeo
   let server = await startServer();
   const base = `http://127.0.0.1:${server.port}`;
 
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    args: [
-      "--no-sandbox",
-      "--disable-gpu",
-      "--disable-quic",
-      "--no-first-run",
-      "--disable-background-networking",
-      "--disable-component-update",
-      "--disable-sync",
-    ],
-  });
+  browser = await launch();
   const context = await browser.newContext({ viewport: { width: 1200, height: 900 } });
   const a = await context.newPage();
   const b = await context.newPage();
@@ -311,11 +315,7 @@ async function backendSend(port, body) {
 test("a reloaded page gets what was sent while it was away, once", { timeout: 60_000 }, async (t) => {
   const server = await startServer();
   const base = `http://127.0.0.1:${server.port}`;
-  const own = await chromium.launch({
-    executablePath: CHROMIUM,
-    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-  });
+  const own = await launch();
   try {
     const page = await (await own.newContext()).newPage();
     const pageErrors = [];
@@ -359,11 +359,7 @@ test("a reloaded page gets what was sent while it was away, once", { timeout: 60
 test("without WebSocket the page falls back to EventSource and gets its pushes", { timeout: 60_000 }, async (t) => {
   const server = await startServer();
   const base = `http://127.0.0.1:${server.port}`;
-  const own = await chromium.launch({
-    executablePath: CHROMIUM,
-    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-  });
+  const own = await launch();
   try {
     const context = await own.newContext();
     // A browser (or a proxy in the way) without WebSocket.

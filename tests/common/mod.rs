@@ -655,6 +655,19 @@ pub fn unique_name(tag: &str) -> String {
     )
 }
 
+/// Two wspush nodes on one Redis, on a channel of their own (named after `tag`),
+/// both healthy.
+pub fn two_redis_nodes(redis: &RedisServer, tag: &str, extra: &[&str]) -> (Server, Server) {
+    let channel = format!("-queue-name={}", unique_name(tag));
+    let flag = redis.queue_flag();
+    let mut args = vec![flag.as_str(), channel.as_str()];
+    args.extend_from_slice(extra);
+    let (a, b) = (Server::start(&args), Server::start(&args));
+    wait_health(&a, 200);
+    wait_health(&b, 200);
+    (a, b)
+}
+
 /// Waits until the node's `/healthz` answers `status`.
 pub fn wait_health(server: &Server, status: u16) {
     let deadline = Instant::now() + WAIT;
