@@ -67,15 +67,9 @@ impl fmt::Display for BadSince {
 pub struct Epoch(pub u32);
 
 impl Epoch {
-    /// A value that differs between runs: the start time's low bits mixed with the pid.
+    /// A value that differs between runs.
     pub fn new() -> Self {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        let mixed = (now.as_secs() as u32).rotate_left(13)
-            ^ now.subsec_nanos()
-            ^ std::process::id().rotate_left(24);
-        Epoch(mixed.max(1))
+        Epoch((random_per_run() as u32).max(1))
     }
 
     /// A delivery id: `<epoch hex>-<seq>`. Clients treat it as opaque.
@@ -90,6 +84,20 @@ impl Epoch {
             Some(_) => Since::Foreign,
         })
     }
+}
+
+/// 64 bits that differ between runs (and between calls): the standard library's
+/// random hash seed over the time and the pid. Names epochs and nodes; no secret.
+pub fn random_per_run() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 /// Reads `since`: `0` (None) or an id `<epoch hex>-<seq>`, whichever run issued it.

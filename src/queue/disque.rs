@@ -81,17 +81,9 @@ impl DisqueSettings {
     }
 }
 
-/// A fresh node id: 64 random bits from the standard library's hash seed.
+/// A fresh node id: 64 random bits.
 fn random_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.write_u32(std::process::id());
-    format!("{:016x}", h.finish())
+    format!("{:016x}", crate::history::random_per_run())
 }
 
 pub struct DisqueQueue {

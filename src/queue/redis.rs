@@ -303,15 +303,7 @@ fn net_interest(
 
 /// A number naming this node's fence channel, different on every start.
 fn node_id() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.write_u32(std::process::id());
-    h.finish()
+    crate::history::random_per_run()
 }
 
 /// One batch into the history and to every subscribed node, this one included.
