@@ -35,6 +35,13 @@ pub struct Ticket {
 pub enum Inbound {
     /// Messages to push to this node's connections.
     Deliver(Vec<Envelope>),
+    /// Messages this node accepted itself (the list): the reactor pushes them,
+    /// then answers the `/send` requests that brought them, so that the `200`
+    /// leaves after the pushes and each reply's round trip carries its delivery.
+    DeliverThenAnswer {
+        batch: Vec<Envelope>,
+        tickets: Vec<Ticket>,
+    },
     /// Like `Deliver`, for a backend that must hear when the reactor has taken the
     /// messages: the reactor delivers, then hands `job` back through [`Queue::ack`].
     DeliverJob { batch: Vec<Envelope>, job: String },

@@ -16,7 +16,7 @@ use super::ws_conn::{CloseCode, Then};
 use super::{Liveness, Reason, Server};
 use crate::http::sse;
 use crate::message::{self, Envelope, unix_now};
-use crate::queue::Inbound;
+use crate::queue::{Inbound, Ticket};
 use crate::ws::deflate::{Compressor, Window};
 use crate::ws::frame::OpCode;
 
@@ -112,17 +112,25 @@ impl Server {
         // Batches waiting one behind the other are delivered as one, so that each
         // receiver gets all of them in as few writes as possible.
         let mut merged: Vec<Envelope> = Vec::new();
+        // `/send` requests answered once the merged batches are written.
+        let mut answers: Vec<Ticket> = Vec::new();
         let mut taken = 0;
         self.inbound_left = false;
         while let Ok(event) = self.inbound.try_recv() {
             match event {
                 Inbound::Deliver(batch) if merged.is_empty() => merged = batch,
                 Inbound::Deliver(batch) => merged.extend(batch),
+                Inbound::DeliverThenAnswer { batch, tickets } => {
+                    if merged.is_empty() {
+                        merged = batch;
+                    } else {
+                        merged.extend(batch);
+                    }
+                    answers.extend(tickets);
+                }
                 other => {
                     // Whatever else arrived comes after the merged batches, in order.
-                    if !merged.is_empty() {
-                        self.deliver(std::mem::take(&mut merged));
-                    }
+                    self.deliver_and_answer(&mut merged, &mut answers);
                     self.on_inbound(other);
                 }
             }
@@ -132,17 +140,29 @@ impl Server {
                 break;
             }
         }
-        if !merged.is_empty() {
-            self.deliver(merged);
-        }
+        self.deliver_and_answer(&mut merged, &mut answers);
         if self.shutdown.queue_drained() {
             self.close_push_connections();
+        }
+    }
+
+    /// Pushes what was merged, then answers the `/send` requests it came from.
+    fn deliver_and_answer(&mut self, merged: &mut Vec<Envelope>, answers: &mut Vec<Ticket>) {
+        if !merged.is_empty() {
+            self.deliver(std::mem::take(merged));
+        }
+        for ticket in answers.drain(..) {
+            self.on_published(ticket, Ok(()));
         }
     }
 
     fn on_inbound(&mut self, event: Inbound) {
         match event {
             Inbound::Deliver(batch) => self.deliver(batch),
+            Inbound::DeliverThenAnswer {
+                mut batch,
+                mut tickets,
+            } => self.deliver_and_answer(&mut batch, &mut tickets),
             Inbound::DeliverJob { batch, job } => {
                 // Acknowledged only once every frame sits in its receivers' queues.
                 self.deliver(batch);
