@@ -186,10 +186,14 @@ impl Server {
         self.sequence(&mut batch);
         self.counters.messages_routed += batch.len() as u64;
         let now = unix_now();
-        let live: Vec<&Envelope> = batch.iter().filter(|e| !e.is_expired(now)).collect();
-        self.counters.expired += (batch.len() - live.len()) as u64;
+        // In place: a second vector of the live ones would be allocated (and grown)
+        // on every turn.
+        let all = batch.len();
+        batch.retain(|e| !e.is_expired(now));
+        self.counters.expired += (all - batch.len()) as u64;
+        let live = &batch[..];
         let mut receivers = std::mem::take(&mut self.fanout.receivers);
-        if let [env] = live[..] {
+        if let [env] = live {
             receivers.clear();
             self.hub.for_each_receiver(env, |k| receivers.push(k));
             let mut enc = Encodings::default();
@@ -242,7 +246,7 @@ impl Server {
 
     /// Hands a push frame to a receiver.
     fn push(&mut self, key: usize, env: &Envelope, enc: &mut Encodings) -> Liveness {
-        self.push_many(key, &[env], std::slice::from_mut(enc), 1)
+        self.push_many(key, std::slice::from_ref(env), std::slice::from_mut(enc), 1)
     }
 
     /// Hands a receiver the frames of `slice` whose bits are set in `mask`, in
@@ -251,7 +255,7 @@ impl Server {
     fn push_many(
         &mut self,
         key: usize,
-        slice: &[&Envelope],
+        slice: &[Envelope],
         encodings: &mut [Encodings],
         mask: u64,
     ) -> Liveness {
