@@ -64,21 +64,9 @@ impl Envelope {
             self.frame = text_frame(&push);
             return;
         }
-        // Every id this server makes needs no escaping: the frame is written in one
-        // allocation, straight into the shared buffer (this runs once per message).
-        const KEY: &[u8] = b",\"id\":\"";
-        const END: &[u8] = b"\"}";
-        let len = body.len() + KEY.len() + id.len() + END.len();
-        let head = frame::header(true, OpCode::Text, len);
-        self.frame = head
-            .as_slice()
-            .iter()
-            .chain(body)
-            .chain(KEY)
-            .chain(id.as_bytes())
-            .chain(END)
-            .copied()
-            .collect();
+        // Every id this server makes needs no escaping: the frame is assembled
+        // from its parts without a payload vector of its own.
+        self.frame = text_frame_of(&[body, b",\"id\":\"", id.as_bytes(), b"\"}"]);
     }
 
     /// The push JSON inside the frame. The frame is the one stored representation;
@@ -482,9 +470,30 @@ pub fn push_frame(types: &str, msg: &str, time: &str) -> Arc<[u8]> {
 
 /// One unmasked, final text frame around `payload`.
 fn text_frame(payload: &[u8]) -> Arc<[u8]> {
-    // An exact-size iterator: one allocation, no intermediate vector.
-    let head = frame::header(true, OpCode::Text, payload.len());
-    head.as_slice().iter().chain(payload).copied().collect()
+    text_frame_of(&[payload])
+}
+
+/// A text frame whose payload is `parts` one after the other, in one allocation:
+/// the frame is put together in a reused buffer and copied into its `Arc` once.
+fn text_frame_of(parts: &[&[u8]]) -> Arc<[u8]> {
+    // Kept between calls up to this size; a larger message's buffer is let go.
+    const KEEP: usize = 64 * 1024;
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let len = parts.iter().map(|p| p.len()).sum();
+    SCRATCH.with_borrow_mut(|buf| {
+        buf.clear();
+        buf.extend_from_slice(frame::header(true, OpCode::Text, len).as_slice());
+        for part in parts {
+            buf.extend_from_slice(part);
+        }
+        let frame = Arc::from(&buf[..]);
+        if buf.capacity() > KEEP {
+            *buf = Vec::new();
+        }
+        frame
+    })
 }
 
 // ---- between nodes --------------------------------------------------------------
