@@ -132,7 +132,7 @@ pub enum StreamSince {
     AfterTime(u64),
 }
 
-/// A cluster resume: `since=<u id>,<a id>` (either part `0` or left out), a
+/// A cluster resume: `since=<u id>,<g id>` (either part `0` or left out), a
 /// position in the uid's stream and one in the broadcasts'.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClusterSince {
@@ -163,7 +163,7 @@ impl ClusterSince {
             }
             let (slot, rest) = match part.as_bytes().first() {
                 Some(b'u') => (&mut out.uid, &part[1..]),
-                Some(b'a') => (&mut out.all, &part[1..]),
+                Some(b'g') => (&mut out.all, &part[1..]),
                 _ => return Err(BadSince),
             };
             let (epoch, seq) = parse_id(rest)?.ok_or(BadSince)?;
@@ -555,6 +555,27 @@ fn release(stats: &mut HistoryStats, entry: &Entry, state: State) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_positions_name_their_streams() {
+        let p = |s: &str| ClusterSince::parse(s);
+        let (e1, e2) = (Epoch(0x1f), Epoch(0x2e));
+        assert_eq!(
+            p("u1f-5,g2e-9"),
+            Ok(ClusterSince {
+                uid: StreamSince::After(e1, 5),
+                all: StreamSince::After(e2, 9)
+            })
+        );
+        assert_eq!(p("0,g2e-9").map(|s| s.uid), Ok(StreamSince::Start));
+        assert_eq!(p("g2e-9").map(|s| s.uid), Ok(StreamSince::Start));
+        // A plain id (its epoch may start with a hex letter) is no cluster position.
+        assert_eq!(p("a3f-7").map(|s| s.all), Ok(StreamSince::Foreign));
+        assert!(p("u1f-5,g2e-9,u1-1").is_err());
+        assert!(p("x1-1").is_err());
+        assert!(check_since("u1f-5,0").is_ok() && check_since("a3f-7").is_ok());
+        assert!(check_since("u1f-").is_err());
+    }
 
     const LIMITS: Limits = Limits {
         ttl: 300,

@@ -120,14 +120,73 @@ fn a_broadcast_reaches_every_node_in_order() {
         for i in 0..20 {
             let m = recv_json(ws);
             assert_eq!(m["msg"], i);
-            assert!(m["id"].as_str().unwrap().starts_with('a'), "{m}");
+            assert!(m["id"].as_str().unwrap().starts_with('g'), "{m}");
         }
     }
 }
 
 /// The ids a client got, per stream: what `wspush.js` sends as `since`.
-#[allow(dead_code)]
 fn since_of(ids: &HashMap<char, String>) -> String {
     let part = |k: char| ids.get(&k).cloned().unwrap_or_else(|| "0".into());
-    format!("{},{}", part('u'), part('a'))
+    format!("{},{}", part('u'), part('g'))
+}
+
+/// Reads `n` pushes, remembering the last id of each stream.
+fn take(ws: &mut Ws, n: usize, ids: &mut HashMap<char, String>) -> Vec<Value> {
+    (0..n)
+        .map(|_| {
+            let m = recv_json(ws);
+            let id = m["id"].as_str().unwrap().to_string();
+            ids.insert(id.chars().next().unwrap(), id);
+            m["msg"].clone()
+        })
+        .collect()
+}
+
+/// Splits pushes into the uid's (strings) and the broadcasts (numbers), each in order.
+fn split(msgs: &[Value]) -> (Vec<Value>, Vec<Value>) {
+    msgs.iter().cloned().partition(|m| m.is_string())
+}
+
+#[test]
+fn a_resume_on_the_other_node_gets_exactly_what_was_missed_from_both_streams() {
+    let Some(cluster) = RedisCluster::start_or_skip("resume") else {
+        return;
+    };
+    let name = unique_name("cluster-resume");
+    let (a, b) = two_nodes(&cluster, &name, &[]);
+    let mut ids = HashMap::new();
+    let mut ws = a.ws("uid=r");
+    for i in 0..3 {
+        a.send_ok(&unicast("r", json!(format!("before {i}"))));
+        a.send_ok(&json!({"topic":"all","msg":i}).to_string());
+    }
+    let got = take(&mut ws, 6, &mut ids);
+    assert_eq!(split(&got).0, ["before 0", "before 1", "before 2"]);
+    let since = since_of(&ids);
+    drop(ws);
+    for i in 0..3 {
+        b.send_ok(&unicast("r", json!(format!("missed {i}"))));
+        a.send_ok(&json!({"topic":"all","msg":10 + i}).to_string());
+    }
+    let mut ws = b.ws(&format!("uid=r&since={since}"));
+    assert_eq!(
+        recv_json(&mut ws),
+        json!({"op":"resumed","complete":true}),
+        "since={since}"
+    );
+    let got = take(&mut ws, 6, &mut ids);
+    let (own, all) = split(&got);
+    assert_eq!(own, ["missed 0", "missed 1", "missed 2"]);
+    assert_eq!(all, [10, 11, 12]);
+    // Then live, nothing replayed twice.
+    b.send_ok(&unicast("r", json!("live")));
+    assert_eq!(recv_json(&mut ws)["msg"], "live");
+    // A plain Redis id names no cluster stream: everything, and not complete.
+    let mut plain = a.ws("uid=r&since=1f-42");
+    assert_eq!(
+        recv_json(&mut plain),
+        json!({"op":"resumed","complete":false})
+    );
+    assert_eq!(take(&mut plain, 13, &mut HashMap::new()).len(), 13);
 }

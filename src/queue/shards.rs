@@ -10,7 +10,9 @@
 //!
 //! Each stream numbers its own messages (`seq = ms*1024 + n` from its primary's
 //! clock), so a delivery id names its stream: `u<epoch hex>-<seq>` for a uid's,
-//! `a<epoch hex>-<seq>` for the broadcasts' ([`crate::history::ClusterSince`]).
+//! `g<epoch hex>-<seq>` for the broadcasts' ([`crate::history::ClusterSince`]).
+//! Both prefixes are letters no hex epoch starts with, so neither id reads as a
+//! plain Redis id.
 
 use ::redis::{RedisResult, Value};
 
@@ -41,7 +43,7 @@ impl Chan {
     pub fn id(&self, epoch: Epoch, seq: u64) -> String {
         let tag = match self {
             Chan::Uid(_) => 'u',
-            Chan::All => 'a',
+            Chan::All => 'g',
         };
         format!("{tag}{:x}-{seq}", epoch.0)
     }
@@ -394,6 +396,6 @@ mod tests {
         assert_eq!(l.chan_of(b"ws:{all}"), Some(Chan::All));
         assert_eq!(l.chan_of(b"other:{all}"), None);
         assert_eq!(a.id(Epoch(0xab), 7), "uab-7");
-        assert_eq!(Chan::All.id(Epoch(0xab), 7), "aab-7");
+        assert_eq!(Chan::All.id(Epoch(0xab), 7), "gab-7");
     }
 }
