@@ -8,7 +8,12 @@ mod common;
 use common::cluster::RedisCluster;
 use common::*;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
@@ -189,4 +194,150 @@ fn a_resume_on_the_other_node_gets_exactly_what_was_missed_from_both_streams() {
         json!({"op":"resumed","complete":false})
     );
     assert_eq!(take(&mut plain, 13, &mut HashMap::new()).len(), 13);
+}
+
+/// Posts message n = 0, 1, … to `uid` through `addr` until `stop`; returns the
+/// numbers answered 200, each with when, and how many were answered 503.
+fn flood(
+    addr: SocketAddr,
+    uid: String,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<(Vec<(u64, Instant)>, u64)> {
+    thread::spawn(move || {
+        let (mut ok, mut refused) = (Vec::new(), 0);
+        let mut n = 0u64;
+        while !stop.load(Ordering::Acquire) {
+            let r = send_to(addr, &unicast(&uid, json!(n)));
+            match r.status {
+                200 => ok.push((n, Instant::now())),
+                503 => refused += 1,
+                other => panic!("unexpected {other}: {}", r.text()),
+            }
+            n += 1;
+            thread::sleep(Duration::from_millis(3));
+        }
+        (ok, refused)
+    })
+}
+
+/// Reads pushes on `ws` into `got` (number, when) until `stop` and a quiet second.
+fn collect(
+    mut ws: Ws,
+    got: Arc<Mutex<Vec<(u64, Instant)>>>,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<()> {
+    thread::spawn(move || {
+        loop {
+            match recv_json_within(&mut ws, Duration::from_secs(1)) {
+                Some(m) => {
+                    let n = m["msg"].as_u64().expect("a flood number");
+                    got.lock().unwrap().push((n, Instant::now()));
+                }
+                None if stop.load(Ordering::Acquire) => return,
+                None => {}
+            }
+        }
+    })
+}
+
+/// The longest pause between two consecutive instants, and where it ended.
+fn longest_gap(times: &[Instant]) -> Duration {
+    times
+        .windows(2)
+        .map(|w| w[1].duration_since(w[0]))
+        .max()
+        .unwrap_or_default()
+}
+
+enum Fault {
+    /// `CLUSTER FAILOVER` on the replica: a planned hand-over.
+    Planned,
+    /// SIGKILL of the primary: the replica takes over after the node timeout.
+    Killed,
+}
+
+/// A primary of the uid's slot fails over while `/send` floods the uid through
+/// node A and its client on node B receives: every 200 arrives exactly once.
+fn failover_with_send_running(fault: Fault, what: &str) {
+    let Some(mut cluster) = RedisCluster::start_or_skip(what) else {
+        return;
+    };
+    let name = unique_name("cluster-failover");
+    let (a, b) = two_nodes(
+        &cluster,
+        &name,
+        &["-queue-wait=500ms", "-queue-backoff=500ms"],
+    );
+    let uid = "f".to_string();
+    let primary = cluster.owner(&format!("{name}:{{u:{uid}}}:h"));
+    let mut ws = b.ws(&format!("uid={uid}"));
+    a.send_ok(&unicast(&uid, json!("hello")));
+    assert_eq!(recv_json(&mut ws)["msg"], "hello");
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let (stop_send, stop_read) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let reader = collect(ws, got.clone(), stop_read.clone());
+    let sender = flood(a.addr, uid.clone(), stop_send.clone());
+    thread::sleep(Duration::from_millis(500));
+    let fault_at = Instant::now();
+    let new_primary = match fault {
+        Fault::Planned => cluster.failover(primary),
+        Fault::Killed => {
+            let replica = cluster.replica_of(primary);
+            cluster.kill(primary);
+            cluster.await_primary(replica, WAIT * 2);
+            // With -queue-wait a shard without a replica answers 503: the killed
+            // node comes back, as the replica of the new primary.
+            cluster.restart(primary);
+            replica
+        }
+    };
+    let promoted = fault_at.elapsed();
+    // The flood goes on until the new primary took 200 more.
+    wait_until("deliveries after the failover", WAIT * 2, || {
+        got.lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, t)| *t > fault_at + promoted)
+            .count()
+            >= 200
+    });
+    stop_send.store(true, Ordering::Release);
+    let (ok, refused) = sender.join().unwrap();
+    let accepted: HashSet<u64> = ok.iter().map(|(n, _)| *n).collect();
+    wait_until("every 200 delivered", WAIT, || {
+        let got = got.lock().unwrap();
+        let have: HashSet<u64> = got.iter().map(|(n, _)| *n).collect();
+        accepted.is_subset(&have)
+    });
+    stop_read.store(true, Ordering::Release);
+    reader.join().unwrap();
+    let got = got.lock().unwrap();
+    let mut seen = HashSet::new();
+    for (n, _) in got.iter() {
+        assert!(seen.insert(*n), "message {n} delivered twice");
+    }
+    let sends: Vec<Instant> = ok.iter().map(|(_, t)| *t).collect();
+    let deliveries: Vec<Instant> = got.iter().map(|(_, t)| *t).collect();
+    report(&format!(
+        "redis-cluster {what}: primary :{primary} -> :{new_primary} promoted after {:?}; \
+         longest pause between two 200s {:?}, between two deliveries {:?}; \
+         {} answered 200 (all delivered once), {refused} answered 503",
+        promoted,
+        longest_gap(&sends),
+        longest_gap(&deliveries),
+        accepted.len(),
+    ));
+}
+
+#[test]
+fn a_planned_failover_with_send_running_loses_no_200() {
+    failover_with_send_running(Fault::Planned, "CLUSTER FAILOVER");
+}
+
+#[test]
+fn a_killed_primary_with_send_running_loses_no_200() {
+    failover_with_send_running(Fault::Killed, "killed primary");
 }

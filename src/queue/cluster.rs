@@ -459,10 +459,10 @@ fn replicated(
         cmd.arg(1).arg(ms);
         match con.route_command(&cmd, route) {
             Ok(Value::Int(n)) if n >= 1 => {}
-            Ok(_) => {
-                return Err(QueueError::Unavailable(
-                    "Redis Cluster: no replica confirmed the batch within -queue-wait".into(),
-                ));
+            Ok(other) => {
+                return Err(QueueError::Unavailable(format!(
+                    "Redis Cluster: no replica confirmed the batch within -queue-wait ({other:?})"
+                )));
             }
             Err(e) => return Err(QueueError::Unavailable(format!("Redis Cluster WAIT: {e}"))),
         }

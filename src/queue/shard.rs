@@ -159,6 +159,7 @@ impl Shards {
         match s {
             Status::Live(addr) => {
                 self.starting.remove(&addr);
+                self.backoff.reset();
             }
             Status::Ended(addr, chans, joins) => {
                 if let Some(h) = self.threads.remove(&addr) {
@@ -173,6 +174,9 @@ impl Shards {
                 }));
                 self.lost_joins.extend(joins);
                 self.stale_map = true;
+                // The map may still name the lost primary (a failover takes a
+                // while): ask it again after a backoff, not in a tight loop.
+                self.retry_at = Instant::now() + self.backoff.next_delay();
             }
         }
     }
@@ -289,7 +293,6 @@ impl Shards {
             self.retry_at = Instant::now() + self.backoff.next_delay();
             return;
         };
-        self.backoff.reset();
         self.map = map;
         self.stale_map = false;
         let chans = std::mem::take(&mut self.lost);

@@ -90,6 +90,8 @@ impl RedisCluster {
         let mut child = Command::new(&self.bin)
             .args(["--port", &port, "--bind", "127.0.0.1", "--save", ""])
             .args(["--appendonly", "no", "--cluster-enabled", "yes"])
+            // A replica syncs at once, not after waiting 5 s for others to join.
+            .args(["--repl-diskless-sync-delay", "0"])
             .args([
                 "--cluster-port",
                 &bus,
