@@ -341,3 +341,37 @@ fn a_planned_failover_with_send_running_loses_no_200() {
 fn a_killed_primary_with_send_running_loses_no_200() {
     failover_with_send_running(Fault::Killed, "killed primary");
 }
+
+#[test]
+fn a_connect_storm_over_every_slot_range_subscribes_each_uid() {
+    let Some(cluster) = RedisCluster::start_or_skip("connect storm") else {
+        return;
+    };
+    let name = unique_name("cluster-storm");
+    let (a, b) = two_nodes(&cluster, &name, &[]);
+    // 300 uids land in one turn of the subscriber: several per primary, in many
+    // slots (a sharded subscription names one slot's channels only).
+    let mut clients: Vec<(String, Ws)> = (0..300)
+        .map(|i| {
+            let uid = format!("s{i}");
+            let ws = a.ws(&format!("uid={uid}"));
+            (uid, ws)
+        })
+        .collect();
+    for (uid, _) in &clients {
+        b.send_ok(&unicast(uid, json!(uid)));
+    }
+    for (uid, ws) in &mut clients {
+        assert_eq!(recv_json(ws)["msg"], json!(uid));
+    }
+    // Now live through the subscriptions (the joins' reads are done).
+    for (uid, _) in &clients {
+        b.send_ok(&unicast(uid, json!("live")));
+    }
+    for (uid, ws) in &mut clients {
+        assert_eq!(recv_json(ws)["msg"], "live", "{uid}");
+    }
+    wait_stats(&a, "A subscribed every uid", |s| {
+        s["queue"]["channels"] == 300
+    });
+}

@@ -34,6 +34,10 @@ use crate::message;
 /// How long a shard thread blocks in one read, and the router's turn.
 const TICK: Duration = Duration::from_millis(10);
 
+/// Streams read by one pipeline of a catch-up: a lost shard's thousands of uids
+/// are read in steps, each bounded in time by `-queue-timeout`.
+const CATCH_UP_CHUNK: usize = 256;
+
 /// What the router and the shard threads share, from the flags.
 pub struct Setup {
     pub seeds: Vec<Endpoint>,
@@ -441,18 +445,19 @@ impl ShardThread {
     /// One `SSUBSCRIBE` for the new channels, their confirmations awaited (messages
     /// of channels held already are delivered meanwhile), then each caught up.
     fn subscribe(&self, live: &mut Live, chans: Vec<(Chan, Pos)>) -> Result<(), End> {
-        let new: Vec<(Chan, Pos)> = chans
+        let new: HashMap<Chan, Pos> = chans
             .into_iter()
             .filter(|(c, _)| !live.chans.contains_key(c))
             .collect();
         if new.is_empty() {
             return Ok(());
         }
-        let mut cmd = ::redis::cmd("SSUBSCRIBE");
-        for (c, _) in &new {
-            cmd.arg(self.set.layout.channel(c));
+        // Held from here: a failure below gives them back with their positions.
+        for (chan, pos) in &new {
+            live.chans.insert(chan.clone(), *pos);
         }
-        live.sub.send(&cmd)?;
+        live.sub
+            .send_all(&self.per_slot("SSUBSCRIBE", new.keys()))?;
         let deadline = Instant::now() + self.set.timeout;
         let mut confirmed = 0;
         while confirmed < new.len() {
@@ -460,6 +465,11 @@ impl ShardThread {
                 return Err(End::Lost("SSUBSCRIBE not confirmed in time".into()));
             }
             if let Some(v) = live.sub.next(TICK)? {
+                live.heard = Instant::now();
+                if let Value::ServerError(e) = &v {
+                    // MOVED: the map is stale; anything else is no better.
+                    return Err(End::Lost(format!("SSUBSCRIBE refused: {e:?}")));
+                }
                 if let Some(("ssubscribe", _)) = push_kind(&v) {
                     confirmed += 1;
                 } else {
@@ -471,56 +481,64 @@ impl ShardThread {
         // position without an id starts at this moment by this primary's clock.
         let (secs, micros): (u64, u64) = ::redis::cmd("TIME").query(&mut live.data)?;
         let now = first_seq_at(secs * 1000 + micros / 1000).saturating_sub(1);
+        let (behind, fresh): (Vec<_>, Vec<_>) = new
+            .into_iter()
+            .partition(|(_, p)| matches!(p, StreamSince::After(..) | StreamSince::AfterTime(_)));
+        for (chan, _) in fresh {
+            live.chans.insert(chan, StreamSince::AfterTime(now));
+        }
         let mut unfilled = Vec::new();
-        for (chan, pos) in new {
-            let pos = match pos {
-                StreamSince::After(..) | StreamSince::AfterTime(_) => {
-                    self.catch_up(live, &chan, pos, &mut unfilled)?
-                }
-                _ => StreamSince::AfterTime(now),
-            };
-            live.chans.insert(chan, pos);
+        for chunk in behind.chunks(CATCH_UP_CHUNK) {
+            self.catch_up(live, chunk, &mut unfilled)?;
+            live.heard = Instant::now();
         }
         self.report_unfilled(unfilled)?;
-        self.set.link.set_up(true);
         Ok(())
     }
 
-    /// Reads a stream after this node's position in it and delivers what it
-    /// missed; a stream that cannot fill the gap goes to `unfilled`.
+    /// Reads streams after this node's position in each (one pipeline) and
+    /// delivers what they missed; a stream that cannot fill its gap goes to
+    /// `unfilled`. Each stream's new position is kept.
     fn catch_up(
         &self,
         live: &mut Live,
-        chan: &Chan,
-        pos: Pos,
+        chans: &[(Chan, Pos)],
         unfilled: &mut Vec<Chan>,
-    ) -> Result<Pos, End> {
+    ) -> Result<(), End> {
         let layout = &self.set.layout;
         let limit = self.set.catch_up;
-        let reply: Value = layout
-            .read_cmd(chan, pos, limit, None)
-            .query(&mut live.data)?;
-        let read = layout
-            .parse_read(chan, pos, reply, limit)
-            .map_err(|e| End::Lost(e.to_string()))?;
-        if !read.complete {
-            unfilled.push(chan.clone());
-            return Ok(read.epoch.map_or(pos, |e| {
-                StreamSince::After(e, read.batch.last().map_or(0, |m| m.seq))
-            }));
+        let mut pipe = ::redis::pipe();
+        for (chan, pos) in chans {
+            pipe.add_command(layout.read_cmd(chan, *pos, limit, None));
         }
-        let next = match (read.epoch, read.batch.last()) {
-            (Some(e), Some(last)) => StreamSince::After(e, last.seq),
-            _ => pos,
-        };
-        if !read.batch.is_empty() {
+        let replies: Vec<Value> = pipe.query(&mut live.data)?;
+        let mut missed = Vec::new();
+        for ((chan, pos), reply) in chans.iter().zip(replies) {
+            let read = layout
+                .parse_read(chan, *pos, reply, limit)
+                .map_err(|e| End::Lost(e.to_string()))?;
+            if !read.complete {
+                unfilled.push(chan.clone());
+            }
+            let next = match (read.epoch, read.batch.last()) {
+                (Some(e), Some(last)) => StreamSince::After(e, last.seq),
+                _ => *pos,
+            };
+            live.chans.insert(chan.clone(), next);
+            if read.complete {
+                missed.extend(read.batch);
+            }
+        }
+        if !missed.is_empty() {
+            let n = missed.len() as u64;
+            self.set.received.fetch_add(n, Ordering::Relaxed);
             info!(
                 "Redis Cluster: {} missed messages read from history",
-                read.batch.len()
+                missed.len()
             );
-            live.backlog.push(read.batch, &self.set.notifier)?;
+            live.backlog.push(missed, &self.set.notifier)?;
         }
-        Ok(next)
+        Ok(())
     }
 
     fn report_unfilled(&self, unfilled: Vec<Chan>) -> Result<(), End> {
@@ -542,18 +560,28 @@ impl ShardThread {
     }
 
     fn unsubscribe(&self, live: &mut Live, chans: Vec<Chan>) -> Result<(), End> {
-        let mut cmd = ::redis::cmd("SUNSUBSCRIBE");
-        let mut any = false;
-        for c in chans {
-            if live.chans.remove(&c).is_some() {
-                cmd.arg(self.set.layout.channel(&c));
-                any = true;
-            }
-        }
-        if any {
-            live.sub.send(&cmd)?;
+        let held: Vec<Chan> = chans
+            .into_iter()
+            .filter(|c| live.chans.remove(c).is_some())
+            .collect();
+        if !held.is_empty() {
+            live.sub
+                .send_all(&self.per_slot("SUNSUBSCRIBE", held.iter()))?;
         }
         Ok(())
+    }
+
+    /// One command per slot: a sharded (un)subscription may name several
+    /// channels only when they share a slot.
+    fn per_slot<'a>(&self, cmd: &str, chans: impl Iterator<Item = &'a Chan>) -> Vec<::redis::Cmd> {
+        let mut by_slot: HashMap<u16, ::redis::Cmd> = HashMap::new();
+        for c in chans {
+            by_slot
+                .entry(self.set.layout.slot(c))
+                .or_insert_with(|| ::redis::cmd(cmd))
+                .arg(self.set.layout.channel(c));
+        }
+        by_slot.into_values().collect()
     }
 
     /// Asks the reader for each join's history: its channel is subscribed now.

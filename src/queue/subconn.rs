@@ -90,6 +90,15 @@ impl SubConn {
         self.stream.write_all(&cmd.get_packed_command())
     }
 
+    /// Several commands in one write (their replies come in order).
+    pub fn send_all(&mut self, cmds: &[::redis::Cmd]) -> io::Result<()> {
+        let mut out = Vec::new();
+        for c in cmds {
+            out.extend_from_slice(&c.get_packed_command());
+        }
+        self.stream.write_all(&out)
+    }
+
     /// The next value, waiting at most `wait`; `None` when none came whole.
     pub fn next(&mut self, wait: Duration) -> io::Result<Option<Value>> {
         loop {
