@@ -103,17 +103,14 @@ impl ClusterQueue {
         let received = Arc::new(AtomicU64::new(0));
         let channels = Arc::new(AtomicUsize::new(0));
         let reconnects = Arc::new(AtomicU64::new(0));
-        let (reads, reads_rx) = crossbeam_channel::bounded(r.capacity.max(1));
-        let reader = ReaderThread {
+        let reads = ReaderThread {
             seeds: seeds.clone(),
             layout: set.layout(),
             timeout: r.timeout,
             limit: r.history_size,
             notifier: notifier.clone(),
-        };
-        thread::Builder::new()
-            .name("wspush-cluster-read".into())
-            .spawn(move || reader.run(reads_rx))?;
+        }
+        .spawn(r.capacity)?;
         let (interest, interest_rx) = crossbeam_channel::bounded(r.interest.max(1));
         let subscriber = Arc::new(Link::default());
         let shards = Shards::new(shard::Setup {
@@ -134,9 +131,8 @@ impl ClusterQueue {
         thread::Builder::new()
             .name("wspush-cluster-sub".into())
             .spawn(move || shards.run(interest_rx, sub_stop))?;
-        let (tx, rx) = crossbeam_channel::bounded(r.capacity.max(1));
         let publisher = Arc::new(Link::default());
-        let worker = PublisherThread {
+        let tx = PublisherThread {
             seeds,
             layout: set.layout(),
             timeout: r.timeout,
@@ -147,15 +143,8 @@ impl ClusterQueue {
             fresh: Epoch::new(),
             con: None,
             retry_at: Instant::now(),
-        };
-        thread::Builder::new()
-            .name("wspush-cluster-pub".into())
-            .spawn(move || {
-                worker.run(rx);
-                // The subscriber outlives the publisher: what this node published
-                // last still reaches its own connections.
-                stop.store(true, Ordering::Release);
-            })?;
+        }
+        .spawn(r.capacity, stop)?;
         Ok(ClusterQueue {
             tx: Some(tx),
             timeout: r.timeout,
@@ -332,6 +321,20 @@ struct PublisherThread {
 }
 
 impl PublisherThread {
+    /// Starts the thread; when it ends (the queue closed) it sets `stop`, so the
+    /// subscriber outlives it and what this node published last still reaches its
+    /// own connections.
+    fn spawn(self, capacity: usize, stop: Arc<AtomicBool>) -> std::io::Result<Sender<Job>> {
+        let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
+        thread::Builder::new()
+            .name("wspush-cluster-pub".into())
+            .spawn(move || {
+                self.run(rx);
+                stop.store(true, Ordering::Release);
+            })?;
+        Ok(tx)
+    }
+
     fn run(mut self, rx: Receiver<Job>) {
         loop {
             if self.con.is_none() && Instant::now() >= self.retry_at {
@@ -498,6 +501,14 @@ struct ReaderThread {
 }
 
 impl ReaderThread {
+    fn spawn(self, capacity: usize) -> std::io::Result<Sender<Read>> {
+        let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
+        thread::Builder::new()
+            .name("wspush-cluster-read".into())
+            .spawn(move || self.run(rx))?;
+        Ok(tx)
+    }
+
     fn run(self, rx: Receiver<Read>) {
         let mut con: Option<ClusterConnection> = None;
         while let Ok(read) = rx.recv() {

@@ -16,7 +16,7 @@
 
 use ::redis::{RedisResult, Value};
 
-use super::streams::{PER_MS, Part, Script, bad, epoch_of, parse_entries, text};
+use super::streams::{PER_MS, Script, bad, epoch_of, parse_entries, text};
 use crate::history::{Epoch, StreamSince};
 use crate::message::{Envelope, Lane, Rules};
 
@@ -274,7 +274,7 @@ impl Layout {
             v => Some(epoch_of(v).ok_or_else(|| bad("cluster read: epoch"))?),
         };
         let window_start = redis_ms.saturating_sub(self.ttl_ms) * PER_MS;
-        let (after, mut complete) = match since {
+        let (after, complete) = match since {
             StreamSince::Start => (0, true),
             StreamSince::After(e, seq) if Some(e) == epoch => (seq, true),
             StreamSince::AfterTime(seq) if epoch.is_some() => (seq, true),
@@ -289,44 +289,40 @@ impl Layout {
             (Some(e), v) => parse_entries(v, limit, &self.rules, |seq| chan.id(e, seq))?,
             (None, _) => None,
         };
-        let Some(Part {
-            deleted,
-            entries,
-            cut,
-        }) = part
-        else {
-            return Ok(StreamRead {
-                complete,
-                batch: Vec::new(),
-                redis_ms,
-                epoch,
-                trimmed: 0,
-                cut: false,
-            });
-        };
-        complete &= !cut
-            && match since {
-                StreamSince::Start => deleted < window_start,
-                _ => deleted <= after,
-            };
-        let now = redis_ms / 1000;
-        let batch = entries
-            .into_iter()
-            .filter(|(seq, env)| *seq > after && !env.is_expired(now))
-            .map(|(_, mut env)| {
-                place(&mut env, chan);
-                env
-            })
-            .collect();
-        Ok(StreamRead {
+        let mut read = StreamRead {
             complete,
-            batch,
+            batch: Vec::new(),
             redis_ms,
             epoch,
-            trimmed: deleted,
-            cut,
-        })
+            trimmed: 0,
+            cut: false,
+        };
+        if let Some(part) = part {
+            let bound_cut = match since {
+                // Only a bound that cut a message still within retention.
+                StreamSince::Start => part.deleted >= window_start,
+                _ => part.deleted > after,
+            };
+            read.complete &= !part.cut && !bound_cut;
+            read.trimmed = part.deleted;
+            read.cut = part.cut;
+            read.batch = placed(part.entries, chan, after, redis_ms / 1000);
+        }
+        Ok(read)
     }
+}
+
+/// The entries after `after` that have not expired by `now` (unix seconds), placed
+/// on their stream.
+fn placed(entries: Vec<(u64, Envelope)>, chan: &Chan, after: u64, now: u64) -> Vec<Envelope> {
+    entries
+        .into_iter()
+        .filter(|(seq, env)| *seq > after && !env.is_expired(now))
+        .map(|(_, mut env)| {
+            place(&mut env, chan);
+            env
+        })
+        .collect()
 }
 
 /// Gives a message read from (or published on) a stream its stream's target and
@@ -381,6 +377,77 @@ pub fn parse_slots(reply: &Value) -> Option<Vec<(u16, u16, String)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::message::{Target, encode_wire, push_frame};
+
+    /// A READ reply: epoch `e` (or none), Redis's clock, and the stream's newest
+    /// trimmed id and entries (or no stream).
+    fn reply(epoch: Option<&str>, now_ms: i64, stream: Option<(&str, &[u64])>) -> Value {
+        let bulk = |s: String| Value::BulkString(s.into_bytes());
+        let env = Envelope {
+            target: Target::Uids(vec!["x".into(), "y".into()]),
+            types: "t".into(),
+            expires: 0,
+            seq: 0,
+            lane: Lane::Main,
+            frame: push_frame("t", "1", "now"),
+        };
+        let body = Value::BulkString(encode_wire(&[env]));
+        let part = stream.map_or(Value::Boolean(false), |(deleted, seqs)| {
+            let rows = seqs
+                .iter()
+                .map(|s| {
+                    let id = bulk(format!("{}-{}", s / PER_MS, s % PER_MS));
+                    Value::Array(vec![id, Value::Array(vec![bulk("m".into()), body.clone()])])
+                })
+                .collect();
+            Value::Array(vec![bulk(deleted.into()), Value::Array(rows)])
+        });
+        let epoch = epoch.map_or(Value::Boolean(false), |e| bulk(e.into()));
+        Value::Array(vec![epoch, Value::Int(now_ms), part])
+    }
+
+    #[test]
+    fn a_stream_read_is_complete_only_when_nothing_after_the_position_is_gone() {
+        let l = Layout::new("ws", 60, 10, Rules::default());
+        let x = Chan::Uid("x".into());
+        let now = 100_000_000; // ms
+        let seq = |ms: u64| ms * PER_MS;
+        let e = Epoch(0x1f);
+        let since = StreamSince::After(e, seq(now - 500));
+        let read = |r| l.parse_read(&x, since, r, 10).unwrap();
+        let entries = [seq(now - 600), seq(now - 400), seq(now - 300)];
+        let r = read(reply(Some("1f"), now as i64, Some(("0-0", &entries))));
+        assert!(r.complete);
+        // Only what follows the position, on its stream, for x alone, named u….
+        assert_eq!(r.batch.len(), 2);
+        assert_eq!(
+            (r.batch[0].lane, &r.batch[0].target),
+            (Lane::Main, &Target::Uids(vec!["x".into()]))
+        );
+        assert!(String::from_utf8_lossy(r.batch[0].push_json()).contains(r#""id":"u1f-"#));
+        // A trim removed a message after the position.
+        let trimmed = format!("{}-0", now - 450);
+        assert!(!read(reply(Some("1f"), now as i64, Some((&trimmed, &entries)))).complete);
+        // Another epoch: the stream restarted since the position.
+        assert!(!read(reply(Some("2e"), now as i64, Some(("0-0", &entries)))).complete);
+        // Gone whole, the position within retention: nothing was written after it.
+        assert!(read(reply(None, now as i64, None)).complete);
+        let old = StreamSince::After(e, seq(now - 120_000));
+        assert!(
+            !l.parse_read(&x, old, reply(None, now as i64, None), 10)
+                .unwrap()
+                .complete
+        );
+        // The node's own position by time: any epoch.
+        let by_time = StreamSince::AfterTime(seq(now - 500));
+        let r = l.parse_read(
+            &x,
+            by_time,
+            reply(Some("2e"), now as i64, Some(("0-0", &entries))),
+            10,
+        );
+        assert_eq!(r.unwrap().batch.len(), 2);
+    }
 
     #[test]
     fn slots_are_redis_clusters() {

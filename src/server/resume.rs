@@ -27,6 +27,25 @@ use crate::queue::streams::Fetched;
 use crate::queue::{Joined, Resume, Ticket};
 use crate::ws::frame::{self, OpCode};
 
+/// The replay and the pushes held meanwhile overlap and interleave (a held
+/// broadcast may be older than a replayed message): merged by id, each once, and
+/// the newest seq of each lane. Two lanes (Redis Cluster) merge by their time part,
+/// `seq = ms*1024+n`.
+fn merge(
+    mut merged: Vec<(Lane, u64, Arc<[u8]>)>,
+    live: Vec<(Lane, u64, Arc<[u8]>)>,
+) -> (Vec<Arc<[u8]>>, u64, u64) {
+    merged.extend(live);
+    merged.sort_by_key(|(lane, seq, _)| (*seq, *lane));
+    merged.dedup_by_key(|(lane, seq, _)| (*seq, *lane));
+    let up_to = |want: Lane| {
+        let mut lane = merged.iter().filter(|(l, _, _)| *l == want);
+        lane.next_back().map_or(0, |(_, seq, _)| *seq)
+    };
+    let (main, all) = (up_to(Lane::Main), up_to(Lane::Broadcast));
+    (merged.into_iter().map(|(_, _, f)| f).collect(), main, all)
+}
+
 impl Server {
     /// Numbers and retains the messages this node is the first to deliver (from
     /// the list or a Disque job); messages from Redis carry their place already.
@@ -138,20 +157,8 @@ impl Server {
                 return;
             }
         }
-        // The replay and the pushes held meanwhile overlap and interleave (a held
-        // broadcast may be older than a replayed message): merged by id, each once.
-        // Two lanes (Redis Cluster) merge by their time part, `seq = ms*1024+n`.
         let Held { frames: live, .. } = *held;
-        let mut merged = frames;
-        merged.extend(live);
-        merged.sort_by_key(|(lane, seq, _)| (*seq, *lane));
-        merged.dedup_by_key(|(lane, seq, _)| (*seq, *lane));
-        let up_to = |want: Lane| {
-            let mut lane = merged.iter().filter(|(l, _, _)| *l == want);
-            lane.next_back().map_or(0, |(_, seq, _)| *seq)
-        };
-        let (up_to_main, up_to_all) = (up_to(Lane::Main), up_to(Lane::Broadcast));
-        let all: Vec<Arc<[u8]>> = merged.into_iter().map(|(_, _, f)| f).collect();
+        let (all, up_to_main, up_to_all) = merge(frames, live);
         self.counters.messages_out += all.len() as u64;
         if transport == Transport::WebSocket {
             // Held pushes were taken in the connection's encoding, compressed or not.
