@@ -375,3 +375,56 @@ fn a_connect_storm_over_every_slot_range_subscribes_each_uid() {
         s["queue"]["channels"] == 300
     });
 }
+
+/// Sends until one is answered 200 (a node may be resubscribing meanwhile).
+fn send_until_ok(node: &Server, body: &str) {
+    wait_until("a 200 for /send", WAIT, || node.send(body).status == 200);
+}
+
+#[test]
+fn a_gap_one_shard_cannot_fill_sends_off_only_that_uids_connections() {
+    let Some(cluster) = RedisCluster::start_or_skip("unfillable gap") else {
+        return;
+    };
+    let name = unique_name("cluster-gap");
+    let (a, b) = two_nodes(&cluster, &name, &["-history-size=3"]);
+    let uids = uid_per_primary(&cluster, &name, "g-");
+    let ((lost_port, lost), (_, kept)) = (uids[0].clone(), uids[1].clone());
+    let mut on_lost = a.ws(&format!("uid={lost}"));
+    let mut on_kept = a.ws(&format!("uid={kept}"));
+    for (uid, ws) in [(&lost, &mut on_lost), (&kept, &mut on_kept)] {
+        b.send_ok(&unicast(uid, json!("first")));
+        assert_eq!(recv_json(ws)["msg"], "first");
+    }
+    // Node A is frozen while its subscriptions on one primary are cut and more
+    // than -history-size messages go to a uid of that primary: its stream no
+    // longer reaches back to what node A delivered last.
+    signal(a.pid(), "STOP");
+    let mut primary = common::RespClient::connect(lost_port).unwrap();
+    primary.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    for i in 0..10 {
+        send_until_ok(&b, &unicast(&lost, json!(i)));
+    }
+    signal(a.pid(), "CONT");
+    match on_lost.read() {
+        Ok(tungstenite::Message::Close(Some(c))) => assert_eq!(u16::from(c.code), 1012),
+        other => panic!("expected close 1012, got {other:?}"),
+    }
+    // The other uid's connection stays, and goes on receiving.
+    send_until_ok(&b, &unicast(&kept, json!("after")));
+    assert_eq!(recv_json(&mut on_kept)["msg"], "after");
+    // The one sent off learns from its resume that something is missing.
+    let mut again = a.ws(&format!("uid={lost}&since=0"));
+    assert_eq!(
+        recv_json(&mut again),
+        json!({"op":"resumed","complete":false})
+    );
+    for _ in 0..3 {
+        recv_json(&mut again); // what the stream still holds
+    }
+    // Its uid left and came back on the same primary: subscribed again live,
+    // without taking its own SUNSUBSCRIBE's answer for a moved slot.
+    b.send_ok(&unicast(&lost, json!("live")));
+    assert_eq!(recv_json(&mut again)["msg"], "live");
+    assert_eq!(a.stats()["queue"]["reconnects"], 1, "{}", a.stats());
+}

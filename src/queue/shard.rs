@@ -100,6 +100,7 @@ pub struct Shards {
     backoff: Backoff,
     status: (Sender<Status>, Receiver<Status>),
     was_up: bool,
+    been_up: bool,
 }
 
 impl Shards {
@@ -119,6 +120,7 @@ impl Shards {
             backoff,
             status: crossbeam_channel::unbounded(),
             was_up: false,
+            been_up: false,
         }
     }
 
@@ -136,9 +138,11 @@ impl Shards {
                 .owner(&Chan::All)
                 .is_some_and(|o| self.threads.contains_key(&o) && !self.starting.contains(&o));
             let up = !self.stale_map && self.lost.is_empty() && all_live;
-            if up && !self.was_up && self.set.link.state() == super::QueueState::Down {
+            // Up again after having been up: a reconnect (the first time is not).
+            if up && !self.was_up && self.been_up {
                 self.set.reconnects.fetch_add(1, Ordering::Relaxed);
             }
+            self.been_up |= up;
             self.was_up = up;
             self.set.link.set_up(up);
             self.set.channels.store(self.uids.len(), Ordering::Relaxed);
@@ -320,6 +324,8 @@ struct Live {
     backlog: Backlog,
     heard: Instant,
     pinged: bool,
+    /// Our SUNSUBSCRIBEs not confirmed yet, per channel.
+    dropping: HashMap<Chan, u32>,
 }
 
 /// Why a shard thread ends.
@@ -398,6 +404,7 @@ impl ShardThread {
             backlog: Backlog::new(self.set.backlog.0, held, dropped),
             heard: Instant::now(),
             pinged: false,
+            dropping: HashMap::new(),
         })
     }
 
@@ -564,6 +571,9 @@ impl ShardThread {
             .into_iter()
             .filter(|c| live.chans.remove(c).is_some())
             .collect();
+        for c in &held {
+            *live.dropping.entry(c.clone()).or_default() += 1;
+        }
         if !held.is_empty() {
             live.sub
                 .send_all(&self.per_slot("SUNSUBSCRIBE", held.iter()))?;
@@ -655,9 +665,20 @@ impl ShardThread {
                 }
                 Ok(())
             }
-            // The server dropped a channel this node still holds: its slot moved.
-            "sunsubscribe" if live.chans.contains_key(&chan) => {
-                Err(End::Lost(format!("{chan:?} moved off this primary")))
+            "sunsubscribe" => {
+                // The answer to our own SUNSUBSCRIBE (the channel may be held
+                // again since), or the server dropping it: its slot moved.
+                if let Some(n) = live.dropping.get_mut(&chan) {
+                    *n -= 1;
+                    if *n == 0 {
+                        live.dropping.remove(&chan);
+                    }
+                    return Ok(());
+                }
+                match live.chans.contains_key(&chan) {
+                    true => Err(End::Lost(format!("{chan:?} moved off this primary"))),
+                    false => Ok(()),
+                }
             }
             _ => Ok(()),
         }

@@ -131,6 +131,8 @@ impl SubConn {
                 {
                     return Ok(None);
                 }
+                // A signal (SIGSTOP/SIGCONT of the process): read again.
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
