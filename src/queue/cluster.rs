@@ -340,7 +340,13 @@ impl PublisherThread {
             if self.con.is_none() && Instant::now() >= self.retry_at {
                 self.connect();
             }
-            match rx.recv_timeout(self.timeout) {
+            // Disconnected: wake for the next attempt, since no job comes while
+            // the queue answers 503 for a link known down.
+            let wait = match self.con {
+                Some(_) => self.timeout,
+                None => self.retry_at.saturating_duration_since(Instant::now()),
+            };
+            match rx.recv_timeout(wait) {
                 Ok(job) => {
                     let ticket = job.ticket;
                     let result = self.publish(job);
@@ -409,8 +415,11 @@ impl PublisherThread {
             Ok(replies) => replies,
             Err(e) => {
                 let why = e.to_string();
+                // One primary gone or moved: the next batch gets a fresh connection
+                // and slot map. The link stays up, so batches for the other
+                // primaries' slots go on; only failing to reach any node is down.
                 if is_broken(&e) || e.is_cluster_error() {
-                    self.failed(&why);
+                    self.con = None;
                 }
                 // Some streams may have the batch: a retry may deliver it twice there.
                 return unavailable(format!("Redis Cluster: {why}"));
@@ -421,7 +430,11 @@ impl PublisherThread {
         }
         if !self.wait.is_zero() {
             let slots: HashSet<u16> = streams.keys().map(|c| self.layout.slot(c)).collect();
-            replicated(con, slots, self.wait)?;
+            if let Err(e) = replicated(con, slots, self.wait) {
+                // A primary that did not answer, or a replica gone: look again.
+                self.con = None;
+                return Err(e);
+            }
         }
         Ok(())
     }
