@@ -24,7 +24,7 @@ use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAd
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 
 use super::publisher::{BackendError, Endpoint, FIRST_BACKOFF, Job, is_broken};
-use super::redis::{Interest, Join, RedisSettings};
+use super::redis::{Interest, JOIN_RETRY_FOR, Join, RedisSettings};
 use super::shard::{self, Shards};
 use super::shards::{Chan, Layout, StreamRead, parse_appended};
 use super::streams::{Fetched, first_seq_at};
@@ -500,6 +500,29 @@ pub enum ReadFrom {
     Joined(Instant),
 }
 
+/// Why a history read gave nothing.
+enum ReadError {
+    /// Redis Cluster failed or could not be reached: worth another try.
+    Redis(String),
+    /// The answer cannot be right, however often it is read.
+    Final(&'static str),
+}
+
+impl From<::redis::RedisError> for ReadError {
+    fn from(e: ::redis::RedisError) -> Self {
+        ReadError::Redis(e.to_string())
+    }
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Redis(why) => write!(f, "Redis Cluster: {why}"),
+            ReadError::Final(why) => f.write_str(why),
+        }
+    }
+}
+
 /// How long a join's read may take to reach Redis before its window might start
 /// after the join (then it is read again with `-queue-timeout` as the margin).
 const MARGIN: Duration = Duration::from_millis(50);
@@ -525,16 +548,7 @@ impl ReaderThread {
     fn run(self, rx: Receiver<Read>) {
         let mut con: Option<ClusterConnection> = None;
         while let Ok(read) = rx.recv() {
-            if con.is_none() {
-                con = connect(&self.seeds, self.timeout).ok();
-            }
-            let fetched = match &mut con {
-                Some(c) => self.read(c, read.uid.as_deref(), &read.from),
-                None => Err("Redis Cluster unreachable".into()),
-            };
-            if fetched.is_err() {
-                con = None;
-            }
+            let fetched = self.read_retrying(&mut con, &read);
             let event = Inbound::History {
                 ticket: read.ticket,
                 fetched,
@@ -545,16 +559,47 @@ impl ReaderThread {
         }
     }
 
+    /// One read; a join's read that fails (a primary failing over, the cluster
+    /// unreachable) is tried again, its window still starting at the join, until
+    /// [`JOIN_RETRY_FOR`] after the join: then its connection is sent off (1012).
+    fn read_retrying(
+        &self,
+        con: &mut Option<ClusterConnection>,
+        read: &Read,
+    ) -> Result<Fetched, String> {
+        loop {
+            if con.is_none() {
+                *con = connect(&self.seeds, self.timeout).ok();
+            }
+            let fetched = match con {
+                Some(c) => self.read(c, read.uid.as_deref(), &read.from),
+                None => Err(ReadError::Redis("unreachable".into())),
+            };
+            if fetched.is_err() {
+                *con = None;
+            }
+            match (fetched, &read.from) {
+                (Err(ReadError::Redis(_)), ReadFrom::Joined(at))
+                    if at.elapsed() < JOIN_RETRY_FOR =>
+                {
+                    thread::sleep(FIRST_BACKOFF);
+                }
+                (fetched, _) => return fetched.map_err(|e| e.to_string()),
+            }
+        }
+    }
+
     fn read(
         &self,
         con: &mut ClusterConnection,
         uid: Option<&str>,
         from: &ReadFrom,
-    ) -> Result<Fetched, String> {
+    ) -> Result<Fetched, ReadError> {
         match from {
             ReadFrom::Since(since) => {
-                let since = ClusterSince::parse(since).map_err(|e| e.to_string())?;
-                self.since(con, uid, since).map_err(|e| e.to_string())
+                let since = ClusterSince::parse(since)
+                    .map_err(|_| ReadError::Final("since is no cluster position"))?;
+                Ok(self.since(con, uid, since)?)
             }
             ReadFrom::Joined(at) => match uid {
                 Some(uid) => self.joined(con, &Chan::Uid(Arc::from(uid)), *at),
@@ -598,18 +643,17 @@ impl ReaderThread {
         con: &mut ClusterConnection,
         chan: &Chan,
         at: Instant,
-    ) -> Result<Fetched, String> {
+    ) -> Result<Fetched, ReadError> {
         for margin in [MARGIN, self.timeout] {
             let sent = at.elapsed();
             let ago = u64::try_from((sent + margin).as_millis()).unwrap_or(u64::MAX) + 1;
             let cmd = self
                 .layout
                 .read_cmd(chan, StreamSince::Start, self.limit, Some(ago));
-            let reply: Value = cmd.query(con).map_err(|e| e.to_string())?;
-            let r: StreamRead = self
-                .layout
-                .parse_read(chan, StreamSince::Start, reply, self.limit)
-                .map_err(|e| e.to_string())?;
+            let reply: Value = cmd.query(con)?;
+            let r: StreamRead =
+                self.layout
+                    .parse_read(chan, StreamSince::Start, reply, self.limit)?;
             let back = at.elapsed();
             if back - sent > margin {
                 continue;
@@ -617,13 +661,17 @@ impl ReaderThread {
             let back_ms = u64::try_from(back.as_millis()).unwrap_or(u64::MAX);
             let floor = first_seq_at(r.redis_ms.saturating_sub(back_ms + 1));
             if r.cut || r.trimmed >= floor {
-                return Err("more was sent to the uid since the join than it keeps".into());
+                return Err(ReadError::Final(
+                    "more was sent to the uid since the join than it keeps",
+                ));
             }
             let mut batch = r.batch;
             batch.retain(|e| e.seq >= floor);
             return Ok(fetched(true, batch, r.redis_ms));
         }
-        Err("history read too slow to place the join".into())
+        Err(ReadError::Redis(
+            "history read too slow to place the join".into(),
+        ))
     }
 }
 
