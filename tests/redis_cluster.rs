@@ -428,3 +428,29 @@ fn a_gap_one_shard_cannot_fill_sends_off_only_that_uids_connections() {
     assert_eq!(recv_json(&mut again)["msg"], "live");
     assert_eq!(a.stats()["queue"]["reconnects"], 1, "{}", a.stats());
 }
+
+#[test]
+fn a_node_shutting_down_delivers_what_it_accepted_then_closes_with_1001() {
+    let Some(cluster) = RedisCluster::start_or_skip("shutdown") else {
+        return;
+    };
+    let name = unique_name("cluster-stop");
+    let (mut a, _b) = two_nodes(&cluster, &name, &[]);
+    let mut ws = a.ws("uid=z");
+    a.send_ok(&unicast("z", json!("first")));
+    assert_eq!(recv_json(&mut ws)["msg"], "first");
+    for i in 0..50 {
+        a.send_ok(&unicast("z", json!(i)));
+    }
+    a.request_shutdown();
+    for i in 0..50 {
+        assert_eq!(recv_json(&mut ws)["msg"], i);
+    }
+    match ws.read() {
+        Ok(tungstenite::Message::Close(Some(c))) => assert_eq!(u16::from(c.code), 1001),
+        other => panic!("expected close 1001, got {other:?}"),
+    }
+    let _ = ws.flush(); // the close answered, so the node need not wait for it
+    let status = a.wait_exit();
+    assert!(status.success(), "{status}");
+}

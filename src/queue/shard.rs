@@ -118,6 +118,7 @@ impl Shards {
             stale_map: true,
             retry_at: Instant::now(),
             backoff,
+            // At most two statuses per shard thread's life: bounded by the primaries.
             status: crossbeam_channel::unbounded(),
             was_up: false,
             been_up: false,
@@ -255,6 +256,8 @@ impl Shards {
         if let Some(h) = self.threads.get(owner) {
             return h.cmds.clone();
         }
+        // One command per router turn at most, each bounded by the interest
+        // changes it nets (-queue-interest).
         let (tx, rx) = crossbeam_channel::unbounded();
         let shard = ShardThread {
             addr: owner.to_string(),
@@ -410,7 +413,8 @@ impl ShardThread {
 
     fn work(&self, live: &mut Live, cmds: &Receiver<Cmd>, pending: &mut Vec<Join>) -> End {
         let mut said_live = false;
-        let mut stopping = false;
+        // Stopping ends at the first quiet tick; a never-quiet channel gets `timeout`.
+        let mut stopping: Option<Instant> = None;
         loop {
             loop {
                 match cmds.try_recv() {
@@ -432,7 +436,7 @@ impl ShardThread {
                     }
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
-                        stopping = true;
+                        stopping.get_or_insert_with(Instant::now);
                         break;
                     }
                 }
@@ -440,11 +444,15 @@ impl ShardThread {
             if let Err(e) = live.backlog.flush(&self.set.notifier) {
                 return e.into();
             }
-            match self.read_one(live) {
-                Ok(true) => {}
-                Ok(false) if stopping && live.backlog.is_empty() => return End::Stopped,
-                Ok(false) => {}
+            let heard = match self.read_one(live) {
+                Ok(heard) => heard,
                 Err(e) => return e,
+            };
+            if let Some(t) = stopping {
+                let quiet = !heard && live.backlog.is_empty();
+                if quiet || t.elapsed() >= self.set.timeout {
+                    return End::Stopped;
+                }
             }
         }
     }
