@@ -454,3 +454,64 @@ fn a_node_shutting_down_delivers_what_it_accepted_then_closes_with_1001() {
     let status = a.wait_exit();
     assert!(status.success(), "{status}");
 }
+
+#[test]
+fn a_slot_moved_to_another_primary_with_send_running_loses_no_200() {
+    let Some(cluster) = RedisCluster::start_or_skip("slot migration") else {
+        return;
+    };
+    let name = unique_name("cluster-reshard");
+    let (a, b) = two_nodes(&cluster, &name, &["-queue-backoff=500ms"]);
+    let uid = "m".to_string();
+    let key = format!("{name}:{{u:{uid}}}:h");
+    let (slot, from) = (cluster.slot(&key), cluster.owner(&key));
+    let to = cluster
+        .primaries()
+        .into_iter()
+        .map(|(p, _)| p)
+        .find(|p| *p != from)
+        .unwrap();
+    let mut ws = b.ws(&format!("uid={uid}"));
+    a.send_ok(&unicast(&uid, json!("hello")));
+    assert_eq!(recv_json(&mut ws)["msg"], "hello");
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let (stop_send, stop_read) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let reader = collect(ws, got.clone(), stop_read.clone());
+    let sender = flood(a.addr, uid.clone(), stop_send.clone());
+    thread::sleep(Duration::from_millis(300));
+    cluster.move_slot(slot, from, to);
+    assert_eq!(cluster.owner(&key), to);
+    let moved = Instant::now();
+    wait_until("deliveries after the move", WAIT * 2, || {
+        got.lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, t)| *t > moved)
+            .count()
+            >= 100
+    });
+    stop_send.store(true, Ordering::Release);
+    let (ok, refused) = sender.join().unwrap();
+    let accepted: HashSet<u64> = ok.iter().map(|(n, _)| *n).collect();
+    wait_until("every 200 delivered", WAIT, || {
+        let have: HashSet<u64> = got.lock().unwrap().iter().map(|(n, _)| *n).collect();
+        accepted.is_subset(&have)
+    });
+    stop_read.store(true, Ordering::Release);
+    reader.join().unwrap();
+    let got = got.lock().unwrap();
+    let mut seen = HashSet::new();
+    for (n, _) in got.iter() {
+        assert!(seen.insert(*n), "message {n} delivered twice");
+    }
+    let sends: Vec<Instant> = ok.iter().map(|(_, t)| *t).collect();
+    report(&format!(
+        "redis-cluster slot {slot} moved :{from} -> :{to}: longest pause between two 200s {:?}; \
+         {} answered 200 (all delivered once), {refused} answered 503",
+        longest_gap(&sends),
+        accepted.len()
+    ));
+}

@@ -245,3 +245,35 @@ impl Drop for RedisCluster {
         }
     }
 }
+
+impl RedisCluster {
+    /// Moves one slot, with its keys, from the primary on `from` to the one on
+    /// `to`, as `redis-cli --cluster reshard` does: IMPORTING/MIGRATING, MIGRATE of
+    /// its keys, then the new owner told to every primary.
+    pub fn move_slot(&self, slot: u16, from: u16, to: u16) {
+        let slot = slot.to_string();
+        let mut src = RespClient::connect(from).unwrap();
+        let mut dst = RespClient::connect(to).unwrap();
+        let src_id = src.cmd(&["CLUSTER", "MYID"]).text();
+        let dst_id = dst.cmd(&["CLUSTER", "MYID"]).text();
+        let ok = |r: super::Resp| assert_eq!(r.text(), "OK", "{r:?}");
+        ok(dst.cmd(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &src_id]));
+        ok(src.cmd(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &dst_id]));
+        loop {
+            let keys = src.cmd(&["CLUSTER", "GETKEYSINSLOT", &slot, "100"]);
+            let keys: Vec<String> = keys.array().iter().map(|k| k.text()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let port = to.to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(keys.iter().map(String::as_str));
+            let r = src.cmd(&args);
+            assert!(matches!(r.text().as_str(), "OK" | "NOKEY"), "{r:?}");
+        }
+        for (port, _) in self.primaries() {
+            let mut c = RespClient::connect(port).unwrap();
+            ok(c.cmd(&["CLUSTER", "SETSLOT", &slot, "NODE", &dst_id]));
+        }
+    }
+}
