@@ -29,6 +29,17 @@ pub enum Target {
     Uids(Vec<Box<str>>),
 }
 
+/// Which sequence a message's `seq` belongs to. Every backend but Redis Cluster has
+/// one sequence per node or per Redis (`Main`). On a cluster each stream numbers its
+/// own messages: a uid's stream is `Main` for that uid's connections, and the
+/// broadcasts' stream is `Broadcast`, so a connection keeps a position in each.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Lane {
+    #[default]
+    Main,
+    Broadcast,
+}
+
 /// One message on its way from `/send` through the queue to the hub.
 #[derive(Clone, Debug)]
 pub struct Envelope {
@@ -39,6 +50,8 @@ pub struct Envelope {
     /// Its place in the history, once it has one (0 before): orders a connection's
     /// messages and names the last one it saw.
     pub seq: u64,
+    /// Which sequence `seq` counts in (see [`Lane`]).
+    pub lane: Lane,
     /// The complete text frame `{"types","msg","time"}`, shared by every receiver.
     pub frame: Arc<[u8]>,
 }
@@ -413,6 +426,7 @@ fn parse_one<'a>(
         types: Box::from(&*types),
         expires,
         seq: 0,
+        lane: Lane::Main,
     })
 }
 
@@ -597,6 +611,7 @@ pub fn decode_wire(bytes: &[u8], rules: &Rules) -> Result<Vec<Envelope>, WireErr
             types: item.types.into(),
             expires: item.expires,
             seq: 0,
+            lane: Lane::Main,
             frame: text_frame(item.push.get().as_bytes()),
         });
     }

@@ -174,6 +174,7 @@ mod tests {
             types: "notice".into(),
             expires: 0,
             seq: 0,
+            lane: Default::default(),
             frame: Arc::from(&[n][..]),
         }
     }

@@ -5,6 +5,7 @@
 //! Every backend runs its own thread(s) that feed [`Inbound`] events into one
 //! crossbeam channel and wake the reactor through the shared [`Notifier`].
 
+pub mod cluster;
 pub mod disque;
 pub mod driver;
 pub mod list;
@@ -12,7 +13,10 @@ pub mod presence;
 pub mod publisher;
 pub mod reader;
 pub mod redis;
+pub mod shard;
+pub mod shards;
 pub mod streams;
+pub mod subconn;
 
 use std::fmt;
 use std::sync::Arc;
@@ -59,6 +63,9 @@ pub enum Inbound {
     /// Redis lost its data): the node's connections may have missed messages and
     /// are told to reconnect, so that each resumes from its own last id.
     Unfilled,
+    /// Like `Unfilled`, for the connections of these uids only (Redis Cluster: one
+    /// uid's stream could not fill its gap).
+    UnfilledFor(Vec<String>),
     /// The answer to a `/presence` read ([`Queue::presence`]): each uid asked for
     /// with its connections on every live node.
     Presence {

@@ -173,6 +173,7 @@ impl Server {
             // The backend catches up from history before its next live message.
             Inbound::Resubscribed => {}
             Inbound::Unfilled => self.restart_push_connections(),
+            Inbound::UnfilledFor(uids) => self.restart_uids(&uids),
             Inbound::History { ticket, fetched } => self.on_history(ticket, fetched),
             Inbound::Presence { ticket, result } => self.on_presence(ticket, result),
         }
@@ -282,7 +283,7 @@ impl Server {
             .zip(encodings)
             .enumerate()
             .filter(move |(i, _)| chosen(*i))
-            .map(move |(_, (env, enc))| (env.seq, enc.pick(env, wants)));
+            .map(move |(_, (env, enc))| (env.lane, env.seq, enc.pick(env, wants)));
         // At most one slice (64) of frames: no allocation per receiver.
         let mut now: [Option<&Arc<[u8]>>; u64::BITS as usize] = [None; u64::BITS as usize];
         let mut n = 0;

@@ -22,10 +22,29 @@ use super::ws_conn::{CloseCode, Then};
 use super::{Liveness, Server};
 use crate::history::Since;
 use crate::http::sse;
-use crate::message::{self, Envelope, unix_now};
+use crate::message::{self, Envelope, Lane, unix_now};
 use crate::queue::streams::Fetched;
 use crate::queue::{Joined, Resume, Ticket};
 use crate::ws::frame::{self, OpCode};
+
+/// The replay and the pushes held meanwhile overlap and interleave (a held
+/// broadcast may be older than a replayed message): merged by id, each once, and
+/// the newest seq of each lane. Two lanes (Redis Cluster) merge by their time part,
+/// `seq = ms*1024+n`.
+fn merge(
+    mut merged: Vec<(Lane, u64, Arc<[u8]>)>,
+    live: Vec<(Lane, u64, Arc<[u8]>)>,
+) -> (Vec<Arc<[u8]>>, u64, u64) {
+    merged.extend(live);
+    merged.sort_by_key(|(lane, seq, _)| (*seq, *lane));
+    merged.dedup_by_key(|(lane, seq, _)| (*seq, *lane));
+    let up_to = |want: Lane| {
+        let mut lane = merged.iter().filter(|(l, _, _)| *l == want);
+        lane.next_back().map_or(0, |(_, seq, _)| *seq)
+    };
+    let (main, all) = (up_to(Lane::Main), up_to(Lane::Broadcast));
+    (merged.into_iter().map(|(_, _, f)| f).collect(), main, all)
+}
 
 impl Server {
     /// Numbers and retains the messages this node is the first to deliver (from
@@ -121,7 +140,7 @@ impl Server {
             }
         };
         let now = unix_now();
-        let frames: Vec<(u64, Arc<[u8]>)> = batch
+        let frames: Vec<(Lane, u64, Arc<[u8]>)> = batch
             .into_iter()
             .filter(|e| !e.is_expired(now) && self.hub.accepts(key, &e.types))
             .map(|e| {
@@ -129,7 +148,7 @@ impl Server {
                     Transport::WebSocket => e.frame,
                     Transport::EventStream => sse_event(e.push_json()),
                 };
-                (e.seq, bytes)
+                (e.lane, e.seq, bytes)
             })
             .collect();
         if !held.quiet {
@@ -138,15 +157,8 @@ impl Server {
                 return;
             }
         }
-        // The replay and the pushes held meanwhile overlap and interleave (a held
-        // broadcast may be older than a replayed message): merged by id, each once.
         let Held { frames: live, .. } = *held;
-        let mut merged = frames;
-        merged.extend(live);
-        merged.sort_by_key(|(seq, _)| *seq);
-        merged.dedup_by_key(|(seq, _)| *seq);
-        let up_to = merged.last().map_or(0, |(seq, _)| *seq);
-        let all: Vec<Arc<[u8]>> = merged.into_iter().map(|(_, f)| f).collect();
+        let (all, up_to_main, up_to_all) = merge(frames, live);
         self.counters.messages_out += all.len() as u64;
         if transport == Transport::WebSocket {
             // Held pushes were taken in the connection's encoding, compressed or not.
@@ -156,7 +168,8 @@ impl Server {
             return;
         };
         if let Some(d) = conn.phase.delivery_mut() {
-            d.last_seq = d.last_seq.max(up_to);
+            d.last_seq = d.last_seq.max(up_to_main);
+            d.last_all = d.last_all.max(up_to_all);
         }
         for chunk in all.chunks(64) {
             if let Err(e) = conn.send_shared(chunk.iter()) {
@@ -173,6 +186,20 @@ impl Server {
     /// missing).
     pub(super) fn restart_push_connections(&mut self) {
         for key in self.keys_where(|c| c.phase.receives_pushes()) {
+            let _ = self.restart(key, "missed messages, resume");
+        }
+    }
+
+    /// Like [`Self::restart_push_connections`], for the connections of `uids`.
+    pub(super) fn restart_uids(&mut self, uids: &[String]) {
+        let hub = &self.hub;
+        let held = |key: usize| hub.uid(key).is_some_and(|u| uids.iter().any(|x| x == u));
+        let keys: Vec<usize> = self
+            .keys_where(|c| c.phase.receives_pushes())
+            .into_iter()
+            .filter(|k| held(*k))
+            .collect();
+        for key in keys {
             let _ = self.restart(key, "missed messages, resume");
         }
     }
