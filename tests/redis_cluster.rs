@@ -65,9 +65,7 @@ fn unicast(uid: &str, msg: Value) -> String {
 
 #[test]
 fn unicast_in_every_primarys_slots_reaches_only_the_node_holding_the_uid() {
-    let Some(cluster) = RedisCluster::start_or_skip("unicast per slot range") else {
-        return;
-    };
+    let cluster = RedisCluster::start();
     let name = unique_name("cluster-uni");
     let (a, b) = two_nodes(&cluster, &name, &[]);
     let on_a = uid_per_primary(&cluster, &name, "a-");
@@ -110,9 +108,7 @@ fn unicast_in_every_primarys_slots_reaches_only_the_node_holding_the_uid() {
 
 #[test]
 fn a_broadcast_reaches_every_node_in_order() {
-    let Some(cluster) = RedisCluster::start_or_skip("broadcast") else {
-        return;
-    };
+    let cluster = RedisCluster::start();
     let name = unique_name("cluster-all");
     let (a, b) = two_nodes(&cluster, &name, &[]);
     let mut on_a = a.ws("uid=x");
@@ -155,9 +151,7 @@ fn split(msgs: &[Value]) -> (Vec<Value>, Vec<Value>) {
 
 #[test]
 fn a_resume_on_the_other_node_gets_exactly_what_was_missed_from_both_streams() {
-    let Some(cluster) = RedisCluster::start_or_skip("resume") else {
-        return;
-    };
+    let cluster = RedisCluster::start();
     let name = unique_name("cluster-resume");
     let (a, b) = two_nodes(&cluster, &name, &[]);
     let mut ids = HashMap::new();
@@ -259,9 +253,7 @@ enum Fault {
 /// A primary of the uid's slot fails over while `/send` floods the uid through
 /// node A and its client on node B receives: every 200 arrives exactly once.
 fn failover_with_send_running(fault: Fault, what: &str) {
-    let Some(mut cluster) = RedisCluster::start_or_skip(what) else {
-        return;
-    };
+    let mut cluster = RedisCluster::start();
     let name = unique_name("cluster-failover");
     let (a, b) = two_nodes(
         &cluster,
@@ -344,9 +336,7 @@ fn a_killed_primary_with_send_running_loses_no_200() {
 
 #[test]
 fn a_connect_storm_over_every_slot_range_subscribes_each_uid() {
-    let Some(cluster) = RedisCluster::start_or_skip("connect storm") else {
-        return;
-    };
+    let cluster = RedisCluster::start();
     let name = unique_name("cluster-storm");
     let (a, b) = two_nodes(&cluster, &name, &[]);
     // 300 uids land in one turn of the subscriber: several per primary, in many
@@ -383,9 +373,7 @@ fn send_until_ok(node: &Server, body: &str) {
 
 #[test]
 fn a_gap_one_shard_cannot_fill_sends_off_only_that_uids_connections() {
-    let Some(cluster) = RedisCluster::start_or_skip("unfillable gap") else {
-        return;
-    };
+    let cluster = RedisCluster::start();
     let name = unique_name("cluster-gap");
     let (a, b) = two_nodes(&cluster, &name, &["-history-size=3"]);
     let uids = uid_per_primary(&cluster, &name, "g-");
@@ -431,9 +419,7 @@ fn a_gap_one_shard_cannot_fill_sends_off_only_that_uids_connections() {
 
 #[test]
 fn a_node_shutting_down_delivers_what_it_accepted_then_closes_with_1001() {
-    let Some(cluster) = RedisCluster::start_or_skip("shutdown") else {
-        return;
-    };
+    let cluster = RedisCluster::start();
     let name = unique_name("cluster-stop");
     let (mut a, _b) = two_nodes(&cluster, &name, &[]);
     let mut ws = a.ws("uid=z");
@@ -457,9 +443,7 @@ fn a_node_shutting_down_delivers_what_it_accepted_then_closes_with_1001() {
 
 #[test]
 fn a_slot_moved_to_another_primary_with_send_running_loses_no_200() {
-    let Some(cluster) = RedisCluster::start_or_skip("slot migration") else {
-        return;
-    };
+    let cluster = RedisCluster::start();
     let name = unique_name("cluster-reshard");
     let (a, b) = two_nodes(&cluster, &name, &["-queue-backoff=500ms"]);
     let uid = "m".to_string();
@@ -514,4 +498,56 @@ fn a_slot_moved_to_another_primary_with_send_running_loses_no_200() {
         longest_gap(&sends),
         accepted.len()
     ));
+}
+
+/// `GET /presence` on a cluster: each uid's counts live in its own slot, so uids
+/// on every primary are counted across both nodes; a killed node drops out within
+/// `-presence-ttl`.
+#[test]
+fn presence_counts_uids_in_every_slot_range_across_nodes() {
+    let cluster = RedisCluster::start();
+    let name = unique_name("cluster-presence");
+    let (a, mut b) = two_nodes(&cluster, &name, &["-presence-ttl=1s"]);
+    let uids: Vec<String> = uid_per_primary(&cluster, &name, "p-")
+        .into_iter()
+        .map(|(_, uid)| uid)
+        .collect();
+    let mut on_a: Vec<Ws> = uids.iter().map(|u| a.ws(&format!("uid={u}"))).collect();
+    on_a.push(a.ws(&format!("uid={}", uids[0])));
+    let on_b: Vec<Ws> = uids[1..]
+        .iter()
+        .map(|u| b.ws(&format!("uid={u}")))
+        .collect();
+    let asked = format!("{},nobody", uids.join(","));
+    let presence = |node: &Server| {
+        let r = node.get(&format!("/presence?uid={asked}"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["presence"].clone()
+    };
+    let mut both = serde_json::Map::new();
+    both.insert(uids[0].clone(), json!(2));
+    for uid in &uids[1..] {
+        both.insert(uid.clone(), json!(2));
+    }
+    both.insert("nobody".into(), json!(0));
+    let both = Value::Object(both);
+    for node in [&a, &b] {
+        wait_until("presence across both nodes", WAIT, || {
+            presence(node) == both
+        });
+    }
+    b.kill();
+    let mut a_only = both.clone();
+    for uid in &uids[1..] {
+        a_only[uid] = json!(1);
+    }
+    let start = Instant::now();
+    wait_until("the killed node drops out", Duration::from_secs(5), || {
+        presence(&a) == a_only
+    });
+    report(&format!(
+        "measured: a killed node's uids left /presence on a cluster after {:?} with -presence-ttl=1s",
+        start.elapsed()
+    ));
+    drop((on_a, on_b));
 }

@@ -23,6 +23,7 @@ use ::redis::cluster::{ClusterClient, ClusterConnection, cluster_pipe};
 use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 
+use super::presence::{Presence, Store};
 use super::publisher::{BackendError, Endpoint, FIRST_BACKOFF, Job, is_broken};
 use super::redis::{Interest, JOIN_RETRY_FOR, Join, RedisSettings};
 use super::shard::{self, Shards};
@@ -87,6 +88,7 @@ pub struct ClusterQueue {
     joins_refused: u64,
     received: Arc<AtomicU64>,
     channels: Arc<AtomicUsize>,
+    presence: Presence,
 }
 
 impl ClusterQueue {
@@ -131,6 +133,15 @@ impl ClusterQueue {
         thread::Builder::new()
             .name("wspush-cluster-sub".into())
             .spawn(move || shards.run(interest_rx, sub_stop))?;
+        let presence = Presence::start(
+            Store::Cluster(seeds.clone()),
+            &r.channel,
+            crate::history::random_per_run(),
+            r.presence_ttl,
+            r.timeout,
+            r.capacity,
+            notifier.clone(),
+        )?;
         let publisher = Arc::new(Link::default());
         let tx = PublisherThread {
             seeds,
@@ -162,6 +173,7 @@ impl ClusterQueue {
             joins_refused: 0,
             received,
             channels,
+            presence,
         })
     }
 
@@ -222,6 +234,7 @@ impl Queue for ClusterQueue {
 
     fn close(&mut self) {
         self.tx = None;
+        self.presence.stop();
     }
 
     fn resume(&mut self, ticket: Ticket, uid: Option<&str>, since: &str) -> Resume {
@@ -277,11 +290,18 @@ impl Queue for ClusterQueue {
 
     fn flush(&mut self) {
         self.send_leaves();
+        self.presence.retry();
     }
 
-    /// Presence keeps node-wide keys that a cluster would spread over slots.
-    fn presence(&mut self, _ticket: Ticket, _uids: Vec<String>) -> PresenceRead {
-        PresenceRead::Unsupported
+    fn presence_changed(&mut self, uid: &str, n: usize) {
+        self.presence.count(uid, n);
+    }
+
+    fn presence(&mut self, ticket: Ticket, uids: Vec<String>) -> PresenceRead {
+        match self.presence.read(ticket, uids) {
+            Ok(()) => PresenceRead::Pending,
+            Err(_) => PresenceRead::Unavailable,
+        }
     }
 
     fn routing(&self) -> RoutingCounts {

@@ -9,6 +9,10 @@
 //! died drops out within `-presence-ttl`; its stale fields are deleted by the read
 //! that finds them. A node writes the counts that changed every turn (at most
 //! [`TURN`] apart), and all of them again after a lost connection to Redis.
+//!
+//! The same layout serves Redis Cluster: a uid's hash lives in its uid's slot and
+//! every heartbeat in the `{meta}` slot, so the writes and reads go out as cluster
+//! pipelines (split by slot) and the heartbeats' `MGET` stays in one slot.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -16,6 +20,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+
+use ::redis::ConnectionLike;
+use ::redis::cluster::{ClusterConnection, ClusterPipeline, cluster_pipe};
 
 use super::publisher::Endpoint;
 use super::{Inbound, Notifier, Ticket};
@@ -39,6 +46,99 @@ enum Job {
 /// The reactor's handle.
 pub struct Presence {
     tx: Sender<Job>,
+    /// Counts the queue to the thread had no room for, sent by [`Self::retry`].
+    /// One per uid, so bounded by the uids this node holds.
+    unsent: HashMap<Arc<str>, usize>,
+}
+
+/// Where the counts are kept.
+pub enum Store {
+    Redis(Endpoint),
+    /// The seed nodes of a Redis Cluster.
+    Cluster(Vec<Endpoint>),
+}
+
+/// A connection to the store.
+enum Con {
+    Redis(::redis::Connection),
+    /// Boxed: one per presence thread, and far larger than a plain connection.
+    Cluster(Box<ClusterConnection>),
+}
+
+impl Con {
+    fn any(&mut self) -> &mut dyn ConnectionLike {
+        match self {
+            Con::Redis(c) => c,
+            Con::Cluster(c) => c.as_mut(),
+        }
+    }
+
+    fn pipe(&self) -> Pipe {
+        match self {
+            Con::Redis(_) => Pipe::Redis(::redis::pipe()),
+            Con::Cluster(_) => Pipe::Cluster(cluster_pipe()),
+        }
+    }
+}
+
+/// A pipeline of the store's kind: a cluster's is sent to each key's primary.
+enum Pipe {
+    Redis(::redis::Pipeline),
+    Cluster(ClusterPipeline),
+}
+
+impl Pipe {
+    fn hset(&mut self, key: String, field: &str, n: usize) {
+        match self {
+            Pipe::Redis(p) => {
+                p.hset(key, field, n).ignore();
+            }
+            Pipe::Cluster(p) => {
+                p.hset(key, field, n).ignore();
+            }
+        };
+    }
+
+    fn hdel(&mut self, key: String, field: &str) {
+        match self {
+            Pipe::Redis(p) => {
+                p.hdel(key, field).ignore();
+            }
+            Pipe::Cluster(p) => {
+                p.hdel(key, field).ignore();
+            }
+        };
+    }
+
+    fn hgetall(&mut self, key: String) {
+        match self {
+            Pipe::Redis(p) => {
+                p.hgetall(key);
+            }
+            Pipe::Cluster(p) => {
+                p.hgetall(key);
+            }
+        };
+    }
+
+    fn query<T: ::redis::FromRedisValue>(&self, con: &mut Con) -> ::redis::RedisResult<T> {
+        match (self, con) {
+            (Pipe::Redis(p), Con::Redis(c)) => p.query(c),
+            (Pipe::Cluster(p), Con::Cluster(c)) => p.query(c.as_mut()),
+            _ => unreachable!("a pipeline is made for its own connection"),
+        }
+    }
+}
+
+impl Store {
+    fn connect(&self, timeout: Duration) -> ::redis::RedisResult<Con> {
+        Ok(match self {
+            Store::Redis(e) => Con::Redis(e.connect(timeout)?),
+            Store::Cluster(seeds) => {
+                Con::Cluster(Box::new(super::cluster::connect(seeds, timeout)?))
+            }
+        })
+    }
 }
 
 /// Why a read could not be asked for now.
@@ -46,7 +146,7 @@ pub struct Presence {
 pub struct Busy;
 
 struct Worker {
-    endpoint: Endpoint,
+    store: Store,
     timeout: Duration,
     name: String,
     node: String,
@@ -60,7 +160,7 @@ struct Worker {
 impl Presence {
     /// `waiting` bounds the jobs queued at once.
     pub fn start(
-        endpoint: Endpoint,
+        store: Store,
         name: &str,
         node: u64,
         ttl: Duration,
@@ -70,7 +170,7 @@ impl Presence {
     ) -> std::io::Result<Presence> {
         let (tx, rx) = crossbeam_channel::bounded(waiting.max(1));
         let worker = Worker {
-            endpoint,
+            store,
             timeout,
             name: name.to_string(),
             node: format!("{node:016x}"),
@@ -81,15 +181,29 @@ impl Presence {
         thread::Builder::new()
             .name("wspush-redis-presence".into())
             .spawn(move || worker.run(rx, notifier))?;
-        Ok(Presence { tx })
+        Ok(Presence {
+            tx,
+            unsent: HashMap::new(),
+        })
     }
 
     /// Tells the thread a uid's count on this node. Never blocks: on a full queue
-    /// the caller keeps the change and tries again.
-    pub fn count(&self, uid: &str, n: usize) -> Result<(), Busy> {
-        self.tx
-            .try_send(Job::Count(Arc::from(uid), n))
-            .map_err(|_| Busy)
+    /// the change is kept and sent by a later [`Self::retry`].
+    pub fn count(&mut self, uid: &str, n: usize) {
+        self.unsent.remove(uid);
+        if self.tx.try_send(Job::Count(Arc::from(uid), n)).is_err() {
+            self.unsent.insert(Arc::from(uid), n);
+        }
+    }
+
+    /// Sends the counts that found the queue full before.
+    pub fn retry(&mut self) {
+        while let Some((uid, n)) = self.unsent.iter().next().map(|(u, n)| (u.clone(), *n)) {
+            if self.tx.try_send(Job::Count(uid.clone(), n)).is_err() {
+                return;
+            }
+            self.unsent.remove(&uid);
+        }
     }
 
     /// The node is shutting down: others stop counting it now, not after the ttl.
@@ -115,7 +229,7 @@ impl Worker {
     }
 
     fn run(mut self, rx: Receiver<Job>, notifier: Notifier) {
-        let mut con: Option<::redis::Connection> = None;
+        let mut con: Option<Con> = None;
         // The first turn beats at once.
         let start = Instant::now();
         let mut beat = start.checked_sub(self.ttl).unwrap_or(start);
@@ -133,7 +247,7 @@ impl Worker {
                 stop |= self.take(job, &mut reads);
             }
             if con.is_none() {
-                match self.endpoint.connect(self.timeout) {
+                match self.store.connect(self.timeout) {
                     Ok(c) => {
                         con = Some(c);
                         // Redis may have lost what it had, or missed changes meanwhile.
@@ -174,8 +288,9 @@ impl Worker {
         }
         // A node that stops leaves no entries to be counted until its heartbeat expires.
         if let Some(c) = con.as_mut() {
-            let _: ::redis::RedisResult<()> =
-                ::redis::cmd("DEL").arg(self.alive_key(&self.node)).query(c);
+            let _: ::redis::RedisResult<()> = ::redis::cmd("DEL")
+                .arg(self.alive_key(&self.node))
+                .query(c.any());
         }
     }
 
@@ -198,7 +313,7 @@ impl Worker {
 
     /// Renews the heartbeat. One that had expired (Redis stalled, or restarted) may
     /// have let another node's read delete this node's fields: all are written again.
-    fn beat(&mut self, con: &mut ::redis::Connection) -> ::redis::RedisResult<()> {
+    fn beat(&mut self, con: &mut Con) -> ::redis::RedisResult<()> {
         let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
         let before: Option<String> = ::redis::cmd("SET")
             .arg(self.alive_key(&self.node))
@@ -206,7 +321,7 @@ impl Worker {
             .arg("PX")
             .arg(ttl_ms)
             .arg("GET")
-            .query(con)?;
+            .query(con.any())?;
         if before.is_none() {
             self.dirty.extend(self.counts.keys().cloned());
         }
@@ -214,16 +329,16 @@ impl Worker {
     }
 
     /// Writes the changed counts, a pipeline per [`CHUNK`].
-    fn write(&mut self, con: &mut ::redis::Connection) -> ::redis::RedisResult<()> {
+    fn write(&mut self, con: &mut Con) -> ::redis::RedisResult<()> {
         while !self.dirty.is_empty() {
             let batch: Vec<Arc<str>> = self.dirty.iter().take(CHUNK).cloned().collect();
-            let mut pipe = ::redis::pipe();
+            let mut pipe = con.pipe();
             for uid in &batch {
                 let key = self.key(uid);
                 match self.counts.get(uid) {
-                    Some(n) => pipe.hset(key, &self.node, *n).ignore(),
-                    None => pipe.hdel(key, &self.node).ignore(),
-                };
+                    Some(n) => pipe.hset(key, &self.node, *n),
+                    None => pipe.hdel(key, &self.node),
+                }
             }
             pipe.query::<()>(con)?;
             for uid in &batch {
@@ -235,12 +350,8 @@ impl Worker {
 
     /// Each uid's connections on the nodes whose heartbeat is alive: one pipeline of
     /// `HGETALL`s, one `MGET` of the heartbeats they name.
-    fn answer(
-        &self,
-        con: &mut ::redis::Connection,
-        uids: &[String],
-    ) -> ::redis::RedisResult<Vec<(String, u64)>> {
-        let mut pipe = ::redis::pipe();
+    fn answer(&self, con: &mut Con, uids: &[String]) -> ::redis::RedisResult<Vec<(String, u64)>> {
+        let mut pipe = con.pipe();
         for uid in uids {
             pipe.hgetall(self.key(uid));
         }
@@ -255,7 +366,7 @@ impl Worker {
             HashSet::new()
         } else {
             let keys: Vec<String> = nodes.iter().map(|n| self.alive_key(n)).collect();
-            let beats: Vec<Option<String>> = ::redis::cmd("MGET").arg(&keys).query(con)?;
+            let beats: Vec<Option<String>> = ::redis::cmd("MGET").arg(&keys).query(con.any())?;
             nodes
                 .iter()
                 .zip(beats)
@@ -264,7 +375,7 @@ impl Worker {
                 .collect()
         };
         // Fields of dead nodes go, so hashes do not grow with every restart.
-        let mut gone = ::redis::pipe();
+        let mut gone = con.pipe();
         let mut any_gone = false;
         let mut out = Vec::with_capacity(uids.len());
         for (uid, hash) in uids.iter().zip(&hashes) {
@@ -273,7 +384,7 @@ impl Worker {
                 if alive.contains(node.as_str()) {
                     n += count;
                 } else {
-                    gone.hdel(self.key(uid), node).ignore();
+                    gone.hdel(self.key(uid), node);
                     any_gone = true;
                 }
             }

@@ -18,7 +18,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::driver::{Driver, Ended, Session};
-use super::presence::Presence;
+use super::presence::{Presence, Store};
 use super::publisher::{self, BackendError, Endpoint, Publisher, SendError, SendFn, Settings};
 use super::reader::{self, Answer, From, Reader};
 use super::streams::{Streams, seq_of};
@@ -120,8 +120,6 @@ pub struct RedisQueue {
     received: Arc<AtomicU64>,
     channels: Arc<AtomicUsize>,
     presence: Presence,
-    /// Counts the presence queue had no room for, sent on a later tick.
-    counts: HashMap<Arc<str>, usize>,
 }
 
 impl RedisQueue {
@@ -137,7 +135,7 @@ impl RedisQueue {
         let node = node_id();
         let fence_channel = format!("{}:n:{node:016x}", set.channel);
         let presence = Presence::start(
-            endpoint.clone(),
+            Store::Redis(endpoint.clone()),
             &set.channel,
             node,
             set.presence_ttl,
@@ -234,18 +232,7 @@ impl RedisQueue {
             received,
             channels,
             presence,
-            counts: HashMap::new(),
         })
-    }
-
-    /// Sends the counts that found the presence queue full before.
-    fn send_counts(&mut self) {
-        while let Some((uid, n)) = self.counts.iter().next().map(|(u, n)| (u.clone(), *n)) {
-            if self.presence.count(&uid, n).is_err() {
-                return;
-            }
-            self.counts.remove(&uid);
-        }
     }
 
     /// Sends the leaves that found the interest channel full before.
@@ -402,14 +389,11 @@ impl Queue for RedisQueue {
 
     fn flush(&mut self) {
         self.send_leaves();
-        self.send_counts();
+        self.presence.retry();
     }
 
     fn presence_changed(&mut self, uid: &str, n: usize) {
-        self.counts.remove(uid);
-        if self.presence.count(uid, n).is_err() {
-            self.counts.insert(Arc::from(uid), n);
-        }
+        self.presence.count(uid, n);
     }
 
     fn presence(&mut self, ticket: Ticket, uids: Vec<String>) -> PresenceRead {
