@@ -26,6 +26,7 @@ mod fanout;
 mod http_conn;
 mod resume;
 mod routes;
+mod session;
 mod sse_conn;
 pub mod stats;
 mod stream;

@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use super::conn::{Chunk, Held, Transport};
 use super::fanout::{is_compressed, sse_event};
+use super::session::Action;
 use super::ws_conn::{CloseCode, Then};
 use super::{Liveness, Server};
 use crate::history::Since;
@@ -179,11 +180,8 @@ impl Server {
 
     /// Sends a push connection off to reconnect and resume: 1012 for a WebSocket;
     /// an event stream ends, and the browser comes back with `Last-Event-ID`.
-    fn restart(&mut self, key: usize, why: &str) -> Liveness {
-        match self.conns.get(key).and_then(|c| c.phase.transport()) {
-            Some(Transport::EventStream) => self.end_sse(key, why),
-            _ => self.end_ws(key, Some(CloseCode::Restart), why, Then::AwaitPeer),
-        }
+    fn restart(&mut self, key: usize, why: &'static str) -> Liveness {
+        self.apply(key, Action::end(CloseCode::Restart, why, Then::AwaitPeer))
     }
 
     fn count_resume(&mut self, complete: bool, replayed: usize) {

@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use super::conn::{Chunk, Delivery, Phase, Transport};
 use super::routes::Listener;
-use super::stream::Step;
 use super::{Liveness, Server};
 use crate::http::sse;
 use crate::queue::Joined;
@@ -54,21 +53,6 @@ impl Server {
             (Joined::Live, Some(since)) => self.resume_from(key, &since),
             (Joined::Live, None) => opened,
         }
-    }
-
-    /// Input on an event stream is not part of the protocol: it is discarded.
-    pub(super) fn sse_step(&mut self, buf: &[u8]) -> Step {
-        Step::Progress(buf.len())
-    }
-
-    /// The heartbeat comment, every `-ping-interval`: idle proxies keep the stream
-    /// open, and a client that is gone shows up as a failed write.
-    pub(super) fn sse_heartbeat(&mut self, key: usize, now: Instant) -> Liveness {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return Liveness::Closed;
-        };
-        conn.deadline = now + self.cfg.ping_interval;
-        self.send(key, Chunk::Owned(sse::HEARTBEAT.to_vec()))
     }
 
     /// Ends an event stream: out of the hub, then what is queued is written and the

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use super::conn::{Chunk, Phase, Transport, WsDeflate, WsState};
 use super::routes::{self, Upgrade};
+use super::session::Action;
 use super::stats::Limit;
 use super::stream::Step;
 use super::{Liveness, Reason, Server};
@@ -148,13 +149,13 @@ impl Server {
             _ => true,
         };
         let (frame, used) = match frame::decode_with(buf, self.cfg.max_frame, deflate) {
-            Err(e) => return self.ws_fail(key, e),
+            Err(e) => return Step::then(0, self.ws_fail(key, e)),
             Ok(None) => {
                 // Text still arriving fails at its first invalid byte (RFC 6455 §8.1).
                 if let Some(Phase::Ws(ws)) = self.conns.get_mut(key).map(|c| &mut c.phase)
                     && let Err(e) = ws.assembler.check_incomplete(buf)
                 {
-                    return self.ws_fail(key, e);
+                    return Step::then(0, self.ws_fail(key, e));
                 }
                 return Step::NeedMore;
             }
@@ -166,36 +167,26 @@ impl Server {
         let Phase::Ws(ws) = phase else {
             // Closing: only the peer's close frame matters now.
             if frame.opcode == OpCode::Close {
-                let _ = self.remove(key, Reason::Done);
-                return Step::Stop;
+                return Step::then(used, Action::Remove(Reason::Done));
             }
             return Step::Progress(used);
         };
         let inflater = ws.deflate.as_deref_mut().map(|d| &mut d.inflater);
-        match ws.assembler.push_with(frame, inflater) {
-            Err(e) => self.ws_fail(key, e),
+        let pushed = ws.assembler.push_with(frame, inflater);
+        if let Ok(Some(_)) = pushed {
+            ws.ping_sent = false;
+        }
+        match pushed {
+            Err(e) => Step::then(0, self.ws_fail(key, e)),
             Ok(None) => Step::Progress(used),
-            Ok(Some(msg)) => {
-                self.on_message(key, msg);
-                let still_ws = self
-                    .conns
-                    .get(key)
-                    .is_some_and(|c| c.phase.receives_pushes());
-                if still_ws {
-                    Step::Progress(used)
-                } else {
-                    Step::Stop
-                }
-            }
+            Ok(Some(msg)) => Step::then(used, self.on_message(key, msg)),
         }
     }
 
-    fn on_message(&mut self, key: usize, msg: Message) {
-        if let Some(Phase::Ws(ws)) = self.conns.get_mut(key).map(|c| &mut c.phase) {
-            ws.ping_sent = false;
-        }
+    /// A whole message from the client, and the WebSocket's reaction to it.
+    fn on_message(&mut self, key: usize, msg: Message) -> Action {
         let echo = self.cfg.echo;
-        let _ = match msg {
+        match msg {
             Message::Text(text) if echo => self.echo(key, OpCode::Text, text.as_bytes()),
             Message::Text(text) => {
                 match routes::subscribe_op(&text, &crate::hub::FilterLimits::new(&self.cfg)) {
@@ -203,22 +194,24 @@ impl Server {
                     Some(Err(e)) => return self.refuse_filter(key, e),
                     None => {}
                 }
-                Liveness::Alive
+                Action::Stay
             }
             Message::Binary(data) if echo => self.echo(key, OpCode::Binary, &data),
-            Message::Binary(_) | Message::Pong(_) => Liveness::Alive,
-            Message::Ping(data) => self.send(key, Chunk::Owned(frame::encode(OpCode::Pong, &data))),
+            Message::Binary(_) | Message::Pong(_) => Action::Stay,
+            Message::Ping(data) => Action::Send(Chunk::Owned(frame::encode(OpCode::Pong, &data))),
             // Echo the peer's code, as RFC 6455 §5.5.1 asks, then close the TCP side.
-            Message::Close(close) => {
-                self.end_ws(key, close.map(|c| CloseCode::from(c.code)), "", Then::Drain)
-            }
-        };
+            Message::Close(close) => Action::End {
+                code: close.map(|c| CloseCode::from(c.code)),
+                reason: "".into(),
+                then: Then::Drain,
+            },
+        }
     }
 
     /// `-echo`: the message back, compressed whenever the connection negotiated
     /// permessage-deflate (whatever `-deflate-min` says: a conformance suite checks
     /// the compressed path on every message, and some clients expect each echo in it).
-    fn echo(&mut self, key: usize, opcode: OpCode, data: &[u8]) -> Liveness {
+    fn echo(&mut self, key: usize, opcode: OpCode, data: &[u8]) -> Action {
         let window = match self.conns.get(key).map(|c| &c.phase) {
             Some(Phase::Ws(WsState {
                 deflate: Some(d), ..
@@ -228,28 +221,26 @@ impl Server {
         let compressed =
             window.and_then(|window| self.compressor.frame_always(window, opcode, data));
         let bytes = compressed.unwrap_or_else(|| frame::encode(opcode, data));
-        self.send(key, Chunk::Owned(bytes))
+        Action::Send(Chunk::Owned(bytes))
     }
 
     /// A subscribe op over the filter limits: counted, closed 1008 (policy).
-    fn refuse_filter(&mut self, key: usize, e: crate::hub::FilterError) {
+    fn refuse_filter(&mut self, key: usize, e: crate::hub::FilterError) -> Action {
         if let Some(peer) = self.conns.get(key).map(|c| c.peer) {
             self.count_refusal(crate::auth::Refusal::Types(e), peer, "subscribe");
         }
-        let _ = self.end_ws(key, Some(CloseCode::Policy), &e.to_string(), Then::Drain);
+        Action::end(CloseCode::Policy, e.to_string(), Then::Drain)
     }
 
     /// Fails the connection with the error's close code.
-    fn ws_fail(&mut self, key: usize, e: ProtocolError) -> Step {
+    fn ws_fail(&mut self, key: usize, e: ProtocolError) -> Action {
         if matches!(e, ProtocolError::FrameTooBig | ProtocolError::MessageTooBig) {
             self.counters.limited[Limit::FrameSize.index()] += 1;
         }
         if let Some(conn) = self.conns.get(key) {
             debug!("{}: {e}", conn.peer);
         }
-        let code = CloseCode::from(e.close_code());
-        let _ = self.end_ws(key, Some(code), &e.to_string(), Then::Drain);
-        Step::Stop
+        Action::end(CloseCode::from(e.close_code()), e.to_string(), Then::Drain)
     }
 
     /// Ends a WebSocket: out of the hub, one close frame (`None`: a close frame

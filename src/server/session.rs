@@ -1,0 +1,177 @@
+//! What a connection's phase decides, and the one place it is carried out.
+//!
+//! Each phase reacts to what happens to it (input, its timer, the peer's EOF, the
+//! shutdown, an eviction or a restart) with an [`Action`]: a value, not a side
+//! effect. [`Server::apply`] carries it out and answers with [`Liveness`], so a
+//! caller never looks a slot up again to learn whether it is still there.
+
+use std::borrow::Cow;
+use std::time::{Duration, Instant};
+
+use super::conn::{Chunk, Conn, Phase, Transport};
+use super::stats::Limit;
+use super::ws_conn::{CloseCode, Then};
+use super::{Liveness, Reason, Server};
+use crate::http::response::Response;
+use crate::http::sse;
+use crate::ws::frame::{self, OpCode};
+
+/// A phase's reaction, for [`Server::apply`].
+pub(super) enum Action {
+    /// Nothing to do: the phase goes on as it is.
+    Stay,
+    /// Write the server's own bytes (a pong, a ping, a heartbeat, an echo, a
+    /// 100-continue) and go on.
+    Send(Chunk),
+    /// Answer the request in progress, then close; `limit` is the one it ran into.
+    Fail {
+        resp: Response,
+        limit: Option<Limit>,
+    },
+    /// End a push connection: a WebSocket sends one close frame (`None`: without
+    /// a code, the echo of one) and then `then`; an event stream, which has no
+    /// close message, writes what it holds and closes.
+    End {
+        code: Option<CloseCode>,
+        reason: Cow<'static, str>,
+        then: Then,
+    },
+    /// Leave the slab now.
+    Remove(Reason),
+}
+
+impl Action {
+    /// Whether the connection stops taking input in its current phase.
+    pub(super) fn ends(&self) -> bool {
+        !matches!(self, Action::Stay | Action::Send(_))
+    }
+
+    pub(super) fn end(code: CloseCode, reason: impl Into<Cow<'static, str>>, then: Then) -> Self {
+        Action::End {
+            code: Some(code),
+            reason: reason.into(),
+            then,
+        }
+    }
+}
+
+/// The timeouts a phase's timer reacts with.
+pub(super) struct Timeouts {
+    pub idle: Duration,
+    pub ping: Duration,
+}
+
+impl Conn {
+    /// Whether this connection's timer is due: a WebSocket's when it was silent
+    /// past a ping or the idle timeout, every other phase's at its deadline.
+    pub(super) fn timer_due(&self, now: Instant, t: &Timeouts) -> bool {
+        match &self.phase {
+            Phase::Ws(ws) => {
+                let silent = now.saturating_duration_since(self.last_seen);
+                silent >= t.idle || (silent >= t.ping && !ws.ping_sent)
+            }
+            _ => now >= self.deadline,
+        }
+    }
+
+    /// The phase's timer fired.
+    pub(super) fn on_timeout(&mut self, now: Instant, t: &Timeouts) -> Action {
+        match &mut self.phase {
+            Phase::Ws(_) if now.saturating_duration_since(self.last_seen) >= t.idle => {
+                Action::Remove(Reason::Timeout("idle"))
+            }
+            Phase::Ws(ws) => {
+                ws.ping_sent = true;
+                Action::Send(Chunk::Owned(frame::encode(OpCode::Ping, b"")))
+            }
+            Phase::Http { busy: true, .. } => Action::Fail {
+                resp: Response::error(408, "request timeout"),
+                limit: Some(Limit::RequestTimeout),
+            },
+            Phase::Publishing { .. } | Phase::Asking { .. } => Action::Fail {
+                resp: Response::error(503, "queue backend did not answer in time"),
+                limit: None,
+            },
+            // No idle timeout: an event-stream client never sends. The heartbeat
+            // keeps idle proxies from closing it, and a client that is gone shows
+            // up as a failed write.
+            Phase::Sse(_) => {
+                self.deadline = now + t.ping;
+                Action::Send(Chunk::Owned(sse::HEARTBEAT.to_vec()))
+            }
+            Phase::Http { busy: false, .. } => Action::Remove(Reason::Timeout("keep-alive")),
+            Phase::Closing | Phase::Draining { .. } => Action::Remove(Reason::Timeout("close")),
+        }
+    }
+
+    /// The peer closed its side (EOF).
+    pub(super) fn on_peer_closed(&mut self, now: Instant, close_timeout: Duration) -> Action {
+        match self.phase {
+            // A client that half-closed after its request still gets the reply.
+            Phase::Http { .. } if !self.out.is_empty() => {
+                self.phase = Phase::Draining { fin_sent: false };
+                self.deadline = now + close_timeout;
+                Action::Stay
+            }
+            Phase::Draining { fin_sent: false } if !self.out.is_empty() => Action::Stay,
+            _ => Action::Remove(Reason::PeerClosed),
+        }
+    }
+
+    /// Shutdown began: an idle HTTP connection leaves at once; every other one
+    /// finishes what it does.
+    pub(super) fn on_shutdown(&self) -> Action {
+        match self.phase {
+            Phase::Http { busy: false, .. } if self.rbuf.is_empty() => {
+                Action::Remove(Reason::Shutdown)
+            }
+            _ => Action::Stay,
+        }
+    }
+
+    /// The queue handed over everything it accepted: push receivers close (1001).
+    pub(super) fn on_queue_drained(&self) -> Action {
+        match self.phase.transport() {
+            Some(_) => Action::end(CloseCode::Away, "server shutting down", Then::AwaitPeer),
+            None => Action::Stay,
+        }
+    }
+}
+
+impl Server {
+    /// Carries out what a phase decided. Every end of a connection that a phase
+    /// chooses goes through here.
+    pub(super) fn apply(&mut self, key: usize, action: Action) -> Liveness {
+        match action {
+            Action::Stay => self.liveness(key),
+            Action::Send(chunk) => self.send(key, chunk),
+            Action::Fail { resp, limit } => {
+                if let Some(limit) = limit {
+                    self.counters.limited[limit.index()] += 1;
+                }
+                self.reply(key, &resp, false, false)
+            }
+            Action::End { code, reason, then } => {
+                match self.conns.get(key).map(|c| c.phase.transport()) {
+                    None => Liveness::Closed,
+                    Some(Some(Transport::EventStream)) => self.end_sse(key, &reason),
+                    Some(_) => self.end_ws(key, code, &reason, then),
+                }
+            }
+            Action::Remove(reason) => self.remove(key, reason),
+        }
+    }
+
+    /// Applies the reaction `react` picks for each connection `keep` selects.
+    pub(super) fn apply_where(
+        &mut self,
+        keep: impl Fn(&Conn) -> bool,
+        react: impl Fn(&mut Conn) -> Action,
+    ) {
+        for key in self.keys_where(keep) {
+            if let Some(action) = self.conns.get_mut(key).map(&react) {
+                let _ = self.apply(key, action);
+            }
+        }
+    }
+}
