@@ -24,6 +24,8 @@ mod admission;
 mod conn;
 mod fanout;
 mod http_conn;
+mod metrics;
+mod out;
 mod resume;
 mod routes;
 mod session;

@@ -9,11 +9,13 @@ use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use super::conn::{Chunk, Conn, Phase, Transport};
+use super::routes::Listener;
 use super::stats::Limit;
 use super::ws_conn::{CloseCode, Then};
 use super::{Liveness, Reason, Server};
 use crate::http::response::Response;
 use crate::http::sse;
+use crate::queue::Joined;
 use crate::ws::frame::{self, OpCode};
 
 /// A phase's reaction, for [`Server::apply`].
@@ -159,6 +161,73 @@ impl Server {
                 }
             }
             Action::Remove(reason) => self.remove(key, reason),
+        }
+    }
+
+    /// Switches a connection whose request passed every check to a push phase
+    /// (`Ws` or `Sse`): joined to the hub, `head` (the 101, or the event stream's
+    /// 200) written, then live at once, resumed, or held until the backend answers.
+    pub(super) fn start_push(
+        &mut self,
+        key: usize,
+        l: Listener,
+        phase: Phase,
+        head: Vec<u8>,
+    ) -> Liveness {
+        if let Some(ip) = l.client_ip {
+            self.count_ip(key, ip);
+        }
+        let Some(conn) = self.conns.get_mut(key) else {
+            return Liveness::Closed;
+        };
+        let Some(transport) = phase.transport() else {
+            return Liveness::Alive;
+        };
+        conn.phase = phase;
+        let now = Instant::now();
+        conn.last_seen = now;
+        if transport == Transport::EventStream {
+            // Its timer is the next heartbeat; a WebSocket's runs on its silence.
+            conn.deadline = now + self.cfg.ping_interval;
+        }
+        info!(
+            "{} open uid={} peer={} ip={}",
+            transport.label(),
+            l.uid.as_deref().unwrap_or("-"),
+            conn.peer,
+            conn.client_ip
+                .map_or_else(|| "-".to_string(), |ip| ip.to_string())
+        );
+        self.hub.join(key, l.uid.as_deref(), l.types);
+        if let Some(uid) = l.uid.as_deref() {
+            self.queue.presence_changed(uid, self.hub.count(uid));
+        }
+        self.queue.flush();
+        match transport {
+            Transport::WebSocket => self.counters.ws_opened += 1,
+            Transport::EventStream => self.counters.sse_opened += 1,
+        }
+        // Before the head: what the client sends once it has it comes after the
+        // join. A uid new to this node starts once its messages reach the node.
+        let joined = match l.uid.as_deref() {
+            Some(uid) => self.join_queue(key, uid, l.since.as_deref()),
+            None => Joined::Live,
+        };
+        let opened = self.send(key, Chunk::Owned(head));
+        if !opened.alive() {
+            return opened;
+        }
+        match (joined, l.since) {
+            (Joined::Pending, _) => Liveness::Alive,
+            (Joined::Refused, _) => {
+                let retry = "too many connections starting, retry";
+                self.apply(
+                    key,
+                    Action::end(CloseCode::TryAgain, retry, Then::AwaitPeer),
+                )
+            }
+            (Joined::Live, Some(since)) => self.resume_from(key, &since),
+            (Joined::Live, None) => opened,
         }
     }
 

@@ -10,7 +10,6 @@ use super::session::Action;
 use super::stats::Limit;
 use super::stream::Step;
 use super::{Liveness, Reason, Server};
-use crate::queue::Joined;
 use crate::ws::assembler::{Assembler, Message};
 use crate::ws::deflate::Inflater;
 use crate::ws::frame::{self, OpCode, ProtocolError};
@@ -79,66 +78,28 @@ pub(super) enum Then {
 }
 
 impl Server {
+    /// `GET /ws` passed every check: the 101, and the WebSocket phase.
     pub(super) fn upgrade(&mut self, key: usize, up: Upgrade) -> Liveness {
         let Upgrade {
             accept,
             deflate,
-            listener: up,
+            listener,
         } = up;
-        if let Some(ip) = up.client_ip {
-            self.count_ip(key, ip);
-        }
-        let Some(conn) = self.conns.get_mut(key) else {
-            return Liveness::Closed;
-        };
         let ws_deflate = deflate.map(|params| {
             Box::new(WsDeflate {
                 params,
                 inflater: Inflater::new(&params),
             })
         });
-        conn.phase = Phase::Ws(WsState::new(
+        let phase = Phase::Ws(WsState::new(
             Assembler::new(self.cfg.max_message),
             ws_deflate,
         ));
-        conn.last_seen = Instant::now();
-        info!(
-            "ws open uid={} peer={} ip={}",
-            up.uid.as_deref().unwrap_or("-"),
-            conn.peer,
-            conn.client_ip
-                .map_or_else(|| "-".to_string(), |ip| ip.to_string())
-        );
-        self.hub.join(key, up.uid.as_deref(), up.types);
-        if let Some(uid) = up.uid.as_deref() {
-            self.queue.presence_changed(uid, self.hub.count(uid));
-        }
-        self.queue.flush();
-        self.counters.ws_opened += 1;
-        // Before the 101: what the client sends once it has it comes after the join.
-        let joined = match up.uid.as_deref() {
-            Some(uid) => self.join_queue(key, uid, up.since.as_deref()),
-            None => Joined::Live,
-        };
         let response = match &deflate {
             Some(p) => handshake::response_with_extensions(&accept, &p.response_header()),
             None => handshake::response(&accept),
         };
-        let opened = self.send(key, Chunk::Owned(response));
-        if !opened.alive() {
-            return opened;
-        }
-        match (joined, up.since) {
-            (Joined::Pending, _) => Liveness::Alive,
-            (Joined::Refused, _) => self.end_ws(
-                key,
-                Some(CloseCode::TryAgain),
-                "too many connections starting, retry",
-                Then::AwaitPeer,
-            ),
-            (Joined::Live, Some(since)) => self.resume_from(key, &since),
-            (Joined::Live, None) => opened,
-        }
+        self.start_push(key, listener, phase, response)
     }
 
     pub(super) fn ws_step(&mut self, key: usize, buf: &mut [u8]) -> Step {
@@ -292,12 +253,9 @@ impl Server {
         let Some(conn) = self.conns.get(key) else {
             return;
         };
-        let kind = match transport {
-            Transport::WebSocket => "ws",
-            Transport::EventStream => "sse",
-        };
         info!(
-            "{kind} close uid={} peer={} reason={why} duration={:.1}s",
+            "{} close uid={} peer={} reason={why} duration={:.1}s",
+            transport.label(),
             self.hub.uid(key).unwrap_or("-"),
             conn.peer,
             conn.opened.elapsed().as_secs_f64()
