@@ -283,7 +283,7 @@ impl Server {
                 frames.clone().filter(|f| is_compressed(f)).count() as u64;
         }
         if let Err(e) = conn.send_shared(frames) {
-            return self.remove(key, Reason::Io(e.0));
+            return self.apply(key, Action::Remove(Reason::Io(e.0)));
         }
         self.check_backlog(key)
     }

@@ -202,18 +202,17 @@ impl Server {
         }
         match self.queue.publish(Ticket { key, serial }, live) {
             Submit::Done(result) => self.published(key, accepted, keep_alive, result),
-            Submit::Pending => {
-                let Some(conn) = self.conns.get_mut(key) else {
-                    return Liveness::Closed;
-                };
-                conn.phase = Phase::Publishing {
-                    accepted,
-                    keep_alive,
-                };
-                // The backend has its own timeout; this one only bounds a lost answer.
-                conn.deadline = Instant::now() + self.cfg.request_timeout;
-                Liveness::Alive
-            }
+            // The backend has its own timeout; this one only bounds a lost answer.
+            Submit::Pending => self.apply(
+                key,
+                Action::Switch {
+                    phase: Phase::Publishing {
+                        accepted,
+                        keep_alive,
+                    },
+                    timeout: self.cfg.request_timeout,
+                },
+            ),
         }
     }
 
@@ -255,14 +254,13 @@ impl Server {
                     .collect();
                 self.reply(key, &presence_response(counts), keep_alive, false)
             }
-            PresenceRead::Pending => {
-                let Some(conn) = self.conns.get_mut(key) else {
-                    return Liveness::Closed;
-                };
-                conn.phase = Phase::Asking { keep_alive };
-                conn.deadline = Instant::now() + self.cfg.request_timeout;
-                Liveness::Alive
-            }
+            PresenceRead::Pending => self.apply(
+                key,
+                Action::Switch {
+                    phase: Phase::Asking { keep_alive },
+                    timeout: self.cfg.request_timeout,
+                },
+            ),
             PresenceRead::Unavailable => {
                 let resp = Response::error(503, "too many presence reads waiting");
                 self.reply(key, &resp, keep_alive, false)

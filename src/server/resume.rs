@@ -121,18 +121,7 @@ impl Server {
                 (false, Vec::new())
             }
         };
-        let now = unix_now();
-        let frames: Vec<(u64, Arc<[u8]>)> = batch
-            .into_iter()
-            .filter(|e| !e.is_expired(now) && self.hub.accepts(key, &e.types))
-            .map(|e| {
-                let bytes = match transport {
-                    Transport::WebSocket => e.frame,
-                    Transport::EventStream => sse_event(e.push_json()),
-                };
-                (e.seq, bytes)
-            })
-            .collect();
+        let frames = self.replay_frames(key, batch, transport);
         if !held.quiet {
             self.count_resume(complete, frames.len());
             if !self.send_resumed(key, complete).alive() {
@@ -166,6 +155,28 @@ impl Server {
             }
         }
         let _ = self.check_backlog(key);
+    }
+
+    /// What a history read found for a connection: live, of its types, each in
+    /// its transport's encoding, with its sequence number.
+    fn replay_frames(
+        &self,
+        key: usize,
+        batch: Vec<Envelope>,
+        transport: Transport,
+    ) -> Vec<(u64, Arc<[u8]>)> {
+        let now = unix_now();
+        batch
+            .into_iter()
+            .filter(|e| !e.is_expired(now) && self.hub.accepts(key, &e.types))
+            .map(|e| {
+                let bytes = match transport {
+                    Transport::WebSocket => e.frame,
+                    Transport::EventStream => sse_event(e.push_json()),
+                };
+                (e.seq, bytes)
+            })
+            .collect()
     }
 
     /// Messages were lost to this node beyond what history can refill: its push

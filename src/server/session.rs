@@ -15,6 +15,7 @@ use super::ws_conn::{CloseCode, Then};
 use super::{Liveness, Reason, Server};
 use crate::http::response::Response;
 use crate::http::sse;
+use crate::hub::TypeSet;
 use crate::queue::Joined;
 use crate::ws::frame::{self, OpCode};
 
@@ -38,6 +39,8 @@ pub(super) enum Action {
         reason: Cow<'static, str>,
         then: Then,
     },
+    /// Switch to `phase`, whose timer fires after `timeout`.
+    Switch { phase: Phase, timeout: Duration },
     /// Leave the slab now.
     Remove(Reason),
 }
@@ -45,7 +48,7 @@ pub(super) enum Action {
 impl Action {
     /// Whether the connection stops taking input in its current phase.
     pub(super) fn ends(&self) -> bool {
-        !matches!(self, Action::Stay | Action::Send(_))
+        !matches!(self, Action::Stay | Action::Send(_) | Action::Switch { .. })
     }
 
     pub(super) fn end(code: CloseCode, reason: impl Into<Cow<'static, str>>, then: Then) -> Self {
@@ -64,6 +67,16 @@ pub(super) struct Timeouts {
 }
 
 impl Conn {
+    /// Whether the phase reads input now: not while the backend has the request,
+    /// nor while an HTTP client leaves more than `max_backlog` of replies unread.
+    pub(super) fn takes_input(&self, max_backlog: usize) -> bool {
+        match self.phase {
+            Phase::Publishing { .. } | Phase::Asking { .. } => false,
+            Phase::Http { .. } => self.out.bytes() <= max_backlog,
+            Phase::Ws(_) | Phase::Sse(_) | Phase::Closing | Phase::Draining { .. } => true,
+        }
+    }
+
     /// Whether this connection's timer is due: a WebSocket's when it was silent
     /// past a ping or the idle timeout, every other phase's at its deadline.
     pub(super) fn timer_due(&self, now: Instant, t: &Timeouts) -> bool {
@@ -160,6 +173,14 @@ impl Server {
                     Some(_) => self.end_ws(key, code, &reason, then),
                 }
             }
+            Action::Switch { phase, timeout } => match self.conns.get_mut(key) {
+                Some(conn) => {
+                    conn.phase = phase;
+                    conn.deadline = Instant::now() + timeout;
+                    Liveness::Alive
+                }
+                None => Liveness::Closed,
+            },
             Action::Remove(reason) => self.remove(key, reason),
         }
     }
@@ -198,15 +219,7 @@ impl Server {
             conn.client_ip
                 .map_or_else(|| "-".to_string(), |ip| ip.to_string())
         );
-        self.hub.join(key, l.uid.as_deref(), l.types);
-        if let Some(uid) = l.uid.as_deref() {
-            self.queue.presence_changed(uid, self.hub.count(uid));
-        }
-        self.queue.flush();
-        match transport {
-            Transport::WebSocket => self.counters.ws_opened += 1,
-            Transport::EventStream => self.counters.sse_opened += 1,
-        }
+        self.join_hub(key, l.uid.as_deref(), l.types, transport);
         // Before the head: what the client sends once it has it comes after the
         // join. A uid new to this node starts once its messages reach the node.
         let joined = match l.uid.as_deref() {
@@ -228,6 +241,19 @@ impl Server {
             }
             (Joined::Live, Some(since)) => self.resume_from(key, &since),
             (Joined::Live, None) => opened,
+        }
+    }
+
+    /// A push receiver joins the hub: counted, and its presence told the backend.
+    fn join_hub(&mut self, key: usize, uid: Option<&str>, types: TypeSet, transport: Transport) {
+        self.hub.join(key, uid, types);
+        if let Some(uid) = uid {
+            self.queue.presence_changed(uid, self.hub.count(uid));
+        }
+        self.queue.flush();
+        match transport {
+            Transport::WebSocket => self.counters.ws_opened += 1,
+            Transport::EventStream => self.counters.sse_opened += 1,
         }
     }
 

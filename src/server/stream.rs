@@ -55,13 +55,13 @@ impl Server {
         };
         let was_over = conn.out.bytes() > self.cfg.max_backlog;
         if let Err(e) = conn.flush() {
-            return self.remove(key, Reason::Io(e.0));
+            return self.apply(key, Action::Remove(Reason::Io(e.0)));
         }
         if let Phase::Draining { fin_sent } = &mut conn.phase {
             if conn.out.is_empty() && !*fin_sent {
                 *fin_sent = true;
                 if conn.sock.shutdown(std::net::Shutdown::Write).is_err() {
-                    return self.remove(key, Reason::Done);
+                    return self.apply(key, Action::Remove(Reason::Done));
                 }
             }
             return Liveness::Alive;
@@ -80,7 +80,7 @@ impl Server {
             return Liveness::Closed;
         };
         if let Err(e) = conn.send(chunk) {
-            return self.remove(key, Reason::Io(e.0));
+            return self.apply(key, Action::Remove(Reason::Io(e.0)));
         }
         self.check_backlog(key)
     }
@@ -124,7 +124,7 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    let _ = self.remove(key, Reason::Io(e));
+                    let _ = self.apply(key, Action::Remove(Reason::Io(e)));
                     break;
                 }
             }
@@ -135,14 +135,10 @@ impl Server {
     /// Whether the connection's phase reads input now. A paused connection's bytes
     /// stay in the kernel, which pushes back on the client through TCP.
     pub(super) fn takes_input(&self, key: usize) -> bool {
-        let Some(conn) = self.conns.get(key) else {
-            return false;
-        };
-        match conn.phase {
-            Phase::Publishing { .. } | Phase::Asking { .. } => false,
-            Phase::Http { .. } => conn.out.bytes() <= self.cfg.max_backlog,
-            Phase::Ws(_) | Phase::Sse(_) | Phase::Closing | Phase::Draining { .. } => true,
-        }
+        let max_backlog = self.cfg.max_backlog;
+        self.conns
+            .get(key)
+            .is_some_and(|c| c.takes_input(max_backlog))
     }
 
     /// Continues a paused connection: first what it already buffered, then the socket.
