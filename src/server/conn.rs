@@ -18,8 +18,9 @@ use crate::ws::deflate::{DeflateParams, Inflater};
 pub use super::out::{Broken, Chunk, OutQueue};
 use super::out::{IOV_MAX, write_some};
 
-/// Where a connection is in its life. Each phase's room (`http_conn.rs`,
-/// `ws_conn.rs`) decides its moves; `Server::remove` ends every one.
+/// Where a connection is in its life. Each phase decides its reactions (its
+/// input in `http_conn.rs`, `ws_conn.rs`; its timer, EOF and the shutdown in
+/// `session.rs`) as an `Action`, which `Server::apply` carries out.
 pub enum Phase {
     /// Reading HTTP requests. `busy` is true from a request's first byte until it is
     /// answered; `pending` holds a parsed head while its body arrives.

@@ -1,6 +1,7 @@
-//! The event-stream phase (`GET /sse`, Server-Sent Events): opening the stream,
-//! heartbeat comments, and its end. Pushes reach it through fan-out like any push
-//! receiver; the client never sends, so input is only read to notice it leaving.
+//! The event-stream phase (`GET /sse`, Server-Sent Events): opening the stream and
+//! its end; its heartbeat comment is its timer's reaction (`session.rs`). Pushes
+//! reach it through fan-out like any push receiver; the client never sends, so
+//! input is only read to notice it leaving.
 
 use std::time::Instant;
 
