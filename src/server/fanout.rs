@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use super::conn::Wants;
 use super::session::Action;
+use super::session::{CloseCode, Then};
 use super::stats::Limit;
-use super::ws_conn::{CloseCode, Then};
 use super::{Liveness, Reason, Server};
 use crate::http::sse;
 use crate::message::{self, Envelope, unix_now};

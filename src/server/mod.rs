@@ -63,7 +63,7 @@ use fanout::FanOut;
 use stats::Counters;
 use timers::Shutdown;
 
-pub use ws_conn::CloseCode;
+pub use session::CloseCode;
 
 pub const LISTENER: Token = Token(usize::MAX - 1);
 pub const WAKER: Token = Token(usize::MAX - 2);

@@ -18,8 +18,7 @@ use std::sync::Arc;
 
 use super::conn::{Chunk, Held, Transport};
 use super::fanout::{is_compressed, sse_event};
-use super::session::Action;
-use super::ws_conn::{CloseCode, Then};
+use super::session::{Action, CloseCode, Then};
 use super::{Liveness, Server};
 use crate::history::Since;
 use crate::http::sse;

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use super::conn::{Chunk, Phase, Transport, WsDeflate, WsState};
 use super::routes::{self, Upgrade};
-use super::session::Action;
+use super::session::{Action, CloseCode, Then};
 use super::stats::Limit;
 use super::stream::Step;
 use super::{Liveness, Reason, Server};
@@ -14,68 +14,6 @@ use crate::ws::assembler::{Assembler, Message};
 use crate::ws::deflate::Inflater;
 use crate::ws::frame::{self, OpCode, ProtocolError};
 use crate::ws::handshake;
-
-/// The close codes the server sends (RFC 6455 §7.4.1), and the peer's own when
-/// it is echoed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CloseCode {
-    /// 1001: the server is shutting down.
-    Away,
-    /// 1002: the peer broke the protocol.
-    Protocol,
-    /// 1007: a text message was not UTF-8.
-    Invalid,
-    /// 1008: the peer broke a policy (here: it does not read its pushes).
-    Policy,
-    /// 1009: a frame or message over `-max-frame` / `-max-message`.
-    TooBig,
-    /// 1012: the server restarts the connection's service; reconnect (here: its
-    /// node lost messages it could not recover, and a resume tells what is missing).
-    Restart,
-    /// 1013: try again later (here: too many connections starting at once).
-    TryAgain,
-    /// Any other code, as the peer sent it.
-    Other(u16),
-}
-
-impl CloseCode {
-    pub fn as_u16(self) -> u16 {
-        match self {
-            CloseCode::Away => 1001,
-            CloseCode::Protocol => 1002,
-            CloseCode::Invalid => 1007,
-            CloseCode::Policy => 1008,
-            CloseCode::TooBig => 1009,
-            CloseCode::Restart => 1012,
-            CloseCode::TryAgain => 1013,
-            CloseCode::Other(code) => code,
-        }
-    }
-}
-
-impl From<u16> for CloseCode {
-    fn from(code: u16) -> Self {
-        match code {
-            1001 => CloseCode::Away,
-            1002 => CloseCode::Protocol,
-            1007 => CloseCode::Invalid,
-            1008 => CloseCode::Policy,
-            1009 => CloseCode::TooBig,
-            1012 => CloseCode::Restart,
-            1013 => CloseCode::TryAgain,
-            other => CloseCode::Other(other),
-        }
-    }
-}
-
-/// What follows a close frame the server sends.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Then {
-    /// Wait for the peer's close frame (the server started the handshake).
-    AwaitPeer,
-    /// Write what is left, then FIN (the peer closed or failed).
-    Drain,
-}
 
 impl Server {
     /// `GET /ws` passed every check: the 101, and the WebSocket phase.
@@ -272,18 +210,5 @@ impl Server {
             Transport::WebSocket => self.counters.ws_closed += 1,
             Transport::EventStream => self.counters.sse_closed += 1,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn close_codes_round_trip() {
-        for code in [1000, 1001, 1002, 1007, 1008, 1009, 1012, 1013, 3000, 4999] {
-            assert_eq!(CloseCode::from(code).as_u16(), code);
-        }
-        assert_eq!(CloseCode::from(1001), CloseCode::Away);
     }
 }
