@@ -130,17 +130,10 @@ impl Server {
         // The replay and the pushes held meanwhile overlap and interleave (a held
         // broadcast may be older than a replayed message): merged by id, each once.
         let Held { frames: live, .. } = *held;
-        let mut merged = frames;
-        merged.extend(live);
-        merged.sort_by_key(|(seq, _)| *seq);
-        merged.dedup_by_key(|(seq, _)| *seq);
+        let merged = merge_by_seq(frames, live);
         let up_to = merged.last().map_or(0, |(seq, _)| *seq);
         let all: Vec<Arc<[u8]>> = merged.into_iter().map(|(_, f)| f).collect();
-        self.counters.messages_out += all.len() as u64;
-        if transport == Transport::WebSocket {
-            // Held pushes were taken in the connection's encoding, compressed or not.
-            self.counters.deflated_out += all.iter().filter(|f| is_compressed(f)).count() as u64;
-        }
+        self.count_out(&all, transport);
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
@@ -154,6 +147,15 @@ impl Server {
             }
         }
         let _ = self.check_backlog(key);
+    }
+
+    /// Counts the pushes a resume sends.
+    fn count_out(&mut self, frames: &[Arc<[u8]>], transport: Transport) {
+        self.counters.messages_out += frames.len() as u64;
+        if transport == Transport::WebSocket {
+            // Held pushes were taken in the connection's encoding, compressed or not.
+            self.counters.deflated_out += frames.iter().filter(|f| is_compressed(f)).count() as u64;
+        }
     }
 
     /// What a history read found for a connection: live, of its types, each in
@@ -278,5 +280,31 @@ impl Server {
             }
         }
         Liveness::Alive
+    }
+}
+
+/// A replay and the pushes held meanwhile, in order of sequence number, each once.
+fn merge_by_seq(
+    replay: Vec<(u64, Arc<[u8]>)>,
+    held: Vec<(u64, Arc<[u8]>)>,
+) -> Vec<(u64, Arc<[u8]>)> {
+    let mut merged = replay;
+    merged.extend(held);
+    merged.sort_by_key(|(seq, _)| *seq);
+    merged.dedup_by_key(|(seq, _)| *seq);
+    merged
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replay_and_held_pushes_merge_by_id_each_once() {
+        let f = |seq: u64| (seq, Arc::<[u8]>::from(seq.to_string().as_bytes()));
+        let merged = merge_by_seq(vec![f(1), f(3), f(4)], vec![f(2), f(4), f(5)]);
+        let seqs: Vec<u64> = merged.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, [1, 2, 3, 4, 5]);
+        assert_eq!(&*merged[3].1, b"4");
     }
 }
