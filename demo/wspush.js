@@ -40,6 +40,8 @@
  * complete=false means something after `since` may be missing (trimmed, expired from
  * retention, or a restarted server). A message id seen before is never passed to
  * onMessage twice. `resume: false` connects without since (live messages only).
+ * On Redis Cluster ids name their stream (`u…` the uid's, `g…` the broadcasts') and
+ * the client keeps the last of each: it resumes with since=<u id>,<g id>.
  *
  * States and their detail object:
  *   connecting    {url, attempt}           opening the WebSocket (attempt 0 = first try)
@@ -152,11 +154,30 @@
     return null;
   };
 
+  /**
+   * The resume position after message `id`: the id itself, except on Redis Cluster,
+   * whose ids name their stream (`u…` the uid's, `g…` the broadcasts'), each
+   * numbered apart: there it is the last of each, "<u id>,<g id>" ("0" for none).
+   */
+  function nextSince(prev, id) {
+    var lane = /^([ug])[0-9a-f]+-\d+$/.exec(id);
+    if (!lane) return id;
+    var parts = (prev || "").split(",");
+    var u = "0", g = "0";
+    for (var i = 0; i < parts.length; i++) {
+      if (parts[i].charAt(0) === "u") u = parts[i];
+      else if (parts[i].charAt(0) === "g") g = parts[i];
+    }
+    if (lane[1] === "u") u = id; else g = id;
+    return u + "," + g;
+  }
+
   WsPush.prototype._remember = function (id) {
     if (this._seenSet[id]) return false;
     this._seenSet[id] = true;
     this._seen.push(id);
     if (this._seen.length > SEEN_MAX) delete this._seenSet[this._seen.shift()];
+    id = nextSince(this.lastId(), id);
     this._lastId = id;
     if (this._storage) {
       try { this._storage.setItem(this._storageKey(), id); } catch (e) { /* quota: keep it in memory */ }

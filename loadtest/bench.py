@@ -113,9 +113,9 @@ class Server:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def start_wspush(binary):
+def start_wspush(binary, extra=()):
     proc = subprocess.Popen(
-        [binary, "-port=0", "-bind=127.0.0.1", *WSPUSH_FLAGS],
+        [binary, "-port=0", "-bind=127.0.0.1", *WSPUSH_FLAGS, *extra],
         stdout=subprocess.PIPE,
         stderr=sys.stderr,
         text=True,
@@ -341,7 +341,7 @@ def run(args):
             "wrk": {"c": args.wrk_c, "seconds": args.wrk_seconds, "threads": args.wrk_threads},
             "sweep": args.sweep, "sweep_broadcasts": args.sweep_broadcasts,
             "full_publishers": args.full_publishers, "paced_publishers": args.publishers,
-            "repeat": args.repeat, "client_threads": args.threads, "wspush_flags": WSPUSH_FLAGS,
+            "repeat": args.repeat, "client_threads": args.threads, "wspush_flags": WSPUSH_FLAGS + args.wspush_args.split(),
             "nginx_workers": 1,
         },
         "binary": {"path": os.path.relpath(binary, ROOT), "bytes": os.path.getsize(binary)},
@@ -356,7 +356,7 @@ def run(args):
 
     def start(target):
         if target == "wspush":
-            return start_wspush(binary)
+            return start_wspush(binary, args.wspush_args.split())
         if target == "uws":
             return start_uws()
         return start_nginx("nchan.conf", "nchan")
@@ -865,6 +865,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small sizes: a check that everything runs")
     ap.add_argument("--smoke", action="store_true",
                     help="wspush alone, tiny sizes, ~2 s of load: exits 1 on any loss, duplicate or error")
+    ap.add_argument("--wspush-args", default="",
+                    help="more wspush flags, e.g. '-history-ttl=0' for the run without retention")
     ap.add_argument("--binary", help="the wspush binary (default TARGET_DIR/release/wspush)")
     ap.add_argument("--target-dir", default=os.environ.get("CARGO_TARGET_DIR", "target"))
     ap.add_argument("--out", default=os.path.join(RESULTS, "latest.json"))

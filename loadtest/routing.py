@@ -7,8 +7,11 @@ the node read from Redis) and `messages_routed` (what it fanned out), as JSON.
 With interest routing a node reads about 1/nodes of the unicast plus every
 broadcast; a build from before it (one channel that every node reads, no
 `queue.received`) routes everything on every node, which `messages_routed` shows.
+`--cluster` runs the same on a Redis Cluster of three primaries (sharded pub/sub,
+`-queue=redis-cluster/…`) instead of one redis-server.
 
     loadtest/routing.py --binary target/release/wspush
+    loadtest/routing.py --binary target/release/wspush --cluster
     loadtest/routing.py --binary /path/to/an/older/wspush   # the one-channel figure
 
 A figure for the notes, not a timed test: nothing here asserts.
@@ -82,6 +85,38 @@ def open_ws(port, uid):
     return s
 
 
+def start_redis(args, tmp, procs):
+    """One redis-server, or (--cluster) three cluster primaries; the -queue= value."""
+    ports = [free_port() for _ in range(3 if args.cluster else 1)]
+    for port in ports:
+        cmd = [args.redis, "--port", str(port), "--save", "", "--appendonly", "no",
+               "--dir", os.path.join(tmp, str(port))]
+        if args.cluster:
+            # The bus port would be port + 10000, past 65535 for a high free port.
+            cmd += ["--cluster-enabled", "yes", "--cluster-port", str(free_port())]
+        os.makedirs(cmd[cmd.index("--dir") + 1])
+        log = open(os.path.join(tmp, f"redis-{port}.log"), "wb")
+        redis = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        procs.append(redis)
+        wait_port(port, "redis-server", redis, log=log.name)
+    if not args.cluster:
+        return f"-queue=redis/127.0.0.1:{ports[0]}"
+    cli = shutil.which("redis-cli") or "redis-cli"
+    addrs = [f"127.0.0.1:{p}" for p in ports]
+    subprocess.run([cli, "--cluster", "create", *addrs, "--cluster-yes"],
+                   check=True, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not all(
+        b"cluster_state:ok" in subprocess.run(
+            [cli, "-p", str(p), "cluster", "info"], capture_output=True).stdout
+        for p in ports
+    ):
+        if time.monotonic() > deadline:
+            sys.exit("the cluster never reached cluster_state:ok")
+        time.sleep(0.1)
+    return "-queue=redis-cluster/" + ",".join(addrs)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--binary", required=True, help="the wspush binary")
@@ -91,6 +126,8 @@ def main():
     ap.add_argument("--rate", type=int, default=500, help="unicast messages per second")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--broadcast-every", type=float, default=1.0, help="seconds")
+    ap.add_argument("--cluster", action="store_true",
+                    help="a Redis Cluster of three primaries instead of one redis-server")
     args = ap.parse_args()
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -101,22 +138,12 @@ def main():
     procs = []
     tmp = tempfile.mkdtemp(prefix="wspush-routing-")
     try:
-        rport = free_port()
-        log = open(os.path.join(tmp, "redis.log"), "wb")
-        redis = subprocess.Popen(
-            [args.redis, "--port", str(rport), "--save", "", "--appendonly", "no",
-             "--dir", tmp],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        procs.append(redis)
-        wait_port(rport, "redis-server", redis, log=log.name)
+        queue = start_redis(args, tmp, procs)
         ports = []
         for _ in range(args.nodes):
             port = free_port()
             node = subprocess.Popen(
-                [args.binary, "-bind=127.0.0.1", f"-port={port}", f"-queue=redis/127.0.0.1:{rport}",
-                 "-log=warn"],
+                [args.binary, "-bind=127.0.0.1", f"-port={port}", queue, "-log=warn"],
             )
             procs.append(node)
             wait_port(port, "wspush", node)
@@ -172,6 +199,7 @@ def main():
             for i, (b, a) in enumerate(zip(before, after))
         ]
         out = {
+            "redis": "cluster of 3 primaries" if args.cluster else "one redis-server",
             "nodes": args.nodes,
             "uids": args.uids,
             "unicast_sent": sent,

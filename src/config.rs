@@ -18,6 +18,9 @@ pub enum QueueSpec {
     Redis(String),
     /// Disque job queue at `HOST:PORT`.
     Disque(String),
+    /// Redis Cluster: seed nodes as `redis://HOST:PORT` URLs (`redis-cluster/H:P,H:P`
+    /// on the command line); the rest of the cluster is learnt from them.
+    RedisCluster(Vec<String>),
 }
 
 impl QueueSpec {
@@ -31,6 +34,13 @@ impl QueueSpec {
                 .ok_or_else(bad)
         } else if s.len() > "redis://".len() && s.starts_with("redis://") {
             Ok(QueueSpec::Redis(s.to_string()))
+        } else if let Some(seeds) = s.strip_prefix("redis-cluster/") {
+            let seeds: Vec<String> = seeds.split(',').map(|a| format!("redis://{a}")).collect();
+            // Each seed is HOST:PORT; the URL parser checks the rest at start.
+            let valid = |u: &String| u.len() > "redis://".len() && u.rfind(':') > Some(6);
+            (seeds.iter().all(valid) && seeds.len() <= MAX_SEEDS)
+                .then_some(QueueSpec::RedisCluster(seeds))
+                .ok_or_else(bad)
         } else if let Some(addr) = s.strip_prefix("disque/") {
             (!addr.is_empty())
                 .then(|| QueueSpec::Disque(addr.to_string()))
@@ -40,6 +50,9 @@ impl QueueSpec {
         }
     }
 }
+
+/// The most seed nodes `-queue=redis-cluster/…` names (the cluster tells the rest).
+pub const MAX_SEEDS: usize = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum LogLevel {
@@ -102,7 +115,7 @@ flags! {
         "bind" "ADDR" text, "address to listen on";
     queue: QueueSpec = QueueSpec::List,
         "queue" "SPEC" queue_spec,
-        "queue backend: list | redis/HOST:PORT | redis://[:PASS@]HOST:PORT[/DB] | disque/HOST:PORT";
+        "queue backend: list | redis/HOST:PORT | redis://[:PASS@]HOST:PORT[/DB] | redis-cluster/HOST:PORT[,HOST:PORT…] | disque/HOST:PORT";
     /// Messages the in-process list holds before `/send` answers 503; with Redis or
     /// Disque, the batches that may wait for the publisher thread.
     queue_size: usize = 100_000,
@@ -145,6 +158,12 @@ flags! {
     queue_interest: usize = 65_536,
         "queue-interest" "N" positive,
         "Redis subscription changes waiting; past it a connection of a uid new to the node is closed with 1013";
+    /// Redis Cluster: after a batch's writes, `WAIT 1` for this long on each primary
+    /// written to, and 503 unless a replica has them, so a 200 survives a failover.
+    /// 0: no WAIT (a failover may lose the last writes a 200 answered).
+    queue_wait: Duration = Duration::ZERO,
+        "queue-wait" "DUR" duration_or_zero,
+        "Redis Cluster: a 200 waits this long for a replica to have the batch (WAIT 1); 0 = off";
     /// With Redis: a node's presence heartbeat lives this long, so a dead node's
     /// connections stop counting in `/presence` within it.
     presence_ttl: Duration = Duration::from_secs(3),
@@ -574,6 +593,10 @@ fn check(c: &Config) -> Result<(), ConfigError> {
     if c.idle_timeout <= c.ping_interval {
         return conflict("-idle-timeout must be longer than -ping-interval");
     }
+    // WAIT runs within the publish's own deadline.
+    if c.queue_wait >= c.queue_timeout {
+        return conflict("-queue-wait must be shorter than -queue-timeout");
+    }
     // The reactor gives up on a pending /send after -request-timeout; a publish
     // still under way then could succeed after its 503 was sent. The list queue
     // answers at once and has no such timeout.
@@ -675,6 +698,17 @@ mod tests {
             ("wspush", Duration::from_secs(2))
         );
         assert!(parse(&["-queue=redis://"]).is_err());
+        let c = run(&["-queue=redis-cluster/10.0.0.1:7000,h2:7001"]);
+        assert_eq!(
+            c.queue,
+            QueueSpec::RedisCluster(vec![
+                "redis://10.0.0.1:7000".into(),
+                "redis://h2:7001".into()
+            ])
+        );
+        assert!(parse(&["-queue=redis-cluster/"]).is_err());
+        assert!(parse(&["-queue=redis-cluster/h:1,"]).is_err());
+        assert!(parse(&["-queue=redis-cluster/h:1", "-queue-wait=5s"]).is_err());
         assert!(parse(&["-queue=redis/"]).is_err());
         assert!(parse(&["-queue-name="]).is_err());
         assert!(parse(&["-queue-ttl=500ms"]).is_err());

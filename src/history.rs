@@ -118,6 +118,68 @@ pub fn parse_id(s: &str) -> Result<Option<(Epoch, u64)>, BadSince> {
     Ok(Some((Epoch(epoch), seq)))
 }
 
+/// Where a connection of a Redis Cluster node resumes one stream from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamSince {
+    /// Everything retained (`0`, or no id of this stream given).
+    Start,
+    /// After this seq of the stream's epoch.
+    After(Epoch, u64),
+    /// An id of plain Redis or another backend: read whole, never complete.
+    Foreign,
+    /// After this seq, whatever the epoch: a node's own position in a stream it
+    /// subscribed to before it saw any of its ids (the moment it subscribed).
+    AfterTime(u64),
+}
+
+/// A cluster resume: `since=<u id>,<g id>` (either part `0` or left out), a
+/// position in the uid's stream and one in the broadcasts'.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClusterSince {
+    pub uid: StreamSince,
+    pub all: StreamSince,
+}
+
+impl ClusterSince {
+    pub fn parse(s: &str) -> Result<ClusterSince, BadSince> {
+        let mut out = ClusterSince {
+            uid: StreamSince::Start,
+            all: StreamSince::Start,
+        };
+        // A plain id names no cluster stream: both are read whole.
+        if let Ok(Some(_)) = parse_id(s) {
+            out.uid = StreamSince::Foreign;
+            out.all = StreamSince::Foreign;
+            return Ok(out);
+        }
+        let mut parts = 0;
+        for part in s.split(',') {
+            parts += 1;
+            if parts > 2 {
+                return Err(BadSince);
+            }
+            if part == "0" {
+                continue;
+            }
+            let (slot, rest) = match part.as_bytes().first() {
+                Some(b'u') => (&mut out.uid, &part[1..]),
+                Some(b'g') => (&mut out.all, &part[1..]),
+                _ => return Err(BadSince),
+            };
+            let (epoch, seq) = parse_id(rest)?.ok_or(BadSince)?;
+            *slot = StreamSince::After(epoch, seq);
+        }
+        Ok(out)
+    }
+}
+
+/// `since` is `0`, an id of this server's form, or a Redis Cluster position.
+pub fn check_since(s: &str) -> Result<(), BadSince> {
+    parse_id(s)
+        .map(drop)
+        .or_else(|_| ClusterSince::parse(s).map(drop))
+}
+
 impl Default for Epoch {
     fn default() -> Self {
         Self::new()
@@ -494,6 +556,27 @@ fn release(stats: &mut HistoryStats, entry: &Entry, state: State) {
 mod tests {
     use super::*;
 
+    #[test]
+    fn cluster_positions_name_their_streams() {
+        let p = |s: &str| ClusterSince::parse(s);
+        let (e1, e2) = (Epoch(0x1f), Epoch(0x2e));
+        assert_eq!(
+            p("u1f-5,g2e-9"),
+            Ok(ClusterSince {
+                uid: StreamSince::After(e1, 5),
+                all: StreamSince::After(e2, 9)
+            })
+        );
+        assert_eq!(p("0,g2e-9").map(|s| s.uid), Ok(StreamSince::Start));
+        assert_eq!(p("g2e-9").map(|s| s.uid), Ok(StreamSince::Start));
+        // A plain id (its epoch may start with a hex letter) is no cluster position.
+        assert_eq!(p("a3f-7").map(|s| s.all), Ok(StreamSince::Foreign));
+        assert!(p("u1f-5,g2e-9,u1-1").is_err());
+        assert!(p("x1-1").is_err());
+        assert!(check_since("u1f-5,0").is_ok() && check_since("a3f-7").is_ok());
+        assert!(check_since("u1f-").is_err());
+    }
+
     const LIMITS: Limits = Limits {
         ttl: 300,
         size: 100,
@@ -506,6 +589,7 @@ mod tests {
             types: types.into(),
             expires,
             seq: 0,
+            lane: Default::default(),
             frame: Arc::from(body.as_bytes()),
         }
     }

@@ -311,6 +311,7 @@ mod tests {
             types: types.into(),
             expires: 0,
             seq: 0,
+            lane: Default::default(),
             frame: Arc::from(&b"x"[..]),
         }
     }
@@ -390,6 +391,7 @@ mod cost {
             types: types.into(),
             expires: 0,
             seq: 0,
+            lane: Default::default(),
             frame: Arc::from(&b"x"[..]),
         }
     }

@@ -5,13 +5,14 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
 
 use wspush::config::{self, Command, Config, QueueSpec};
+use wspush::queue::cluster::{ClusterQueue, ClusterSettings};
 use wspush::queue::disque::{DisqueQueue, DisqueSettings};
 use wspush::queue::redis::{RedisQueue, RedisSettings};
 use wspush::queue::{Notifier, Queue, list::ListQueue};
 use wspush::server::{self, Parts, Server};
 
 /// What every build has, before the Cargo features it was built with.
-const FEATURES: &str = "queue-list queue-redis queue-disque";
+const FEATURES: &str = "queue-list queue-redis queue-redis-cluster queue-disque";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -57,6 +58,10 @@ fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
         QueueSpec::List => Box::new(ListQueue::start(cfg.queue_size, notifier.clone())?),
         QueueSpec::Redis(url) => Box::new(RedisQueue::start(
             RedisSettings::from_config(url, &cfg),
+            notifier.clone(),
+        )?),
+        QueueSpec::RedisCluster(seeds) => Box::new(ClusterQueue::start(
+            ClusterSettings::from_config(seeds, &cfg),
             notifier.clone(),
         )?),
         QueueSpec::Disque(addr) => Box::new(DisqueQueue::start(

@@ -29,6 +29,17 @@ pub enum Target {
     Uids(Vec<Box<str>>),
 }
 
+/// Which sequence a message's `seq` belongs to. Every backend but Redis Cluster has
+/// one sequence per node or per Redis (`Main`). On a cluster each stream numbers its
+/// own messages: a uid's stream is `Main` for that uid's connections, and the
+/// broadcasts' stream is `Broadcast`, so a connection keeps a position in each.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Lane {
+    #[default]
+    Main,
+    Broadcast,
+}
+
 /// One message on its way from `/send` through the queue to the hub.
 #[derive(Clone, Debug)]
 pub struct Envelope {
@@ -39,6 +50,8 @@ pub struct Envelope {
     /// Its place in the history, once it has one (0 before): orders a connection's
     /// messages and names the last one it saw.
     pub seq: u64,
+    /// Which sequence `seq` counts in (see [`Lane`]).
+    pub lane: Lane,
     /// The complete text frame `{"types","msg","time"}`, shared by every receiver.
     pub frame: Arc<[u8]>,
 }
@@ -55,12 +68,18 @@ impl Envelope {
         self.seq = seq;
         let json = self.push_json();
         let body = json.strip_suffix(b"}").unwrap_or(json);
-        let mut push = Vec::with_capacity(body.len() + id.len() + 8);
-        push.extend_from_slice(body);
-        push.extend_from_slice(b",\"id\":");
-        write_json_string(&mut push, id);
-        push.push(b'}');
-        self.frame = text_frame(&push);
+        if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            let mut push = Vec::with_capacity(body.len() + id.len() + 8);
+            push.extend_from_slice(body);
+            push.extend_from_slice(b",\"id\":");
+            write_json_string(&mut push, id);
+            push.push(b'}');
+            self.frame = text_frame(&push);
+            return;
+        }
+        // Every id this server makes needs no escaping: the frame is assembled
+        // from its parts without a payload vector of its own.
+        self.frame = text_frame_of(&[body, b",\"id\":\"", id.as_bytes(), b"\"}"]);
     }
 
     /// The push JSON inside the frame. The frame is the one stored representation;
@@ -224,8 +243,11 @@ pub struct Clock {
 
 impl Clock {
     pub fn local_time(&mut self) -> &str {
-        let now = chrono::Local::now();
-        if now.timestamp() != self.second || self.text.is_empty() {
+        // The zone lookup behind `Local::now` costs more than the rest of a small
+        // `/send`: only a new second pays for it.
+        let second = unix_now() as i64;
+        if second != self.second || self.text.is_empty() {
+            let now = chrono::Local::now();
             self.second = now.timestamp();
             self.text = now.format("%Y-%m-%d %H:%M:%S").to_string();
         }
@@ -404,6 +426,7 @@ fn parse_one<'a>(
         types: Box::from(&*types),
         expires,
         seq: 0,
+        lane: Lane::Main,
     })
 }
 
@@ -461,10 +484,30 @@ pub fn push_frame(types: &str, msg: &str, time: &str) -> Arc<[u8]> {
 
 /// One unmasked, final text frame around `payload`.
 fn text_frame(payload: &[u8]) -> Arc<[u8]> {
-    let mut framed = Vec::with_capacity(payload.len() + 10);
-    frame::encode_header(true, OpCode::Text, payload.len(), &mut framed);
-    framed.extend_from_slice(payload);
-    framed.into()
+    text_frame_of(&[payload])
+}
+
+/// A text frame whose payload is `parts` one after the other, in one allocation:
+/// the frame is put together in a reused buffer and copied into its `Arc` once.
+fn text_frame_of(parts: &[&[u8]]) -> Arc<[u8]> {
+    // Kept between calls up to this size; a larger message's buffer is let go.
+    const KEEP: usize = 64 * 1024;
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let len = parts.iter().map(|p| p.len()).sum();
+    SCRATCH.with_borrow_mut(|buf| {
+        buf.clear();
+        buf.extend_from_slice(frame::header(true, OpCode::Text, len).as_slice());
+        for part in parts {
+            buf.extend_from_slice(part);
+        }
+        let frame = Arc::from(&buf[..]);
+        if buf.capacity() > KEEP {
+            *buf = Vec::new();
+        }
+        frame
+    })
 }
 
 // ---- between nodes --------------------------------------------------------------
@@ -568,6 +611,7 @@ pub fn decode_wire(bytes: &[u8], rules: &Rules) -> Result<Vec<Envelope>, WireErr
             types: item.types.into(),
             expires: item.expires,
             seq: 0,
+            lane: Lane::Main,
             frame: text_frame(item.push.get().as_bytes()),
         });
     }

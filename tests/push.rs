@@ -76,6 +76,57 @@ fn every_tab_of_a_uid_gets_every_message_for_it() {
     }
 }
 
+/// On the list backend a `/send` for uids is answered after its pushes are written,
+/// so a publisher holding the `200` knows its connected receivers have the message:
+/// it is already readable on their sockets (loopback queues it as it is written).
+/// Two of forty may be late, for a kernel that defers loopback input to another
+/// core under load; answered before delivery, nearly all of them are.
+#[test]
+fn a_uid_send_is_answered_after_its_push_is_written() {
+    let server = Server::start(&[]);
+    let mut tabs: Vec<Ws> = (0..2).map(|_| server.ws("uid=9")).collect();
+    // One keep-alive connection, and the reply taken in as few reads as it comes in,
+    // so the client looks at the push sockets right after the 200 arrives.
+    let mut publisher = server.tcp();
+    let mut late = 0;
+    for i in 0..20 {
+        let body = json!({"topic":"uids","topic_ids":["9"],"msg":i}).to_string();
+        let request = format!(
+            "POST /send HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        publisher.write_all(request.as_bytes()).unwrap();
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 512];
+        while !reply.ends_with(b"}") {
+            let n = publisher.read(&mut buf).unwrap();
+            assert!(n > 0, "the server closed the publisher's connection");
+            reply.extend_from_slice(&buf[..n]);
+        }
+        let reply = String::from_utf8(reply).unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        for tab in &mut tabs {
+            tab.get_ref().set_nonblocking(true).unwrap();
+            let now = tab.read();
+            tab.get_ref().set_nonblocking(false).unwrap();
+            let got = match now {
+                Ok(Message::Text(t)) => t,
+                Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    late += 1;
+                    recv_text(tab).into()
+                }
+                other => panic!("send {i}: {other:?}"),
+            };
+            let v: Value = serde_json::from_str(&got).unwrap();
+            assert_eq!(v["msg"], json!(i), "pushes in order, each once");
+        }
+    }
+    assert!(
+        late <= 2,
+        "{late} of 40 pushes were not there with their 200"
+    );
+}
+
 #[test]
 fn topic_all_reaches_uid_and_uidless_connections() {
     let server = Server::start(&[]);

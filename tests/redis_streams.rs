@@ -22,6 +22,7 @@ fn env(target: Target, types: &str, expires: u64, msg: &str) -> Envelope {
         types: types.into(),
         expires,
         seq: 0,
+        lane: Default::default(),
         frame,
     }
 }

@@ -67,8 +67,11 @@ pub struct Head {
     /// Raw text after '?', "" if none.
     pub query: String,
     pub version: Version,
-    /// Names lowercased, values as sent minus surrounding whitespace.
-    pub headers: Vec<(String, Vec<u8>)>,
+    /// The header lines: every name (lowercased) and value (minus surrounding
+    /// whitespace) copied into one buffer, and where each pair lies in it, so a
+    /// request costs two allocations for its headers however many it has.
+    fields: Vec<u8>,
+    spans: Vec<Field>,
     pub body: BodyKind,
     /// HTTP/1.1: unless `Connection: close`; HTTP/1.0: only with `Connection: keep-alive`.
     pub keep_alive: bool,
@@ -115,11 +118,48 @@ impl Head {
             .any(|value| list_items(value).any(|item| item.eq_ignore_ascii_case(token.as_bytes())))
     }
 
-    fn values<'h>(&'h self, name: &str) -> impl Iterator<Item = &'h [u8]> {
-        self.headers
+    /// Every header line in order: the name lowercased, the value trimmed.
+    pub fn lines(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.spans
             .iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
+            .map(|f| (&self.fields[f.name()], &self.fields[f.value()]))
+    }
+
+    fn values<'h>(&'h self, name: &str) -> impl Iterator<Item = &'h [u8]> {
+        // Names are stored lowercased and asked for in lowercase nearly always:
+        // then a plain comparison does (a request asks for a dozen names).
+        let lower = !name.bytes().any(|b| b.is_ascii_uppercase());
+        self.spans
+            .iter()
+            .filter(move |f| {
+                let stored = &self.fields[f.name()];
+                if lower {
+                    stored == name.as_bytes()
+                } else {
+                    stored.eq_ignore_ascii_case(name.as_bytes())
+                }
+            })
+            .map(|f| &self.fields[f.value()])
+    }
+}
+
+/// Where one header line's name and value lie in [`Head`]'s buffer: the name
+/// from `start`, the value from `name_end` to `end`. `max_head` bounds the
+/// buffer far below `u32::MAX`.
+#[derive(Debug, Clone, Copy)]
+struct Field {
+    start: u32,
+    name_end: u32,
+    end: u32,
+}
+
+impl Field {
+    fn name(self) -> std::ops::Range<usize> {
+        self.start as usize..self.name_end as usize
+    }
+
+    fn value(self) -> std::ops::Range<usize> {
+        self.name_end as usize..self.end as usize
     }
 }
 
@@ -221,18 +261,27 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<(Head, usize)>, 
     }
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
 
-    let headers = req
-        .headers
-        .iter()
-        .map(|h| (h.name.to_ascii_lowercase(), trim_ows(h.value).to_vec()))
-        .collect();
+    let mut fields = Vec::with_capacity(end - start);
+    let mut spans = Vec::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let start = fields.len() as u32;
+        fields.extend(h.name.bytes().map(|b| b.to_ascii_lowercase()));
+        let name_end = fields.len() as u32;
+        fields.extend_from_slice(trim_ows(h.value));
+        spans.push(Field {
+            start,
+            name_end,
+            end: fields.len() as u32,
+        });
+    }
 
     let mut head = Head {
         method,
         path: path.to_owned(),
         query: query.to_owned(),
         version,
-        headers,
+        fields,
+        spans,
         body: BodyKind::None,
         keep_alive: false,
         expect_continue: false,
@@ -431,7 +480,7 @@ mod tests {
         assert_eq!(head.body, BodyKind::None);
         assert!(head.keep_alive);
         assert!(!head.expect_continue);
-        assert_eq!(head.headers[1].0, "x-thing");
+        assert_eq!(head.lines().nth(1).unwrap().0, b"x-thing");
         assert_eq!(head.header("X-THING"), Some(&b"spaced value"[..]));
         assert_eq!(head.header("host"), Some(&b"h"[..]));
         assert_eq!(head.header("missing"), None);
@@ -468,7 +517,7 @@ mod tests {
             assert_eq!(n, head_len);
             assert_eq!(head.path, full.path);
             assert_eq!(head.query, full.query);
-            assert_eq!(head.headers, full.headers);
+            assert!(head.lines().eq(full.lines()));
             assert_eq!(head.body, BodyKind::Length(3));
         }
     }
@@ -595,7 +644,7 @@ mod tests {
         }
         let mut over = ok.clone();
         ok.extend_from_slice(b"\r\n");
-        assert_eq!(complete(&ok).0.headers.len(), 64);
+        assert_eq!(complete(&ok).0.lines().count(), 64);
         over.extend_from_slice(b"h63: v\r\n\r\n");
         assert_eq!(err(&over), HttpError::HeadTooLarge);
     }

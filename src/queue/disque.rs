@@ -590,6 +590,7 @@ mod tests {
             types: "notice".into(),
             expires,
             seq: 0,
+            lane: Default::default(),
             frame: Arc::from(&b"\x81\x02{}"[..]),
         }
     }

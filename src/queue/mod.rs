@@ -5,6 +5,7 @@
 //! Every backend runs its own thread(s) that feed [`Inbound`] events into one
 //! crossbeam channel and wake the reactor through the shared [`Notifier`].
 
+pub mod cluster;
 pub mod disque;
 pub mod driver;
 pub mod list;
@@ -12,7 +13,10 @@ pub mod presence;
 pub mod publisher;
 pub mod reader;
 pub mod redis;
+pub mod shard;
+pub mod shards;
 pub mod streams;
+pub mod subconn;
 
 use std::fmt;
 use std::sync::Arc;
@@ -35,6 +39,13 @@ pub struct Ticket {
 pub enum Inbound {
     /// Messages to push to this node's connections.
     Deliver(Vec<Envelope>),
+    /// Messages this node accepted itself (the list): the reactor pushes them,
+    /// then answers the `/send` requests that brought them, so that the `200`
+    /// leaves after the pushes and each reply's round trip carries its delivery.
+    DeliverThenAnswer {
+        batch: Vec<Envelope>,
+        tickets: Vec<Ticket>,
+    },
     /// Like `Deliver`, for a backend that must hear when the reactor has taken the
     /// messages: the reactor delivers, then hands `job` back through [`Queue::ack`].
     DeliverJob { batch: Vec<Envelope>, job: String },
@@ -52,6 +63,9 @@ pub enum Inbound {
     /// Redis lost its data): the node's connections may have missed messages and
     /// are told to reconnect, so that each resumes from its own last id.
     Unfilled,
+    /// Like `Unfilled`, for the connections of these uids only (Redis Cluster: one
+    /// uid's stream could not fill its gap).
+    UnfilledFor(Vec<String>),
     /// The answer to a `/presence` read ([`Queue::presence`]): each uid asked for
     /// with its connections on every live node.
     Presence {

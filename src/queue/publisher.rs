@@ -107,6 +107,11 @@ impl Endpoint {
         Ok(Endpoint { client, display })
     }
 
+    /// How to reach it, for a Redis Cluster client seeded with it.
+    pub fn info(&self) -> ::redis::ConnectionInfo {
+        self.client.get_connection_info().clone()
+    }
+
     /// Connects (and authenticates / selects the db) within `timeout`; the returned
     /// connection's reads and writes are bounded by `timeout` as well.
     pub fn connect(&self, timeout: Duration) -> ::redis::RedisResult<::redis::Connection> {

@@ -38,7 +38,7 @@ const TICK: Duration = Duration::from_millis(10);
 
 /// How long after its join a connection's failed read is asked again before the
 /// connection is closed with 1012 (Redis down that long).
-const JOIN_RETRY_FOR: Duration = Duration::from_secs(30);
+pub(super) const JOIN_RETRY_FOR: Duration = Duration::from_secs(30);
 
 /// How often the subscriber fences the history's clock, so that a quiet node's
 /// catch-up point stays recent (a catch-up reads the log from there).
@@ -265,7 +265,7 @@ impl RedisQueue {
 
 /// Applies interest changes, in order, to the uids wanted; the joins go to `joins`.
 /// Returns the uids to subscribe and to unsubscribe: only the net change of each.
-fn net_interest(
+pub(super) fn net_interest(
     uids: &mut HashSet<Arc<str>>,
     joins: &mut Vec<Join>,
     changes: Vec<Interest>,
@@ -445,7 +445,7 @@ impl Queue for RedisQueue {
 /// reading makes Redis buffer, and past `client-output-buffer-limit pubsub` Redis
 /// cuts the connection and everything in flight is lost unseen. Here the bound is
 /// ours, the overflow is counted, and `/send` on this node is refused first.
-struct Backlog {
+pub(super) struct Backlog {
     batches: VecDeque<(Inbound, usize)>,
     limit: usize,
     /// Bytes held, read by the reactor to refuse `/send`.
@@ -454,7 +454,7 @@ struct Backlog {
 }
 
 impl Backlog {
-    fn new(limit: usize, held: Arc<AtomicUsize>, dropped: Arc<AtomicU64>) -> Self {
+    pub(super) fn new(limit: usize, held: Arc<AtomicUsize>, dropped: Arc<AtomicU64>) -> Self {
         Backlog {
             batches: VecDeque::new(),
             limit,
@@ -463,7 +463,7 @@ impl Backlog {
         }
     }
 
-    fn is_empty(&self) -> bool {
+    pub(super) fn is_empty(&self) -> bool {
         self.batches.is_empty()
     }
 
@@ -473,12 +473,20 @@ impl Backlog {
 
     /// Hands over a batch, or holds it while the reactor is behind; drops (and
     /// counts) it when the backlog is full.
-    fn push(&mut self, batch: Vec<Envelope>, notifier: &Notifier) -> Result<(), ReactorGone> {
+    pub(super) fn push(
+        &mut self,
+        batch: Vec<Envelope>,
+        notifier: &Notifier,
+    ) -> Result<(), ReactorGone> {
         self.push_event(Inbound::Deliver(batch), notifier)
     }
 
     /// Any event, in order with the batches (a fenced history read).
-    fn push_event(&mut self, event: Inbound, notifier: &Notifier) -> Result<(), ReactorGone> {
+    pub(super) fn push_event(
+        &mut self,
+        event: Inbound,
+        notifier: &Notifier,
+    ) -> Result<(), ReactorGone> {
         if self.batches.is_empty() {
             match notifier.try_deliver(event) {
                 Ok(()) => return Ok(()),
@@ -515,7 +523,7 @@ impl Backlog {
     }
 
     /// Hands over what the channel has room for, oldest first, without blocking.
-    fn flush(&mut self, notifier: &Notifier) -> Result<(), ReactorGone> {
+    pub(super) fn flush(&mut self, notifier: &Notifier) -> Result<(), ReactorGone> {
         while let Some((event, n)) = self.batches.pop_front() {
             match notifier.try_deliver(event) {
                 Ok(()) => {
@@ -532,7 +540,7 @@ impl Backlog {
     }
 
     /// Hands over everything, waiting for room: nothing is left to read.
-    fn flush_all(&mut self, notifier: &Notifier) -> Result<(), ReactorGone> {
+    pub(super) fn flush_all(&mut self, notifier: &Notifier) -> Result<(), ReactorGone> {
         while let Some((event, n)) = self.batches.pop_front() {
             notifier.send(event)?;
             self.held.fetch_sub(n, Ordering::AcqRel);
@@ -552,10 +560,10 @@ pub enum Interest {
 /// A joining connection: its read is asked for once its uid's channel is subscribed.
 #[derive(Clone)]
 pub struct Join {
-    uid: Arc<str>,
-    ticket: Ticket,
-    since: Option<String>,
-    at: Instant,
+    pub(super) uid: Arc<str>,
+    pub(super) ticket: Ticket,
+    pub(super) since: Option<String>,
+    pub(super) at: Instant,
 }
 
 /// The fenced reads in flight, by fence number (see [`reader::Fence`]).
@@ -1040,6 +1048,7 @@ mod tests {
             types: "t".into(),
             expires: 0,
             seq: 0,
+            lane: Default::default(),
             frame: Arc::from(&[n; 9][..]),
         }]
     }

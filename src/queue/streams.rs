@@ -34,7 +34,7 @@ use crate::history::{Epoch, Since};
 use crate::message::{Envelope, Rules, Target, encode_wire};
 
 /// Messages per millisecond before the clock borrows from the next one.
-const PER_MS: u64 = 1024;
+pub(crate) const PER_MS: u64 = 1024;
 
 /// The first sequence number of a millisecond.
 pub fn first_seq_at(ms: u64) -> u64 {
@@ -156,13 +156,13 @@ return out
 "#;
 
 /// A Lua script run by `EVALSHA`, loaded on first use or after a Redis restart.
-struct Script {
+pub(crate) struct Script {
     src: &'static str,
     sha: String,
 }
 
 impl Script {
-    fn new(src: &'static str) -> Self {
+    pub(crate) fn new(src: &'static str) -> Self {
         use sha1::Digest;
         let digest = sha1::Sha1::digest(src.as_bytes());
         let mut sha = String::with_capacity(40);
@@ -172,21 +172,32 @@ impl Script {
         Script { src, sha }
     }
 
-    fn run(&self, con: &mut Connection, keys: &[String], args: &[Vec<u8>]) -> RedisResult<Value> {
-        let call = |cmd: &str, first: &str| {
-            let mut c = ::redis::cmd(cmd);
-            c.arg(first).arg(keys.len()).arg(keys).arg(args);
-            c
-        };
-        match call("EVALSHA", &self.sha).query(con) {
-            Err(e)
-                if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
-            {
-                call("EVAL", self.src).query(con)
-            }
+    fn run(
+        &self,
+        con: &mut impl ::redis::ConnectionLike,
+        keys: &[String],
+        args: &[Vec<u8>],
+    ) -> RedisResult<Value> {
+        match self.call(true, keys, args).query(con) {
+            Err(e) if is_no_script(&e) => self.call(false, keys, args).query(con),
             other => other,
         }
     }
+
+    /// `EVALSHA` (`by_sha`) or `EVAL` of the script on `keys` and `args`.
+    pub(crate) fn call(&self, by_sha: bool, keys: &[String], args: &[Vec<u8>]) -> ::redis::Cmd {
+        let mut c = ::redis::cmd(if by_sha { "EVALSHA" } else { "EVAL" });
+        c.arg(if by_sha { self.sha.as_str() } else { self.src })
+            .arg(keys.len())
+            .arg(keys)
+            .arg(args);
+        c
+    }
+}
+
+/// The server does not have the script (restarted, or a replica just promoted).
+pub(crate) fn is_no_script(e: &RedisError) -> bool {
+    e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript)
 }
 
 /// Where history lives and how long it is kept.
@@ -389,7 +400,7 @@ impl Streams {
     }
 }
 
-fn bad(what: &str) -> RedisError {
+pub(crate) fn bad(what: &str) -> RedisError {
     RedisError::from((
         ::redis::ErrorKind::Parse,
         "unexpected reply from the history script",
@@ -397,7 +408,7 @@ fn bad(what: &str) -> RedisError {
     ))
 }
 
-fn text(v: &Value) -> Option<&str> {
+pub(crate) fn text(v: &Value) -> Option<&str> {
     match v {
         Value::BulkString(b) => std::str::from_utf8(b).ok(),
         Value::SimpleString(s) => Some(s),
@@ -405,7 +416,7 @@ fn text(v: &Value) -> Option<&str> {
     }
 }
 
-fn epoch_of(v: &Value) -> Option<Epoch> {
+pub(crate) fn epoch_of(v: &Value) -> Option<Epoch> {
     let s = text(v)?;
     (!s.is_empty() && s.len() <= 8)
         .then(|| u32::from_str_radix(s, 16).ok().map(Epoch))
@@ -437,14 +448,25 @@ fn parse_appended(reply: Value, n: usize) -> RedisResult<Appended> {
 }
 
 /// One stream's part of a read: its newest trimmed id and its entries.
-struct Part {
-    deleted: u64,
-    entries: Vec<(u64, Envelope)>,
+pub(crate) struct Part {
+    pub deleted: u64,
+    pub entries: Vec<(u64, Envelope)>,
     /// The read stopped at `limit`: more may follow.
-    cut: bool,
+    pub cut: bool,
 }
 
 fn parse_part(v: &Value, epoch: Epoch, limit: usize, rules: &Rules) -> RedisResult<Option<Part>> {
+    parse_entries(v, limit, rules, |seq| epoch.id(seq))
+}
+
+/// A stream's `{deleted, entries}` pair (or nothing: the stream does not exist),
+/// each message given its id by `id`.
+pub(crate) fn parse_entries(
+    v: &Value,
+    limit: usize,
+    rules: &Rules,
+    name: impl Fn(u64) -> String,
+) -> RedisResult<Option<Part>> {
     let Value::Array(pair) = v else {
         return match v {
             Value::Nil | Value::Boolean(false) => Ok(None),
@@ -475,7 +497,7 @@ fn parse_part(v: &Value, epoch: Epoch, limit: usize, rules: &Rules) -> RedisResu
         // A malformed entry is skipped, as a malformed publish would be.
         if let Ok(batch) = crate::message::decode_wire(body, rules) {
             for mut env in batch {
-                env.set_id(seq, &epoch.id(seq));
+                env.set_id(seq, &name(seq));
                 entries.push((seq, env));
             }
         }

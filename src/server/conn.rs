@@ -12,6 +12,7 @@ use mio::net::TcpStream;
 
 use crate::http::chunked::ChunkedDecoder;
 use crate::http::request::Head;
+use crate::message::Lane;
 use crate::ws::assembler::Assembler;
 use crate::ws::deflate::{DeflateParams, Inflater};
 
@@ -147,21 +148,23 @@ pub struct WsDeflate {
 }
 
 /// A push receiver's delivery state, the same on every transport: a resume
-/// replays, and fan-out skips or holds, by sequence number.
+/// replays, and fan-out skips or holds, by sequence number in each [`Lane`].
 #[derive(Default)]
 pub struct Delivery {
     /// The newest message this connection has (by sequence number): a message
     /// that reaches it again (a catch-up overlapping a resume) is skipped.
     pub last_seq: u64,
+    /// The same for [`Lane::Broadcast`] (Redis Cluster numbers `all` apart).
+    pub last_all: u64,
     /// While its history is being read elsewhere (Redis), live pushes wait here.
     pub resuming: Option<Box<Held>>,
 }
 
 /// Pushes held for a connection until its replay has been sent, each already in
-/// the encoding of the connection's transport, with its sequence number.
+/// the encoding of the connection's transport, with its lane and sequence number.
 #[derive(Default)]
 pub struct Held {
-    pub frames: Vec<(u64, Arc<[u8]>)>,
+    pub frames: Vec<(Lane, u64, Arc<[u8]>)>,
     pub bytes: usize,
     /// A connection without `since` whose uid was new to the node: its replay is
     /// what was sent between its join and the subscription, without a `resumed`.
@@ -180,24 +183,33 @@ impl WsState {
 }
 
 impl Delivery {
+    /// The position kept for `lane`.
+    pub fn last_mut(&mut self, lane: Lane) -> &mut u64 {
+        match lane {
+            Lane::Main => &mut self.last_seq,
+            Lane::Broadcast => &mut self.last_all,
+        }
+    }
+
     /// Takes the pushes of `frames` (sequence number, encoded push) this connection
     /// should write now, in order: none while it is resuming (they are held, up to
     /// `max_held` bytes; false when that overflows), and none it already has.
     pub fn admit<'a>(
         &mut self,
-        frames: impl Iterator<Item = (u64, &'a Arc<[u8]>)>,
+        frames: impl Iterator<Item = (Lane, u64, &'a Arc<[u8]>)>,
         max_held: usize,
         mut take: impl FnMut(&'a Arc<[u8]>),
     ) -> bool {
-        for (seq, frame) in frames {
-            if seq != 0 && seq <= self.last_seq {
+        for (lane, seq, frame) in frames {
+            let last = self.last_mut(lane);
+            if seq != 0 && seq <= *last {
                 continue;
             }
-            self.last_seq = self.last_seq.max(seq);
+            *last = (*last).max(seq);
             match &mut self.resuming {
                 Some(held) => {
                     held.bytes += frame.len();
-                    held.frames.push((seq, frame.clone()));
+                    held.frames.push((lane, seq, frame.clone()));
                     if held.bytes > max_held {
                         return false;
                     }
@@ -316,16 +328,17 @@ mod tests {
 
     /// Every connection pays for the largest phase; an idle one holds nothing else
     /// (permessage-deflate state is one pointer until it is negotiated; delivery
-    /// state is a sequence number and one pointer, for pushes held during a resume).
+    /// state is a sequence number per lane and one pointer, for pushes held during a
+    /// resume).
     #[test]
     fn idle_connections_stay_small() {
         assert!(
-            std::mem::size_of::<Phase>() <= 72,
+            std::mem::size_of::<Phase>() <= 80,
             "{}",
             std::mem::size_of::<Phase>()
         );
         assert!(
-            std::mem::size_of::<Conn>() <= 288,
+            std::mem::size_of::<Conn>() <= 296,
             "{}",
             std::mem::size_of::<Conn>()
         );

@@ -17,7 +17,7 @@ use super::stats::Limit;
 use super::{Liveness, Reason, Server};
 use crate::http::sse;
 use crate::message::{self, Envelope, unix_now};
-use crate::queue::Inbound;
+use crate::queue::{Inbound, Ticket};
 use crate::ws::deflate::{Compressor, Window};
 use crate::ws::frame::OpCode;
 
@@ -113,17 +113,25 @@ impl Server {
         // Batches waiting one behind the other are delivered as one, so that each
         // receiver gets all of them in as few writes as possible.
         let mut merged: Vec<Envelope> = Vec::new();
+        // `/send` requests answered once the merged batches are written.
+        let mut answers: Vec<Ticket> = Vec::new();
         let mut taken = 0;
         self.inbound_left = false;
         while let Ok(event) = self.inbound.try_recv() {
             match event {
                 Inbound::Deliver(batch) if merged.is_empty() => merged = batch,
                 Inbound::Deliver(batch) => merged.extend(batch),
+                Inbound::DeliverThenAnswer { batch, tickets } => {
+                    if merged.is_empty() {
+                        merged = batch;
+                    } else {
+                        merged.extend(batch);
+                    }
+                    answers.extend(tickets);
+                }
                 other => {
                     // Whatever else arrived comes after the merged batches, in order.
-                    if !merged.is_empty() {
-                        self.deliver(std::mem::take(&mut merged));
-                    }
+                    self.deliver_and_answer(&mut merged, &mut answers);
                     self.on_inbound(other);
                 }
             }
@@ -133,17 +141,29 @@ impl Server {
                 break;
             }
         }
-        if !merged.is_empty() {
-            self.deliver(merged);
-        }
+        self.deliver_and_answer(&mut merged, &mut answers);
         if self.shutdown.queue_drained() {
             self.close_push_connections();
+        }
+    }
+
+    /// Pushes what was merged, then answers the `/send` requests it came from.
+    fn deliver_and_answer(&mut self, merged: &mut Vec<Envelope>, answers: &mut Vec<Ticket>) {
+        if !merged.is_empty() {
+            self.deliver(std::mem::take(merged));
+        }
+        for ticket in answers.drain(..) {
+            self.on_published(ticket, Ok(()));
         }
     }
 
     fn on_inbound(&mut self, event: Inbound) {
         match event {
             Inbound::Deliver(batch) => self.deliver(batch),
+            Inbound::DeliverThenAnswer {
+                mut batch,
+                mut tickets,
+            } => self.deliver_and_answer(&mut batch, &mut tickets),
             Inbound::DeliverJob { batch, job } => {
                 // Acknowledged only once every frame sits in its receivers' queues.
                 self.deliver(batch);
@@ -154,6 +174,7 @@ impl Server {
             // The backend catches up from history before its next live message.
             Inbound::Resubscribed => {}
             Inbound::Unfilled => self.restart_push_connections(),
+            Inbound::UnfilledFor(uids) => self.restart_uids(&uids),
             Inbound::History { ticket, fetched } => self.on_history(ticket, fetched),
             Inbound::Presence { ticket, result } => self.on_presence(ticket, result),
         }
@@ -167,10 +188,14 @@ impl Server {
         self.sequence(&mut batch);
         self.counters.messages_routed += batch.len() as u64;
         let now = unix_now();
-        let live: Vec<&Envelope> = batch.iter().filter(|e| !e.is_expired(now)).collect();
-        self.counters.expired += (batch.len() - live.len()) as u64;
+        // In place: a second vector of the live ones would be allocated (and grown)
+        // on every turn.
+        let all = batch.len();
+        batch.retain(|e| !e.is_expired(now));
+        self.counters.expired += (all - batch.len()) as u64;
+        let live = &batch[..];
         let mut receivers = std::mem::take(&mut self.fanout.receivers);
-        if let [env] = live[..] {
+        if let [env] = live {
             receivers.clear();
             self.hub.for_each_receiver(env, |k| receivers.push(k));
             let mut enc = Encodings::default();
@@ -223,7 +248,7 @@ impl Server {
 
     /// Hands a push frame to a receiver.
     fn push(&mut self, key: usize, env: &Envelope, enc: &mut Encodings) -> Liveness {
-        self.push_many(key, &[env], std::slice::from_mut(enc), 1)
+        self.push_many(key, std::slice::from_ref(env), std::slice::from_mut(enc), 1)
     }
 
     /// Hands a receiver the frames of `slice` whose bits are set in `mask`, in
@@ -232,7 +257,7 @@ impl Server {
     fn push_many(
         &mut self,
         key: usize,
-        slice: &[&Envelope],
+        slice: &[Envelope],
         encodings: &mut [Encodings],
         mask: u64,
     ) -> Liveness {
@@ -259,7 +284,7 @@ impl Server {
             .zip(encodings)
             .enumerate()
             .filter(move |(i, _)| chosen(*i))
-            .map(move |(_, (env, enc))| (env.seq, enc.pick(env, wants)));
+            .map(move |(_, (env, enc))| (env.lane, env.seq, enc.pick(env, wants)));
         // At most one slice (64) of frames: no allocation per receiver.
         let mut now: [Option<&Arc<[u8]>>; u64::BITS as usize] = [None; u64::BITS as usize];
         let mut n = 0;

@@ -22,10 +22,29 @@ use super::session::{Action, CloseCode, Then};
 use super::{Liveness, Server};
 use crate::history::Since;
 use crate::http::sse;
-use crate::message::{self, Envelope, unix_now};
+use crate::message::{self, Envelope, Lane, unix_now};
 use crate::queue::streams::Fetched;
 use crate::queue::{Joined, Resume, Ticket};
 use crate::ws::frame::{self, OpCode};
+
+/// The replay and the pushes held meanwhile overlap and interleave (a held
+/// broadcast may be older than a replayed message): merged by id, each once, and
+/// the newest seq of each lane. Two lanes (Redis Cluster) merge by their time part,
+/// `seq = ms*1024+n`.
+fn merge(
+    mut merged: Vec<(Lane, u64, Arc<[u8]>)>,
+    live: Vec<(Lane, u64, Arc<[u8]>)>,
+) -> (Vec<Arc<[u8]>>, u64, u64) {
+    merged.extend(live);
+    merged.sort_by_key(|(lane, seq, _)| (*seq, *lane));
+    merged.dedup_by_key(|(lane, seq, _)| (*seq, *lane));
+    let up_to = |want: Lane| {
+        let mut lane = merged.iter().filter(|(l, _, _)| *l == want);
+        lane.next_back().map_or(0, |(_, seq, _)| *seq)
+    };
+    let (main, all) = (up_to(Lane::Main), up_to(Lane::Broadcast));
+    (merged.into_iter().map(|(_, _, f)| f).collect(), main, all)
+}
 
 impl Server {
     /// Numbers and retains the messages this node is the first to deliver (from
@@ -127,18 +146,15 @@ impl Server {
                 return;
             }
         }
-        // The replay and the pushes held meanwhile overlap and interleave (a held
-        // broadcast may be older than a replayed message): merged by id, each once.
         let Held { frames: live, .. } = *held;
-        let merged = merge_by_seq(frames, live);
-        let up_to = merged.last().map_or(0, |(seq, _)| *seq);
-        let all: Vec<Arc<[u8]>> = merged.into_iter().map(|(_, f)| f).collect();
+        let (all, up_to_main, up_to_all) = merge(frames, live);
         self.count_out(&all, transport);
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
         if let Some(d) = conn.phase.delivery_mut() {
-            d.last_seq = d.last_seq.max(up_to);
+            d.last_seq = d.last_seq.max(up_to_main);
+            d.last_all = d.last_all.max(up_to_all);
         }
         for chunk in all.chunks(64) {
             if let Err(e) = conn.send_shared(chunk.iter()) {
@@ -159,13 +175,13 @@ impl Server {
     }
 
     /// What a history read found for a connection: live, of its types, each in
-    /// its transport's encoding, with its sequence number.
+    /// its transport's encoding, with its lane and sequence number.
     fn replay_frames(
         &self,
         key: usize,
         batch: Vec<Envelope>,
         transport: Transport,
-    ) -> Vec<(u64, Arc<[u8]>)> {
+    ) -> Vec<(Lane, u64, Arc<[u8]>)> {
         let now = unix_now();
         batch
             .into_iter()
@@ -175,7 +191,7 @@ impl Server {
                     Transport::WebSocket => e.frame,
                     Transport::EventStream => sse_event(e.push_json()),
                 };
-                (e.seq, bytes)
+                (e.lane, e.seq, bytes)
             })
             .collect()
     }
@@ -186,6 +202,20 @@ impl Server {
     /// missing).
     pub(super) fn restart_push_connections(&mut self) {
         for key in self.keys_where(|c| c.phase.receives_pushes()) {
+            let _ = self.restart(key, "missed messages, resume");
+        }
+    }
+
+    /// Like [`Self::restart_push_connections`], for the connections of `uids`.
+    pub(super) fn restart_uids(&mut self, uids: &[String]) {
+        let hub = &self.hub;
+        let held = |key: usize| hub.uid(key).is_some_and(|u| uids.iter().any(|x| x == u));
+        let keys: Vec<usize> = self
+            .keys_where(|c| c.phase.receives_pushes())
+            .into_iter()
+            .filter(|k| held(*k))
+            .collect();
+        for key in keys {
             let _ = self.restart(key, "missed messages, resume");
         }
     }
@@ -280,31 +310,5 @@ impl Server {
             }
         }
         Liveness::Alive
-    }
-}
-
-/// A replay and the pushes held meanwhile, in order of sequence number, each once.
-fn merge_by_seq(
-    replay: Vec<(u64, Arc<[u8]>)>,
-    held: Vec<(u64, Arc<[u8]>)>,
-) -> Vec<(u64, Arc<[u8]>)> {
-    let mut merged = replay;
-    merged.extend(held);
-    merged.sort_by_key(|(seq, _)| *seq);
-    merged.dedup_by_key(|(seq, _)| *seq);
-    merged
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_replay_and_held_pushes_merge_by_id_each_once() {
-        let f = |seq: u64| (seq, Arc::<[u8]>::from(seq.to_string().as_bytes()));
-        let merged = merge_by_seq(vec![f(1), f(3), f(4)], vec![f(2), f(4), f(5)]);
-        let seqs: Vec<u64> = merged.iter().map(|(s, _)| *s).collect();
-        assert_eq!(seqs, [1, 2, 3, 4, 5]);
-        assert_eq!(&*merged[3].1, b"4");
     }
 }

@@ -215,7 +215,7 @@ impl Server {
             Err(e) => return Err(Answer::Respond(e.response())),
         };
         let since = match since {
-            Some(s) => match crate::history::parse_id(&s) {
+            Some(s) => match crate::history::check_since(&s) {
                 Ok(_) => Some(s),
                 Err(e) => {
                     let e = HttpError::BadRequest(format!("Last-Event-ID: {e}"));
@@ -333,7 +333,7 @@ fn ws_params(query: &str) -> Result<WsParams, HttpError> {
     let types = query::get(query, "types")?.unwrap_or_default();
     let since = query::get(query, "since")?;
     if let Some(s) = &since {
-        crate::history::parse_id(s).map_err(|e| HttpError::BadRequest(format!("since: {e}")))?;
+        crate::history::check_since(s).map_err(|e| HttpError::BadRequest(format!("since: {e}")))?;
     }
     Ok((uid, types, since))
 }

@@ -329,22 +329,43 @@ fn apply_mask(data: &mut [u8], key: [u8; 4]) {
     }
 }
 
+/// A server-to-client frame header, built on the stack.
+pub struct OutHeader {
+    bytes: [u8; MAX_SERVER_HEADER_LEN],
+    len: usize,
+}
+
+impl OutHeader {
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
 /// Server-to-client frame header (never masked), with 7/16/64-bit length as RFC 6455 requires (minimal encoding).
-pub fn encode_header(fin: bool, opcode: OpCode, len: usize, out: &mut Vec<u8>) {
-    let fin_bit = if fin { FIN_BIT } else { 0 };
-    out.push(fin_bit | opcode.as_u8());
-    if let Ok(short) = u8::try_from(len)
+pub fn header(fin: bool, opcode: OpCode, len: usize) -> OutHeader {
+    let mut bytes = [0u8; MAX_SERVER_HEADER_LEN];
+    bytes[0] = if fin { FIN_BIT } else { 0 } | opcode.as_u8();
+    let n = if let Ok(short) = u8::try_from(len)
         && short <= SHORT_LEN_MAX
     {
-        out.push(short);
+        bytes[1] = short;
+        2
     } else if let Ok(medium) = u16::try_from(len) {
-        out.push(LEN_16_MARKER);
-        out.extend_from_slice(&medium.to_be_bytes());
+        bytes[1] = LEN_16_MARKER;
+        bytes[2..4].copy_from_slice(&medium.to_be_bytes());
+        4
     } else {
-        out.push(LEN_64_MARKER);
+        bytes[1] = LEN_64_MARKER;
         // usize is at most 64 bits on every target Rust supports, so this is lossless.
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
+        bytes[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    };
+    OutHeader { bytes, len: n }
+}
+
+/// [`header`], appended to `out`.
+pub fn encode_header(fin: bool, opcode: OpCode, len: usize, out: &mut Vec<u8>) {
+    out.extend_from_slice(header(fin, opcode, len).as_slice());
 }
 
 /// A whole unmasked, final frame: header + payload.

@@ -147,6 +147,22 @@ test("reconnects resume from the last id, kept per uid in storage across page lo
   assert.match(client({ uid: "8", storage }).c.buildUrl(), /[?&]since=0$/);
 });
 
+test("on Redis Cluster the client keeps the last id of each stream and resumes with both", () => {
+  const storage = memoryStorage();
+  const { c, msgs } = client({ uid: "7", storage });
+  c.connect();
+  FakeWebSocket.all[0].accept();
+  FakeWebSocket.all[0].push('{"types":"notice","msg":1,"time":"t","id":"u1f-5"}');
+  assert.equal(storage.getItem("wspush:last-id:7"), "u1f-5,0");
+  FakeWebSocket.all[0].push('{"types":"notice","msg":2,"time":"t","id":"g2e-9"}');
+  FakeWebSocket.all[0].push('{"types":"notice","msg":3,"time":"t","id":"u1f-6"}');
+  assert.equal(storage.getItem("wspush:last-id:7"), "u1f-6,g2e-9");
+  FakeWebSocket.all[0].drop(1006);
+  clock.tick(60_000);
+  assert.match(FakeWebSocket.all[1].url, /[?&]since=u1f-6%2Cg2e-9$/);
+  assert.deepEqual(msgs.map(([m]) => m.msg), [1, 2, 3]);
+});
+
 test("backoff doubles from minDelay up to maxDelay, with full jitter and a 100 ms floor", () => {
   const { c } = client({ minDelay: 500, maxDelay: 30000 });
   Math.random = () => 1; // the largest wait: the cap itself

@@ -2,6 +2,7 @@
 //! it over raw TCP and through an independent WebSocket client (tungstenite).
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod raw_ws;
 
 use std::io::{BufRead, BufReader, Read, Write};

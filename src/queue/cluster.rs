@@ -1,0 +1,688 @@
+//! Redis Cluster (`-queue=redis-cluster/HOST:PORT[,…]`): the Redis backend's
+//! interest routing and history, spread over the cluster's primaries by slot.
+//!
+//! `/send` appends each message once per target stream, one script call per stream
+//! in that stream's slot (`shards.rs`), pipelined per primary by the `redis` crate's
+//! cluster connection, which also keeps the slot map and follows `MOVED`/`ASK`. The
+//! script `SPUBLISH`es on the stream's shard channel. A node takes sharded
+//! subscriptions only for the uids it holds and `all`, on one plain connection per
+//! primary (`shard.rs`): the crate has no sharded subscriber, and a shard channel
+//! must be subscribed on the primary owning its slot. A lost or moved shard
+//! subscription is taken again on the slot's new owner and each of its streams is
+//! read after this node's last position in it, so a failover loses nothing the
+//! history holds.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ::redis::Value;
+use ::redis::cluster::{ClusterClient, ClusterConnection, cluster_pipe};
+use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+
+use super::publisher::{BackendError, Endpoint, FIRST_BACKOFF, Job, is_broken};
+use super::redis::{Interest, JOIN_RETRY_FOR, Join, RedisSettings};
+use super::shard::{self, Shards};
+use super::shards::{Chan, Layout, StreamRead, parse_appended};
+use super::streams::{Fetched, first_seq_at};
+use super::{
+    BacklogCounts, Backoff, Inbound, Joined, Link, Notifier, PresenceRead, Queue, QueueError,
+    QueueState, Resume, RoutingCounts, Submit, Ticket,
+};
+use crate::history::{ClusterSince, Epoch, StreamSince};
+use crate::message::{Envelope, Target, encode_wire, unix_now};
+
+/// The settings of a cluster backend: those of Redis, the seeds and `-queue-wait`.
+#[derive(Clone, Debug)]
+pub struct ClusterSettings {
+    pub redis: RedisSettings,
+    pub seeds: Vec<String>,
+    pub wait: Duration,
+}
+
+impl ClusterSettings {
+    pub fn from_config(seeds: &[String], cfg: &crate::config::Config) -> Self {
+        ClusterSettings {
+            redis: RedisSettings::from_config(&seeds[0], cfg),
+            seeds: seeds.to_vec(),
+            wait: cfg.queue_wait,
+        }
+    }
+
+    fn layout(&self) -> Layout {
+        let r = &self.redis;
+        Layout::new(&r.channel, r.history_ttl, r.history_size, r.rules)
+    }
+}
+
+/// A cluster connection whose every command is bounded by `timeout`.
+pub fn connect(seeds: &[Endpoint], timeout: Duration) -> ::redis::RedisResult<ClusterConnection> {
+    let infos: Vec<_> = seeds.iter().map(|e| e.info()).collect();
+    ClusterClient::builder(infos)
+        .connection_timeout(timeout)
+        .response_timeout(timeout)
+        .retries(2)
+        .build()?
+        .get_connection()
+}
+
+pub struct ClusterQueue {
+    tx: Option<Sender<Job>>,
+    /// `-queue-timeout`: a job not sent within it is answered 503.
+    timeout: Duration,
+    publisher: Arc<Link>,
+    subscriber: Arc<Link>,
+    reconnects: Arc<AtomicU64>,
+    held: Arc<AtomicUsize>,
+    backlog: usize,
+    dropped: Arc<AtomicU64>,
+    refused: u64,
+    reads: Sender<Read>,
+    interest: Sender<Interest>,
+    live: HashSet<Arc<str>>,
+    leaves: HashSet<Arc<str>>,
+    joins_refused: u64,
+    received: Arc<AtomicU64>,
+    channels: Arc<AtomicUsize>,
+}
+
+impl ClusterQueue {
+    pub fn start(set: ClusterSettings, notifier: Notifier) -> Result<Self, BackendError> {
+        let seeds = set
+            .seeds
+            .iter()
+            .map(|s| Endpoint::parse(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let r = &set.redis;
+        let stop = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(AtomicUsize::new(0));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let received = Arc::new(AtomicU64::new(0));
+        let channels = Arc::new(AtomicUsize::new(0));
+        let reconnects = Arc::new(AtomicU64::new(0));
+        let reads = ReaderThread {
+            seeds: seeds.clone(),
+            layout: set.layout(),
+            timeout: r.timeout,
+            limit: r.history_size,
+            notifier: notifier.clone(),
+        }
+        .spawn(r.capacity)?;
+        let (interest, interest_rx) = crossbeam_channel::bounded(r.interest.max(1));
+        let subscriber = Arc::new(Link::default());
+        let shards = Shards::new(shard::Setup {
+            seeds: seeds.clone(),
+            layout: Arc::new(set.layout()),
+            timeout: r.timeout,
+            backoff: r.backoff,
+            backlog: (r.backlog, held.clone(), dropped.clone()),
+            catch_up: r.history_size,
+            reads: reads.clone(),
+            received: received.clone(),
+            channels: channels.clone(),
+            link: subscriber.clone(),
+            reconnects: reconnects.clone(),
+            notifier: notifier.clone(),
+        });
+        let sub_stop = stop.clone();
+        thread::Builder::new()
+            .name("wspush-cluster-sub".into())
+            .spawn(move || shards.run(interest_rx, sub_stop))?;
+        let publisher = Arc::new(Link::default());
+        let tx = PublisherThread {
+            seeds,
+            layout: set.layout(),
+            timeout: r.timeout,
+            wait: set.wait,
+            backoff: Backoff::new(FIRST_BACKOFF, r.backoff),
+            link: publisher.clone(),
+            notifier,
+            fresh: Epoch::new(),
+            con: None,
+            retry_at: Instant::now(),
+        }
+        .spawn(r.capacity, stop)?;
+        Ok(ClusterQueue {
+            tx: Some(tx),
+            timeout: r.timeout,
+            publisher,
+            subscriber,
+            reconnects,
+            held,
+            backlog: r.backlog,
+            dropped,
+            refused: 0,
+            reads,
+            interest,
+            live: HashSet::new(),
+            leaves: HashSet::new(),
+            joins_refused: 0,
+            received,
+            channels,
+        })
+    }
+
+    fn send_leaves(&mut self) {
+        while let Some(uid) = self.leaves.iter().next().cloned() {
+            if self
+                .interest
+                .try_send(Interest::Leave(uid.clone()))
+                .is_err()
+            {
+                return;
+            }
+            self.leaves.remove(&uid);
+        }
+    }
+}
+
+impl Queue for ClusterQueue {
+    fn name(&self) -> &'static str {
+        "redis-cluster"
+    }
+
+    fn state(&self) -> QueueState {
+        Link::combined(&self.publisher, &self.subscriber)
+    }
+
+    fn publish(&mut self, ticket: Ticket, batch: Vec<Envelope>) -> Submit {
+        let Some(tx) = &self.tx else {
+            return Submit::Done(Err(QueueError::Closed));
+        };
+        if self.subscriber.state() != QueueState::Up {
+            return Submit::Done(Err(QueueError::Unavailable(
+                "this node's Redis Cluster subscriptions are not live, resubscribing".into(),
+            )));
+        }
+        if self.publisher.state() == QueueState::Down {
+            return Submit::Done(Err(QueueError::Unavailable(
+                "Redis Cluster is unreachable, reconnecting".into(),
+            )));
+        }
+        if self.held.load(Ordering::Acquire) > self.backlog / 2 {
+            self.refused += 1;
+            return Submit::Done(Err(QueueError::Unavailable(
+                "this node is behind on delivering Redis messages".into(),
+            )));
+        }
+        let deadline = Instant::now() + self.timeout;
+        match tx.try_send(Job {
+            ticket,
+            batch,
+            deadline,
+        }) {
+            Ok(()) => Submit::Pending,
+            Err(TrySendError::Full(_)) => Submit::Done(Err(QueueError::Full)),
+            Err(TrySendError::Disconnected(_)) => Submit::Done(Err(QueueError::Closed)),
+        }
+    }
+
+    fn close(&mut self) {
+        self.tx = None;
+    }
+
+    fn resume(&mut self, ticket: Ticket, uid: Option<&str>, since: &str) -> Resume {
+        let read = Read {
+            ticket,
+            uid: uid.map(Arc::from),
+            from: ReadFrom::Since(since.to_owned()),
+        };
+        match self.reads.try_send(read) {
+            Ok(()) => Resume::Pending,
+            Err(_) => Resume::Unavailable,
+        }
+    }
+
+    fn join(&mut self, ticket: Ticket, uid: &str, since: Option<&str>) -> Joined {
+        self.leaves.remove(uid);
+        self.send_leaves();
+        if self.live.contains(uid) {
+            return Joined::Live;
+        }
+        let join = Join {
+            uid: Arc::from(uid),
+            ticket,
+            since: since.map(str::to_owned),
+            at: Instant::now(),
+        };
+        match self.interest.try_send(Interest::Join(join)) {
+            Ok(()) => Joined::Pending,
+            Err(_) => {
+                self.joins_refused += 1;
+                Joined::Refused
+            }
+        }
+    }
+
+    fn left(&mut self, uid: &str) {
+        self.live.remove(uid);
+        let uid: Arc<str> = Arc::from(uid);
+        if self
+            .interest
+            .try_send(Interest::Leave(uid.clone()))
+            .is_err()
+        {
+            self.leaves.insert(uid);
+        }
+    }
+
+    fn subscribed(&mut self, uid: &str) {
+        if !self.live.contains(uid) {
+            self.live.insert(Arc::from(uid));
+        }
+    }
+
+    fn flush(&mut self) {
+        self.send_leaves();
+    }
+
+    /// Presence keeps node-wide keys that a cluster would spread over slots.
+    fn presence(&mut self, _ticket: Ticket, _uids: Vec<String>) -> PresenceRead {
+        PresenceRead::Unsupported
+    }
+
+    fn routing(&self) -> RoutingCounts {
+        RoutingCounts {
+            received: self.received.load(Ordering::Relaxed),
+            channels: self.channels.load(Ordering::Relaxed),
+            refused: self.joins_refused,
+        }
+    }
+
+    fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+
+    fn backlog(&self) -> BacklogCounts {
+        BacklogCounts {
+            dropped: self.dropped.load(Ordering::Relaxed),
+            refused: self.refused,
+        }
+    }
+}
+
+/// The publisher thread: one cluster connection, a batch as one pipeline of script
+/// calls (one per target stream), then `WAIT` on each primary written to.
+struct PublisherThread {
+    seeds: Vec<Endpoint>,
+    layout: Layout,
+    timeout: Duration,
+    wait: Duration,
+    backoff: Backoff,
+    link: Arc<Link>,
+    notifier: Notifier,
+    /// The epoch a stream without one takes.
+    fresh: Epoch,
+    con: Option<ClusterConnection>,
+    retry_at: Instant,
+}
+
+impl PublisherThread {
+    /// Starts the thread; when it ends (the queue closed) it sets `stop`, so the
+    /// subscriber outlives it and what this node published last still reaches its
+    /// own connections.
+    fn spawn(self, capacity: usize, stop: Arc<AtomicBool>) -> std::io::Result<Sender<Job>> {
+        let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
+        thread::Builder::new()
+            .name("wspush-cluster-pub".into())
+            .spawn(move || {
+                self.run(rx);
+                stop.store(true, Ordering::Release);
+            })?;
+        Ok(tx)
+    }
+
+    fn run(mut self, rx: Receiver<Job>) {
+        loop {
+            if self.con.is_none() && Instant::now() >= self.retry_at {
+                self.connect();
+            }
+            // Disconnected: wake for the next attempt, since no job comes while
+            // the queue answers 503 for a link known down.
+            let wait = match self.con {
+                Some(_) => self.timeout,
+                None => self.retry_at.saturating_duration_since(Instant::now()),
+            };
+            match rx.recv_timeout(wait) {
+                Ok(job) => {
+                    let ticket = job.ticket;
+                    let result = self.publish(job);
+                    let event = Inbound::Published { ticket, result };
+                    if self.notifier.send(event).is_err() {
+                        return;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => self.check_idle(),
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn connect(&mut self) {
+        match connect(&self.seeds, self.timeout) {
+            Ok(con) => {
+                self.con = Some(con);
+                self.link.set_up(true);
+                self.backoff.reset();
+            }
+            Err(e) => self.failed(&e.to_string()),
+        }
+    }
+
+    fn failed(&mut self, why: &str) {
+        if self.link.state() != QueueState::Down {
+            warn!("Redis Cluster publisher: {why}");
+        }
+        self.con = None;
+        self.link.set_up(false);
+        self.retry_at = Instant::now() + self.backoff.next_delay();
+    }
+
+    fn check_idle(&mut self) {
+        if let Some(con) = &mut self.con
+            && !con.check_connection()
+        {
+            self.failed("a primary does not answer PING");
+        }
+    }
+
+    fn publish(&mut self, mut job: Job) -> Result<(), QueueError> {
+        let unavailable = |why: String| Err(QueueError::Unavailable(why));
+        let now = unix_now();
+        job.batch.retain(|e| !e.is_expired(now));
+        if job.batch.is_empty() {
+            return Ok(());
+        }
+        if self.con.is_none() {
+            self.connect();
+        }
+        if Instant::now() >= job.deadline {
+            return unavailable("Redis Cluster did not take the message in time".into());
+        }
+        let Some(con) = &mut self.con else {
+            return unavailable("Redis Cluster is unreachable".into());
+        };
+        let streams = by_stream(&job.batch);
+        let mut pipe = cluster_pipe();
+        for (chan, payloads) in &streams {
+            pipe.add_command(self.layout.append_cmd(chan, self.fresh, payloads));
+        }
+        let written: Result<Vec<Value>, _> = pipe.query(con);
+        let replies = match written {
+            Ok(replies) => replies,
+            Err(e) => {
+                let why = e.to_string();
+                // One primary gone or moved: the next batch gets a fresh connection
+                // and slot map. The link stays up, so batches for the other
+                // primaries' slots go on; only failing to reach any node is down.
+                if is_broken(&e) || e.is_cluster_error() {
+                    self.con = None;
+                }
+                // Some streams may have the batch: a retry may deliver it twice there.
+                return unavailable(format!("Redis Cluster: {why}"));
+            }
+        };
+        for r in &replies {
+            parse_appended(r).map_err(|e| QueueError::Unavailable(e.to_string()))?;
+        }
+        if !self.wait.is_zero() {
+            let slots: HashSet<u16> = streams.keys().map(|c| self.layout.slot(c)).collect();
+            if let Err(e) = replicated(con, slots, self.wait) {
+                // A primary that did not answer, or a replica gone: look again.
+                self.con = None;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The batch's messages per target stream, each as its own wire batch.
+fn by_stream(batch: &[Envelope]) -> HashMap<Chan, Vec<Vec<u8>>> {
+    let mut out: HashMap<Chan, Vec<Vec<u8>>> = HashMap::new();
+    for env in batch {
+        let wire = encode_wire(std::slice::from_ref(env));
+        match &env.target {
+            Target::All => out.entry(Chan::All).or_default().push(wire),
+            Target::Uids(uids) => {
+                for u in uids {
+                    let chan = Chan::Uid(Arc::from(&**u));
+                    out.entry(chan).or_default().push(wire.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `WAIT 1` on the primary of each slot written: a `200` only once a replica has
+/// the batch, so a failover does not lose it.
+fn replicated(
+    con: &mut ClusterConnection,
+    slots: HashSet<u16>,
+    wait: Duration,
+) -> Result<(), QueueError> {
+    let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+    for slot in slots {
+        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
+            slot,
+            SlotAddr::Master,
+        )));
+        let mut cmd = ::redis::cmd("WAIT");
+        cmd.arg(1).arg(ms);
+        match con.route_command(&cmd, route) {
+            Ok(Value::Int(n)) if n >= 1 => {}
+            Ok(other) => {
+                return Err(QueueError::Unavailable(format!(
+                    "Redis Cluster: no replica confirmed the batch within -queue-wait ({other:?})"
+                )));
+            }
+            Err(e) => return Err(QueueError::Unavailable(format!("Redis Cluster WAIT: {e}"))),
+        }
+    }
+    Ok(())
+}
+
+/// A history read for a connection: a resume, or a join of a uid new to the node.
+pub struct Read {
+    pub ticket: Ticket,
+    pub uid: Option<Arc<str>>,
+    pub from: ReadFrom,
+}
+
+pub enum ReadFrom {
+    /// `?since=` (a cluster position, or `0`).
+    Since(String),
+    /// What the uid got since this moment (its connection joined).
+    Joined(Instant),
+}
+
+/// Why a history read gave nothing.
+enum ReadError {
+    /// Redis Cluster failed or could not be reached: worth another try.
+    Redis(String),
+    /// The answer cannot be right, however often it is read.
+    Final(&'static str),
+}
+
+impl From<::redis::RedisError> for ReadError {
+    fn from(e: ::redis::RedisError) -> Self {
+        ReadError::Redis(e.to_string())
+    }
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Redis(why) => write!(f, "Redis Cluster: {why}"),
+            ReadError::Final(why) => f.write_str(why),
+        }
+    }
+}
+
+/// How long a join's read may take to reach Redis before its window might start
+/// after the join (then it is read again with `-queue-timeout` as the margin).
+const MARGIN: Duration = Duration::from_millis(50);
+
+/// The reader thread: resumes and joins, answered to the reactor.
+struct ReaderThread {
+    seeds: Vec<Endpoint>,
+    layout: Layout,
+    timeout: Duration,
+    limit: usize,
+    notifier: Notifier,
+}
+
+impl ReaderThread {
+    fn spawn(self, capacity: usize) -> std::io::Result<Sender<Read>> {
+        let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
+        thread::Builder::new()
+            .name("wspush-cluster-read".into())
+            .spawn(move || self.run(rx))?;
+        Ok(tx)
+    }
+
+    fn run(self, rx: Receiver<Read>) {
+        let mut con: Option<ClusterConnection> = None;
+        while let Ok(read) = rx.recv() {
+            let fetched = self.read_retrying(&mut con, &read);
+            let event = Inbound::History {
+                ticket: read.ticket,
+                fetched,
+            };
+            if self.notifier.send(event).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// One read; a join's read that fails (a primary failing over, the cluster
+    /// unreachable) is tried again, its window still starting at the join, until
+    /// [`JOIN_RETRY_FOR`] after the join: then its connection is sent off (1012).
+    fn read_retrying(
+        &self,
+        con: &mut Option<ClusterConnection>,
+        read: &Read,
+    ) -> Result<Fetched, String> {
+        loop {
+            if con.is_none() {
+                *con = connect(&self.seeds, self.timeout).ok();
+            }
+            let fetched = match con {
+                Some(c) => self.read(c, read.uid.as_deref(), &read.from),
+                None => Err(ReadError::Redis("unreachable".into())),
+            };
+            if fetched.is_err() {
+                *con = None;
+            }
+            match (fetched, &read.from) {
+                (Err(ReadError::Redis(_)), ReadFrom::Joined(at))
+                    if at.elapsed() < JOIN_RETRY_FOR =>
+                {
+                    thread::sleep(FIRST_BACKOFF);
+                }
+                (fetched, _) => return fetched.map_err(|e| e.to_string()),
+            }
+        }
+    }
+
+    fn read(
+        &self,
+        con: &mut ClusterConnection,
+        uid: Option<&str>,
+        from: &ReadFrom,
+    ) -> Result<Fetched, ReadError> {
+        match from {
+            ReadFrom::Since(since) => {
+                let since = ClusterSince::parse(since)
+                    .map_err(|_| ReadError::Final("since is no cluster position"))?;
+                Ok(self.since(con, uid, since)?)
+            }
+            ReadFrom::Joined(at) => match uid {
+                Some(uid) => self.joined(con, &Chan::Uid(Arc::from(uid)), *at),
+                None => Ok(fetched(true, Vec::new(), 0)),
+            },
+        }
+    }
+
+    /// The uid's stream after its position and `all` after its own, merged by
+    /// their time part.
+    fn since(
+        &self,
+        con: &mut ClusterConnection,
+        uid: Option<&str>,
+        since: ClusterSince,
+    ) -> ::redis::RedisResult<Fetched> {
+        let mut wanted = vec![(Chan::All, since.all)];
+        wanted.extend(uid.map(|u| (Chan::Uid(Arc::from(u)), since.uid)));
+        let mut pipe = cluster_pipe();
+        for (chan, at) in &wanted {
+            pipe.add_command(self.layout.read_cmd(chan, *at, self.limit, None));
+        }
+        let replies: Vec<Value> = pipe.query(con)?;
+        let mut complete = true;
+        let mut batch = Vec::new();
+        let mut redis_ms = 0;
+        for ((chan, at), reply) in wanted.iter().zip(replies) {
+            let r = self.layout.parse_read(chan, *at, reply, self.limit)?;
+            complete &= r.complete;
+            redis_ms = redis_ms.max(r.redis_ms);
+            batch.extend(r.batch);
+        }
+        batch.sort_by_key(|e| (e.seq, e.lane));
+        Ok(fetched(complete, batch, redis_ms))
+    }
+
+    /// What a uid got since its connection joined, by Redis's clock less the
+    /// join's age here.
+    fn joined(
+        &self,
+        con: &mut ClusterConnection,
+        chan: &Chan,
+        at: Instant,
+    ) -> Result<Fetched, ReadError> {
+        for margin in [MARGIN, self.timeout] {
+            let sent = at.elapsed();
+            let ago = u64::try_from((sent + margin).as_millis()).unwrap_or(u64::MAX) + 1;
+            let cmd = self
+                .layout
+                .read_cmd(chan, StreamSince::Start, self.limit, Some(ago));
+            let reply: Value = cmd.query(con)?;
+            let r: StreamRead =
+                self.layout
+                    .parse_read(chan, StreamSince::Start, reply, self.limit)?;
+            let back = at.elapsed();
+            if back - sent > margin {
+                continue;
+            }
+            let back_ms = u64::try_from(back.as_millis()).unwrap_or(u64::MAX);
+            let floor = first_seq_at(r.redis_ms.saturating_sub(back_ms + 1));
+            if r.cut || r.trimmed >= floor {
+                return Err(ReadError::Final(
+                    "more was sent to the uid since the join than it keeps",
+                ));
+            }
+            let mut batch = r.batch;
+            batch.retain(|e| e.seq >= floor);
+            return Ok(fetched(true, batch, r.redis_ms));
+        }
+        Err(ReadError::Redis(
+            "history read too slow to place the join".into(),
+        ))
+    }
+}
+
+fn fetched(complete: bool, batch: Vec<Envelope>, redis_ms: u64) -> Fetched {
+    Fetched {
+        complete,
+        batch,
+        redis_ms,
+        cut: false,
+        trimmed: 0,
+        epoch: None,
+        clock: None,
+    }
+}
