@@ -1,5 +1,6 @@
-//! Who gets in: accepting, refusals over `-max-connections` and `-max-per-ip`, the
-//! descriptor kept in reserve for when the table is full, per-address counts.
+//! Who gets in: accepting, refusals over `-max-connections` and `-max-per-ip`, a
+//! push client's origin, token and address checks, the descriptor kept in reserve
+//! for when the table is full, per-address counts.
 
 use std::collections::HashMap;
 use std::io::{self, Read};
@@ -12,7 +13,10 @@ use mio::{Interest, Token};
 use super::Server;
 use super::conn::Conn;
 use crate::auth::{self, Refusal};
+use crate::http::query;
+use crate::http::request::Head;
 use crate::http::response::Response;
+use crate::message::unix_now;
 
 /// The admission state the reactor keeps.
 pub(super) struct Admission {
@@ -183,6 +187,58 @@ impl Server {
         // Data may already be waiting; edge-triggered readiness reports it anyway,
         // but reading now saves a round through the poll.
         self.on_event(key, false);
+    }
+
+    /// Origin, token and per-address checks for a push connection, in that order.
+    /// Returns the forwarded client address to count, when a trusted proxy named one.
+    pub(super) fn admit_listener(
+        &self,
+        key: usize,
+        head: &Head,
+        uid: Option<&str>,
+    ) -> Result<Option<IpAddr>, Refusal> {
+        if !self.cfg.origins.is_empty()
+            && !auth::origin_allowed(&self.cfg.origins, head.header("origin"))
+        {
+            return Err(Refusal::Origin);
+        }
+        if let Some(secret) = &self.cfg.secret {
+            let param = |name| query::get(&head.query, name).ok().flatten();
+            auth::verify_token(
+                secret.as_bytes(),
+                uid,
+                param("expires").as_deref(),
+                param("token").as_deref(),
+                unix_now(),
+            )?;
+        }
+        let Some(conn) = self.conns.get(key) else {
+            return Ok(None);
+        };
+        if self.cfg.max_per_ip == 0 || conn.client_ip.is_some() {
+            return Ok(None); // no limit, or already counted by its own address
+        }
+        // Here the peer is a trusted proxy (or a local tool): only a client it names
+        // is counted.
+        // A proxy appends its own X-Forwarded-For line to the client's: read all of them.
+        let forwarded = head.header_joined("x-forwarded-for");
+        let real = head
+            .header_single("x-real-ip")
+            .map_err(|_| Refusal::Forwarded)?;
+        if forwarded.is_none() && real.is_none() {
+            return Ok(None);
+        }
+        let ip = auth::client_ip(
+            conn.peer.ip(),
+            &self.cfg.trusted_proxies,
+            forwarded.as_deref(),
+            real,
+        );
+        if self.admission.has_room(ip, self.cfg.max_per_ip) {
+            Ok(Some(ip))
+        } else {
+            Err(Refusal::PerIp)
+        }
     }
 
     pub(super) fn count_ip(&mut self, key: usize, ip: IpAddr) {

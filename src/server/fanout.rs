@@ -10,9 +10,10 @@
 
 use std::sync::Arc;
 
-use super::conn::{Transport, Wants};
+use super::conn::Wants;
+use super::session::Action;
+use super::session::{CloseCode, Then};
 use super::stats::Limit;
-use super::ws_conn::{CloseCode, Then};
 use super::{Liveness, Reason, Server};
 use crate::http::sse;
 use crate::message::{self, Envelope, unix_now};
@@ -307,7 +308,7 @@ impl Server {
                 frames.clone().filter(|f| is_compressed(f)).count() as u64;
         }
         if let Err(e) = conn.send_shared(frames) {
-            return self.remove(key, Reason::Io(e.0));
+            return self.apply(key, Action::Remove(Reason::Io(e.0)));
         }
         self.check_backlog(key)
     }
@@ -359,26 +360,12 @@ impl Server {
             "{}: evicted, backlog over {} bytes",
             conn.peer, self.cfg.max_backlog
         );
-        match conn.phase.transport() {
-            Some(Transport::EventStream) => self.end_sse(key, "too slow"),
-            _ => self.end_ws(key, Some(CloseCode::Policy), "too slow", Then::Drain),
-        }
+        self.apply(key, Action::end(CloseCode::Policy, "too slow", Then::Drain))
     }
 
     /// Shutdown, once the queue handed over everything: 1001 to every WebSocket;
     /// event streams end (their clients would reconnect, and are refused).
     pub(super) fn close_push_connections(&mut self) {
-        for key in self.keys_where(|c| c.phase.receives_pushes()) {
-            let transport = self.conns.get(key).and_then(|c| c.phase.transport());
-            let _ = match transport {
-                Some(Transport::EventStream) => self.end_sse(key, "server shutting down"),
-                _ => self.end_ws(
-                    key,
-                    Some(CloseCode::Away),
-                    "server shutting down",
-                    Then::AwaitPeer,
-                ),
-            };
-        }
+        self.apply_where(|c| c.phase.receives_pushes(), |c| c.on_queue_drained());
     }
 }

@@ -5,7 +5,8 @@
 use std::time::Instant;
 
 use super::conn::{Chunk, PendingRequest, Phase};
-use super::routes::Action;
+use super::routes::Answer;
+use super::session::Action;
 use super::stats::Limit;
 use super::stream::Step;
 use super::{Liveness, Server, admission};
@@ -47,7 +48,7 @@ impl Server {
     fn head_step(&mut self, key: usize, buf: &[u8]) -> Step {
         let limits = self.limits();
         let (head, n) = match request::parse_head(buf, &limits) {
-            Err(e) => return self.http_fail(key, &e),
+            Err(e) => return Step::then(0, self.http_fail(key, &e)),
             Ok(None) => return Step::NeedMore,
             Ok(Some(parsed)) => parsed,
         };
@@ -58,8 +59,8 @@ impl Server {
                 self.count_refusal(r, peer, &head.path);
             }
             self.counters.http_requests += 1;
-            let _ = self.reply(key, &admission::refusal_response(r), false, false);
-            return Step::Stop;
+            let resp = admission::refusal_response(r);
+            return Step::then(0, Action::Fail { resp, limit: None });
         }
         let Some(Phase::Http { pending, .. }) = self.conns.get_mut(key).map(|c| &mut c.phase)
         else {
@@ -88,16 +89,22 @@ impl Server {
             (BodyKind::Length(len), _) if buf.len() >= len => (len, true),
             (BodyKind::Length(_), _) => (0, false),
             (BodyKind::Chunked, Some(decoder)) => match decoder.feed(buf) {
-                Err(e) => return self.http_fail(key, &e),
+                Err(e) => return Step::then(0, self.http_fail(key, &e)),
                 Ok((n, done)) => (n, done),
             },
             (BodyKind::Chunked, None) => return Step::Stop,
         };
         if !done {
-            return match self.continue_once(key) {
-                Liveness::Closed => Step::Stop,
-                Liveness::Alive if used == 0 => Step::NeedMore,
-                Liveness::Alive => Step::Progress(used),
+            // `Expect: 100-continue`: the body is invited once, when it has not all arrived.
+            if req.head.expect_continue && !req.continue_sent {
+                req.continue_sent = true;
+                let invite = Chunk::Owned(response::CONTINUE.to_vec());
+                return Step::then(used, Action::Send(invite));
+            }
+            return if used == 0 {
+                Step::NeedMore
+            } else {
+                Step::Progress(used)
             };
         }
         let Some(Phase::Http { pending, .. }) = self.conns.get_mut(key).map(|c| &mut c.phase)
@@ -115,32 +122,14 @@ impl Server {
         Step::Progress(used)
     }
 
-    /// `Expect: 100-continue`: invites the body once, when it has not all arrived.
-    fn continue_once(&mut self, key: usize) -> Liveness {
-        let Some(Phase::Http {
-            pending: Some(req), ..
-        }) = self.conns.get_mut(key).map(|c| &mut c.phase)
-        else {
-            return self.liveness(key);
-        };
-        if req.head.expect_continue && !req.continue_sent {
-            req.continue_sent = true;
-            return self.send(key, Chunk::Owned(response::CONTINUE.to_vec()));
-        }
-        Liveness::Alive
-    }
-
     /// Answers a malformed request and closes: after a framing error the byte
     /// stream cannot be trusted for another request.
-    fn http_fail(&mut self, key: usize, e: &HttpError) -> Step {
+    fn http_fail(&mut self, key: usize, e: &HttpError) -> Action {
         let limit = match e {
             HttpError::HeadTooLarge => Some(Limit::HeaderSize),
             HttpError::BodyTooLarge => Some(Limit::BodySize),
             _ => None,
         };
-        if let Some(limit) = limit {
-            self.counters.limited[limit.index()] += 1;
-        }
         let resp = e.response();
         if let Some(conn) = self.conns.get(key) {
             debug!(
@@ -151,8 +140,7 @@ impl Server {
             );
         }
         self.counters.http_requests += 1;
-        let _ = self.reply(key, &resp, false, false);
-        Step::Stop
+        Action::Fail { resp, limit }
     }
 
     fn answer(&mut self, key: usize, head: Head, body: Vec<u8>) {
@@ -160,12 +148,12 @@ impl Server {
         let keep_alive = head.keep_alive && self.shutdown.running();
         let head_only = head.method == Method::Head;
         let _ = match self.route(key, &head, &body) {
-            Action::Respond(resp) => self.reply(key, &resp, keep_alive, head_only),
-            Action::Refuse(resp) => self.reply(key, &resp, false, head_only),
-            Action::Upgrade(upgrade) => self.upgrade(key, upgrade),
-            Action::EventStream(listener) => self.open_sse(key, listener),
-            Action::Publish(batch) => self.publish(key, batch, keep_alive),
-            Action::Ask(uids) => self.ask_presence(key, uids, keep_alive),
+            Answer::Respond(resp) => self.reply(key, &resp, keep_alive, head_only),
+            Answer::Refuse(resp) => self.reply(key, &resp, false, head_only),
+            Answer::Upgrade(upgrade) => self.upgrade(key, upgrade),
+            Answer::EventStream(listener) => self.open_sse(key, listener),
+            Answer::Publish(batch) => self.publish(key, batch, keep_alive),
+            Answer::Ask(uids) => self.ask_presence(key, uids, keep_alive),
         };
     }
 
@@ -214,18 +202,17 @@ impl Server {
         }
         match self.queue.publish(Ticket { key, serial }, live) {
             Submit::Done(result) => self.published(key, accepted, keep_alive, result),
-            Submit::Pending => {
-                let Some(conn) = self.conns.get_mut(key) else {
-                    return Liveness::Closed;
-                };
-                conn.phase = Phase::Publishing {
-                    accepted,
-                    keep_alive,
-                };
-                // The backend has its own timeout; this one only bounds a lost answer.
-                conn.deadline = Instant::now() + self.cfg.request_timeout;
-                Liveness::Alive
-            }
+            // The backend has its own timeout; this one only bounds a lost answer.
+            Submit::Pending => self.apply(
+                key,
+                Action::Switch {
+                    phase: Phase::Publishing {
+                        accepted,
+                        keep_alive,
+                    },
+                    timeout: self.cfg.request_timeout,
+                },
+            ),
         }
     }
 
@@ -267,14 +254,13 @@ impl Server {
                     .collect();
                 self.reply(key, &presence_response(counts), keep_alive, false)
             }
-            PresenceRead::Pending => {
-                let Some(conn) = self.conns.get_mut(key) else {
-                    return Liveness::Closed;
-                };
-                conn.phase = Phase::Asking { keep_alive };
-                conn.deadline = Instant::now() + self.cfg.request_timeout;
-                Liveness::Alive
-            }
+            PresenceRead::Pending => self.apply(
+                key,
+                Action::Switch {
+                    phase: Phase::Asking { keep_alive },
+                    timeout: self.cfg.request_timeout,
+                },
+            ),
             PresenceRead::Unavailable => {
                 let resp = Response::error(503, "too many presence reads waiting");
                 self.reply(key, &resp, keep_alive, false)

@@ -4,28 +4,36 @@
 //! reserved tokens at the top of the range. This file keeps the loop and the
 //! wiring; each job has its room:
 //!
-//! - `admission.rs`: accepting, refusals, the spare descriptor, per-address counts
+//! - `admission.rs`: accepting, refusals, the spare descriptor, per-address counts,
+//!   a push client's origin, token and address checks
 //! - `stream.rs`: a connection's socket: reads within a budget, writes, input to its phase
+//! - `session.rs`: what each phase decides (timer, EOF, shutdown, input gating) as an
+//!   `Action`, and the one `Server::apply` that carries every action out
 //! - `http_conn.rs`: the HTTP phases: requests, bodies, 100-continue, replies, `/send`
-//! - `routes.rs`: the URL table (`Route`) and what each URL answers
+//! - `routes.rs`: the URL table (`Route`) and what each URL answers (`Answer`)
 //! - `ws_conn.rs`: the WebSocket phase: frames, control frames, subscribe, the close
-//! - `sse_conn.rs`: the event-stream phase (`/sse`): opening, heartbeats, the end
+//! - `sse_conn.rs`: the event-stream phase (`/sse`): opening and the end
 //! - `fanout.rs`: the queue's events and delivery to push receivers, back-pressure
 //! - `resume.rs`: delivery ids and retention of what is delivered, replay on `?since=`
-//! - `timers.rs`: the periodic scan, per-phase timeouts and the `Shutdown`
-//! - `conn.rs`: one connection's state and its output queue
-//! - `stats.rs`: counters, `/stats` and `/metrics`
+//! - `timers.rs`: the periodic scan and the `Shutdown`
+//! - `conn.rs`: one connection's state and its writes; `out.rs`: its output queue
+//! - `stats.rs`: counters and `/stats`; `metrics.rs`: `/metrics`
 //!
-//! A connection leaves the slab in one place, [`Server::remove`]; a WebSocket
-//! ends in one place, `Server::end_ws`. Whatever may remove a connection returns
-//! [`Liveness`], so no caller goes on with a slot that is gone.
+//! A phase answers what happens to it with an `Action` (stay, send, fail with a
+//! response, end with a `CloseCode` and reason, switch phase, remove with a
+//! `Reason`); `Server::apply` carries it out and returns [`Liveness`], so no caller
+//! goes on with a slot that is gone. A connection leaves the slab in one place,
+//! [`Server::remove`]; a WebSocket ends in one place, `Server::end_ws`.
 
 mod admission;
 mod conn;
 mod fanout;
 mod http_conn;
+mod metrics;
+mod out;
 mod resume;
 mod routes;
+mod session;
 mod sse_conn;
 pub mod stats;
 mod stream;
@@ -55,7 +63,7 @@ use fanout::FanOut;
 use stats::Counters;
 use timers::Shutdown;
 
-pub use ws_conn::CloseCode;
+pub use session::CloseCode;
 
 pub const LISTENER: Token = Token(usize::MAX - 1);
 pub const WAKER: Token = Token(usize::MAX - 2);

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use super::conn::{Chunk, Held, Transport};
 use super::fanout::{is_compressed, sse_event};
-use super::ws_conn::{CloseCode, Then};
+use super::session::{Action, CloseCode, Then};
 use super::{Liveness, Server};
 use crate::history::Since;
 use crate::http::sse;
@@ -139,18 +139,7 @@ impl Server {
                 (false, Vec::new())
             }
         };
-        let now = unix_now();
-        let frames: Vec<(Lane, u64, Arc<[u8]>)> = batch
-            .into_iter()
-            .filter(|e| !e.is_expired(now) && self.hub.accepts(key, &e.types))
-            .map(|e| {
-                let bytes = match transport {
-                    Transport::WebSocket => e.frame,
-                    Transport::EventStream => sse_event(e.push_json()),
-                };
-                (e.lane, e.seq, bytes)
-            })
-            .collect();
+        let frames = self.replay_frames(key, batch, transport);
         if !held.quiet {
             self.count_resume(complete, frames.len());
             if !self.send_resumed(key, complete).alive() {
@@ -159,11 +148,7 @@ impl Server {
         }
         let Held { frames: live, .. } = *held;
         let (all, up_to_main, up_to_all) = merge(frames, live);
-        self.counters.messages_out += all.len() as u64;
-        if transport == Transport::WebSocket {
-            // Held pushes were taken in the connection's encoding, compressed or not.
-            self.counters.deflated_out += all.iter().filter(|f| is_compressed(f)).count() as u64;
-        }
+        self.count_out(&all, transport);
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
@@ -178,6 +163,37 @@ impl Server {
             }
         }
         let _ = self.check_backlog(key);
+    }
+
+    /// Counts the pushes a resume sends.
+    fn count_out(&mut self, frames: &[Arc<[u8]>], transport: Transport) {
+        self.counters.messages_out += frames.len() as u64;
+        if transport == Transport::WebSocket {
+            // Held pushes were taken in the connection's encoding, compressed or not.
+            self.counters.deflated_out += frames.iter().filter(|f| is_compressed(f)).count() as u64;
+        }
+    }
+
+    /// What a history read found for a connection: live, of its types, each in
+    /// its transport's encoding, with its lane and sequence number.
+    fn replay_frames(
+        &self,
+        key: usize,
+        batch: Vec<Envelope>,
+        transport: Transport,
+    ) -> Vec<(Lane, u64, Arc<[u8]>)> {
+        let now = unix_now();
+        batch
+            .into_iter()
+            .filter(|e| !e.is_expired(now) && self.hub.accepts(key, &e.types))
+            .map(|e| {
+                let bytes = match transport {
+                    Transport::WebSocket => e.frame,
+                    Transport::EventStream => sse_event(e.push_json()),
+                };
+                (e.lane, e.seq, bytes)
+            })
+            .collect()
     }
 
     /// Messages were lost to this node beyond what history can refill: its push
@@ -206,11 +222,8 @@ impl Server {
 
     /// Sends a push connection off to reconnect and resume: 1012 for a WebSocket;
     /// an event stream ends, and the browser comes back with `Last-Event-ID`.
-    fn restart(&mut self, key: usize, why: &str) -> Liveness {
-        match self.conns.get(key).and_then(|c| c.phase.transport()) {
-            Some(Transport::EventStream) => self.end_sse(key, why),
-            _ => self.end_ws(key, Some(CloseCode::Restart), why, Then::AwaitPeer),
-        }
+    fn restart(&mut self, key: usize, why: &'static str) -> Liveness {
+        self.apply(key, Action::end(CloseCode::Restart, why, Then::AwaitPeer))
     }
 
     fn count_resume(&mut self, complete: bool, replayed: usize) {

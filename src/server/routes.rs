@@ -1,6 +1,6 @@
 //! What each URL does: the routing table of PROTOCOL.md.
 //!
-//! Handlers see a whole request (head and body) and return an [`Action`]; the
+//! Handlers see a whole request (head and body) and return an [`Answer`]; the
 //! HTTP phase (`http_conn.rs`) performs it. Nothing here touches a socket.
 
 use std::net::IpAddr;
@@ -16,7 +16,7 @@ use crate::http::query;
 use crate::http::request::{Head, HttpError, Method};
 use crate::http::response::Response;
 use crate::hub::{self, FilterError, FilterLimits, TypeSet};
-use crate::message::{self, Envelope, MAX_UID_LEN, unix_now};
+use crate::message::{self, Envelope, MAX_UID_LEN};
 use crate::ws::deflate::{self, DeflateParams};
 use crate::ws::handshake::{self, UpgradeHeaders};
 
@@ -61,7 +61,7 @@ impl Route {
 }
 
 /// A handled HTTP request's outcome.
-pub(super) enum Action {
+pub(super) enum Answer {
     Respond(Response),
     /// Answer, then close: a refused client gets nothing more on this connection.
     Refuse(Response),
@@ -106,9 +106,9 @@ impl Server {
         auth::check_api_key(key.as_bytes(), head.header("authorization")).err()
     }
 
-    pub(super) fn route(&mut self, key: usize, head: &Head, body: &[u8]) -> Action {
+    pub(super) fn route(&mut self, key: usize, head: &Head, body: &[u8]) -> Answer {
         let get = matches!(head.method, Method::Get | Method::Head);
-        let respond = Action::Respond;
+        let respond = Answer::Respond;
         match Route::of(&head.path) {
             Route::Ws if head.method == Method::Get => self.handshake(key, head),
             Route::Ws => respond(not_allowed("GET")),
@@ -136,15 +136,15 @@ impl Server {
                 self.snapshot(|s| s.to_prometheus()),
             )),
             Route::Presence => match presence_uids(&head.query, self.cfg.presence_max) {
-                Ok(uids) => Action::Ask(uids),
+                Ok(uids) => Answer::Ask(uids),
                 Err(e) => respond(Response::error(e.status(), &e.to_string())),
             },
         }
     }
 
-    fn handshake(&mut self, key: usize, head: &Head) -> Action {
+    fn handshake(&mut self, key: usize, head: &Head) -> Answer {
         if let Some(resp) = self.shutdown.refusal() {
-            return Action::Respond(resp);
+            return Answer::Respond(resp);
         }
         let connection = head.header_joined("connection");
         let upgrade = head.header_joined("upgrade");
@@ -158,7 +158,7 @@ impl Server {
             Ok(accept) => accept,
             Err(e) => {
                 let resp = Response::error(e.status(), &e.to_string());
-                return Action::Respond(if e.status() == 426 {
+                return Answer::Respond(if e.status() == 426 {
                     resp.with_header("Sec-WebSocket-Version", "13")
                 } else {
                     resp
@@ -177,7 +177,7 @@ impl Server {
             }
             Deflate::Off => None,
         };
-        Action::Upgrade(Upgrade {
+        Answer::Upgrade(Upgrade {
             accept,
             deflate,
             listener,
@@ -186,16 +186,16 @@ impl Server {
 
     /// `GET /sse`: the same checks and parameters as `/ws`; the `Last-Event-ID` of
     /// an EventSource's reconnect, when present, is where it resumes.
-    fn event_stream(&mut self, key: usize, head: &Head) -> Action {
+    fn event_stream(&mut self, key: usize, head: &Head) -> Answer {
         if let Some(resp) = self.shutdown.refusal() {
-            return Action::Respond(resp);
+            return Answer::Respond(resp);
         }
         let last_event_id = match head.header_single("last-event-id") {
             Ok(id) => id.map(|id| String::from_utf8_lossy(id).into_owned()),
-            Err(e) => return Action::Respond(e.response()),
+            Err(e) => return Answer::Respond(e.response()),
         };
         match self.listener(key, head, "/sse", last_event_id) {
-            Ok(listener) => Action::EventStream(listener),
+            Ok(listener) => Answer::EventStream(listener),
             Err(action) => action,
         }
     }
@@ -209,17 +209,17 @@ impl Server {
         head: &Head,
         path: &str,
         since: Option<String>,
-    ) -> Result<Listener, Action> {
+    ) -> Result<Listener, Answer> {
         let (uid, types, query_since) = match ws_params(&head.query) {
             Ok(params) => params,
-            Err(e) => return Err(Action::Respond(e.response())),
+            Err(e) => return Err(Answer::Respond(e.response())),
         };
         let since = match since {
             Some(s) => match crate::history::check_since(&s) {
                 Ok(_) => Some(s),
                 Err(e) => {
                     let e = HttpError::BadRequest(format!("Last-Event-ID: {e}"));
-                    return Err(Action::Respond(e.response()));
+                    return Err(Answer::Respond(e.response()));
                 }
             },
             None => query_since,
@@ -230,7 +230,7 @@ impl Server {
                 if let Some(peer) = self.conns.get(key).map(|c| c.peer) {
                     self.count_refusal(Refusal::Types(e), peer, path);
                 }
-                return Err(Action::Refuse(refusal_response(Refusal::Types(e))));
+                return Err(Answer::Refuse(refusal_response(Refusal::Types(e))));
             }
         };
         match self.admit_listener(key, head, uid.as_deref()) {
@@ -244,71 +244,18 @@ impl Server {
                 if let Some(peer) = self.conns.get(key).map(|c| c.peer) {
                     self.count_refusal(r, peer, path);
                 }
-                Err(Action::Refuse(refusal_response(r)))
+                Err(Answer::Refuse(refusal_response(r)))
             }
         }
     }
 
-    /// Origin, token and per-address checks for a push connection, in that order.
-    /// Returns the forwarded client address to count, when a trusted proxy named one.
-    fn admit_listener(
-        &self,
-        key: usize,
-        head: &Head,
-        uid: Option<&str>,
-    ) -> Result<Option<IpAddr>, Refusal> {
-        if !self.cfg.origins.is_empty()
-            && !auth::origin_allowed(&self.cfg.origins, head.header("origin"))
-        {
-            return Err(Refusal::Origin);
-        }
-        if let Some(secret) = &self.cfg.secret {
-            let param = |name| query::get(&head.query, name).ok().flatten();
-            auth::verify_token(
-                secret.as_bytes(),
-                uid,
-                param("expires").as_deref(),
-                param("token").as_deref(),
-                unix_now(),
-            )?;
-        }
-        let Some(conn) = self.conns.get(key) else {
-            return Ok(None);
-        };
-        if self.cfg.max_per_ip == 0 || conn.client_ip.is_some() {
-            return Ok(None); // no limit, or already counted by its own address
-        }
-        // Here the peer is a trusted proxy (or a local tool): only a client it names
-        // is counted.
-        // A proxy appends its own X-Forwarded-For line to the client's: read all of them.
-        let forwarded = head.header_joined("x-forwarded-for");
-        let real = head
-            .header_single("x-real-ip")
-            .map_err(|_| Refusal::Forwarded)?;
-        if forwarded.is_none() && real.is_none() {
-            return Ok(None);
-        }
-        let ip = auth::client_ip(
-            conn.peer.ip(),
-            &self.cfg.trusted_proxies,
-            forwarded.as_deref(),
-            real,
-        );
-
-        if self.admission.has_room(ip, self.cfg.max_per_ip) {
-            Ok(Some(ip))
-        } else {
-            Err(Refusal::PerIp)
-        }
-    }
-
-    fn send_request(&mut self, body: &[u8]) -> Action {
+    fn send_request(&mut self, body: &[u8]) -> Answer {
         if let Some(resp) = self.shutdown.refusal() {
-            return Action::Respond(resp);
+            return Answer::Respond(resp);
         }
         match message::parse_send(body, &message::Rules::new(&self.cfg), &mut self.clock) {
-            Ok(batch) => Action::Publish(batch),
-            Err(e) => Action::Respond(Response::error(400, &e.to_string())),
+            Ok(batch) => Answer::Publish(batch),
+            Err(e) => Answer::Respond(Response::error(400, &e.to_string())),
         }
     }
 

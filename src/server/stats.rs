@@ -1,6 +1,5 @@
-//! Counters and their two renderings: `/stats` (JSON) and `/metrics` (Prometheus).
-
-use std::fmt::Write;
+//! Counters, the `Snapshot` of gauges beside them, and `/stats` (JSON); `/metrics`
+//! renders the same snapshot (`metrics.rs`).
 
 use crate::auth::Refusal;
 use crate::history::{HistoryStats, Trim};
@@ -73,7 +72,7 @@ pub struct Counters {
 
 impl Counters {
     /// Every refusal and limit with its label, for both renderings.
-    fn refusals(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+    pub(super) fn refusals(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
         let refused = Refusal::LABELS.iter().copied().zip(self.refused);
         refused.chain(Limit::LABELS.iter().copied().zip(self.limited))
     }
@@ -99,184 +98,7 @@ pub struct Snapshot<'a> {
     pub history: HistoryStats,
 }
 
-/// A Prometheus metric: name, kind, help and value.
-type Metric = (&'static str, &'static str, &'static str, u64);
-
 impl Snapshot<'_> {
-    /// The plain metrics of `/metrics`, in order.
-    fn metrics(&self) -> Vec<Metric> {
-        let c = self.counters;
-        let mut m: Vec<Metric> = vec![
-            (
-                "connections",
-                "gauge",
-                "Open push connections (WebSocket and event stream).",
-                self.connections as u64,
-            ),
-            (
-                "http_connections",
-                "gauge",
-                "Open connections not upgraded to WebSocket.",
-                self.http_connections as u64,
-            ),
-            ("users", "gauge", "Distinct uids online.", self.users as u64),
-            (
-                "messages_in_total",
-                "counter",
-                "Messages accepted by /send.",
-                c.messages_in,
-            ),
-            (
-                "messages_out_total",
-                "counter",
-                "Pushes handed to connections.",
-                c.messages_out,
-            ),
-            (
-                "messages_routed_total",
-                "counter",
-                "Messages taken from the queue and fanned out.",
-                c.messages_routed,
-            ),
-            (
-                "expired_total",
-                "counter",
-                "Messages expired before delivery.",
-                c.expired,
-            ),
-            (
-                "dropped_total",
-                "counter",
-                "Pushes discarded unsent.",
-                c.dropped,
-            ),
-            (
-                "evicted_slow_total",
-                "counter",
-                "Connections closed for a backlog over the limit.",
-                c.evicted_slow,
-            ),
-            (
-                "http_requests_total",
-                "counter",
-                "HTTP requests answered.",
-                c.http_requests,
-            ),
-            (
-                "ws_opened_total",
-                "counter",
-                "Push connections opened.",
-                c.ws_opened,
-            ),
-            (
-                "ws_closed_total",
-                "counter",
-                "Push connections closed.",
-                c.ws_closed,
-            ),
-            (
-                "sse_opened_total",
-                "counter",
-                "Event streams (/sse) opened.",
-                c.sse_opened,
-            ),
-            (
-                "sse_closed_total",
-                "counter",
-                "Event streams (/sse) closed.",
-                c.sse_closed,
-            ),
-            (
-                "deflated_total",
-                "counter",
-                "Messages compressed for permessage-deflate receivers (once per message).",
-                c.deflated,
-            ),
-            (
-                "deflated_out_total",
-                "counter",
-                "Pushes sent compressed (one per receiver).",
-                c.deflated_out,
-            ),
-            (
-                "resumes_complete_total",
-                "counter",
-                "Resumes (?since=) with nothing missing after since.",
-                c.resumes_complete,
-            ),
-            (
-                "resumes_incomplete_total",
-                "counter",
-                "Resumes answered complete:false.",
-                c.resumes_incomplete,
-            ),
-            (
-                "replayed_total",
-                "counter",
-                "Messages sent again by resumes.",
-                c.replayed,
-            ),
-            (
-                "history_messages",
-                "gauge",
-                "Messages retained for resumes on this node.",
-                self.history.messages as u64,
-            ),
-            (
-                "history_bytes",
-                "gauge",
-                "Bytes of messages retained for resumes on this node.",
-                self.history.bytes as u64,
-            ),
-            (
-                "uptime_seconds",
-                "gauge",
-                "Seconds since start.",
-                self.uptime_seconds,
-            ),
-        ];
-        if let Some(rss) = self.rss_bytes {
-            m.push(("resident_memory_bytes", "gauge", "Resident set size.", rss));
-        }
-        m.push((
-            "queue_reconnects_total",
-            "counter",
-            "Connections to the queue backend re-established after a loss.",
-            self.queue_reconnects,
-        ));
-        m.push((
-            "queue_dropped_behind_total",
-            "counter",
-            "Messages received from the queue backend and dropped because delivery was -queue-backlog behind.",
-            self.queue_backlog.dropped,
-        ));
-        m.push((
-            "queue_refused_behind_total",
-            "counter",
-            "/send batches refused because delivery was behind.",
-            self.queue_backlog.refused,
-        ));
-        m.push((
-            "queue_received_total",
-            "counter",
-            "Messages read from Redis by this node (pub/sub and catch-up, repeats included).",
-            self.queue_routing.received,
-        ));
-        m.push((
-            "queue_channels",
-            "gauge",
-            "Uids whose Redis channel this node is subscribed to.",
-            self.queue_routing.channels as u64,
-        ));
-        m.push((
-            "queue_joins_refused_total",
-            "counter",
-            "Connections closed with 1013 because -queue-interest subscription changes were waiting.",
-            self.queue_routing.refused,
-        ));
-        m
-    }
-
     pub fn to_json(&self) -> Vec<u8> {
         let c = self.counters;
         let v = serde_json::json!({
@@ -324,44 +146,6 @@ impl Snapshot<'_> {
         });
         v.to_string().into_bytes()
     }
-
-    pub fn to_prometheus(&self) -> Vec<u8> {
-        let c = self.counters;
-        let mut s = String::with_capacity(2048);
-        for (name, kind, help, value) in self.metrics() {
-            let _ = writeln!(
-                s,
-                "# HELP wspush_{name} {help}\n# TYPE wspush_{name} {kind}\nwspush_{name} {value}"
-            );
-        }
-        let _ = writeln!(
-            s,
-            "# HELP wspush_refused_total Requests and connections turned away, by reason.\n# TYPE wspush_refused_total counter"
-        );
-        for (label, n) in c.refusals() {
-            let _ = writeln!(s, "wspush_refused_total{{reason=\"{label}\"}} {n}");
-        }
-        let _ = writeln!(
-            s,
-            "# HELP wspush_history_trimmed_total Retained messages dropped before their time, by bound.\n# TYPE wspush_history_trimmed_total counter"
-        );
-        for t in Trim::ALL {
-            let _ = writeln!(
-                s,
-                "wspush_history_trimmed_total{{reason=\"{}\"}} {}",
-                t.label(),
-                self.history.trimmed(t)
-            );
-        }
-        let up = u64::from(self.queue_state == QueueState::Up);
-        let _ = writeln!(
-            s,
-            "# HELP wspush_queue_up Whether the queue backend takes messages.\n# TYPE wspush_queue_up gauge\nwspush_queue_up{{backend=\"{}\",state=\"{}\"}} {up}",
-            self.queue_backend,
-            self.queue_state.as_str()
-        );
-        s.into_bytes()
-    }
 }
 
 /// The process's resident memory, where the OS tells it cheaply.
@@ -373,10 +157,10 @@ pub fn rss_bytes() -> Option<u64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn snap(c: &Counters) -> Snapshot<'_> {
+    pub(in crate::server) fn snap(c: &Counters) -> Snapshot<'_> {
         Snapshot {
             counters: c,
             connections: 3,
@@ -437,28 +221,5 @@ mod tests {
         assert_eq!(v["queue"]["channels"], 6);
         assert_eq!(v["queue"]["joins_refused"], 7);
         assert_eq!(v["queue"]["refused_behind"], 4);
-    }
-
-    #[test]
-    fn prometheus_lines_parse() {
-        let c = Counters {
-            dropped: 7,
-            ..Default::default()
-        };
-        let text = String::from_utf8(snap(&c).to_prometheus()).unwrap();
-        assert!(text.contains("\nwspush_dropped_total 7\n"));
-        assert!(text.contains("\nwspush_queue_reconnects_total 2\n"));
-        assert!(text.contains("\nwspush_history_messages 4\n"));
-        assert!(text.contains("wspush_history_trimmed_total{reason=\"size\"} 3\n"));
-        assert!(text.contains("\nwspush_queue_dropped_behind_total 3\n"));
-        assert!(text.contains("\nwspush_queue_received_total 5\n"));
-        assert!(text.contains("\nwspush_queue_channels 6\n"));
-        assert!(text.contains("\nwspush_queue_joins_refused_total 7\n"));
-        assert!(text.contains("\nwspush_queue_refused_behind_total 4\n"));
-        assert!(text.contains("wspush_queue_up{backend=\"list\",state=\"up\"} 1"));
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let (_, value) = line.rsplit_once(' ').unwrap();
-            value.parse::<f64>().unwrap();
-        }
     }
 }

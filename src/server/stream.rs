@@ -5,6 +5,7 @@ use std::io::{self, Read};
 use std::time::Instant;
 
 use super::conn::{Chunk, Phase};
+use super::session::Action;
 use super::{Liveness, Reason, Server};
 
 /// What a phase did with the input it was given.
@@ -15,6 +16,20 @@ pub(super) enum Step {
     NeedMore,
     /// Stop reading: the phase no longer takes input now (or the connection is gone).
     Stop,
+    /// Consumed this many bytes, and reacted: `apply` carries the action out; the
+    /// input goes on unless the action ends the phase.
+    Act(usize, Action),
+}
+
+impl Step {
+    /// The input was answered with `action`: nothing more is read in this phase
+    /// if it ends it.
+    pub(super) fn then(used: usize, action: Action) -> Step {
+        match action {
+            Action::Stay => Step::Progress(used),
+            action => Step::Act(used, action),
+        }
+    }
 }
 
 impl Server {
@@ -40,13 +55,13 @@ impl Server {
         };
         let was_over = conn.out.bytes() > self.cfg.max_backlog;
         if let Err(e) = conn.flush() {
-            return self.remove(key, Reason::Io(e.0));
+            return self.apply(key, Action::Remove(Reason::Io(e.0)));
         }
         if let Phase::Draining { fin_sent } = &mut conn.phase {
             if conn.out.is_empty() && !*fin_sent {
                 *fin_sent = true;
                 if conn.sock.shutdown(std::net::Shutdown::Write).is_err() {
-                    return self.remove(key, Reason::Done);
+                    return self.apply(key, Action::Remove(Reason::Done));
                 }
             }
             return Liveness::Alive;
@@ -65,7 +80,7 @@ impl Server {
             return Liveness::Closed;
         };
         if let Err(e) = conn.send(chunk) {
-            return self.remove(key, Reason::Io(e.0));
+            return self.apply(key, Action::Remove(Reason::Io(e.0)));
         }
         self.check_backlog(key)
     }
@@ -109,7 +124,7 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    let _ = self.remove(key, Reason::Io(e));
+                    let _ = self.apply(key, Action::Remove(Reason::Io(e)));
                     break;
                 }
             }
@@ -120,14 +135,10 @@ impl Server {
     /// Whether the connection's phase reads input now. A paused connection's bytes
     /// stay in the kernel, which pushes back on the client through TCP.
     pub(super) fn takes_input(&self, key: usize) -> bool {
-        let Some(conn) = self.conns.get(key) else {
-            return false;
-        };
-        match conn.phase {
-            Phase::Publishing { .. } | Phase::Asking { .. } => false,
-            Phase::Http { .. } => conn.out.bytes() <= self.cfg.max_backlog,
-            Phase::Ws(_) | Phase::Sse(_) | Phase::Closing | Phase::Draining { .. } => true,
-        }
+        let max_backlog = self.cfg.max_backlog;
+        self.conns
+            .get(key)
+            .is_some_and(|c| c.takes_input(max_backlog))
     }
 
     /// Continues a paused connection: first what it already buffered, then the socket.
@@ -148,19 +159,14 @@ impl Server {
     }
 
     fn peer_closed(&mut self, key: usize) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        // A client that half-closed after its request still gets the reply.
-        if !conn.out.is_empty() && matches!(conn.phase, Phase::Http { .. }) {
-            conn.phase = Phase::Draining { fin_sent: false };
-            conn.deadline = Instant::now() + self.cfg.close_timeout;
-            return;
+        let close_timeout = self.cfg.close_timeout;
+        if let Some(action) = self
+            .conns
+            .get_mut(key)
+            .map(|c| c.on_peer_closed(Instant::now(), close_timeout))
+        {
+            let _ = self.apply(key, action);
         }
-        if !conn.out.is_empty() && matches!(conn.phase, Phase::Draining { fin_sent: false }) {
-            return;
-        }
-        let _ = self.remove(key, Reason::PeerClosed);
     }
 
     /// Appends new bytes to what the connection had buffered and consumes what it can.
@@ -197,15 +203,23 @@ impl Server {
             let step = match conn.phase {
                 Phase::Http { .. } => self.http_step(key, &mut buf[pos..]),
                 Phase::Ws(_) | Phase::Closing => self.ws_step(key, &mut buf[pos..]),
-                Phase::Sse(_) => self.sse_step(&buf[pos..]),
+                // Input on an event stream is not part of the protocol: discarded.
+                Phase::Sse(_) => Step::Progress(buf.len() - pos),
                 Phase::Publishing { .. } | Phase::Asking { .. } => Step::Stop,
                 // Nothing more is answered; input is read only to notice the peer leaving.
                 Phase::Draining { .. } => Step::Progress(buf.len() - pos),
             };
-            let Step::Progress(n) = step else {
-                return pos;
+            pos += match step {
+                Step::Progress(n) => n,
+                Step::NeedMore | Step::Stop => return pos,
+                Step::Act(n, action) => {
+                    let ends = action.ends();
+                    if !self.apply(key, action).alive() || ends {
+                        return pos;
+                    }
+                    n
+                }
             };
-            pos += n;
             // Pipelined requests whose replies are not being read wait here,
             // unparsed: one read must not queue a reply for each of them.
             if !self.takes_input(key) {

@@ -1,14 +1,12 @@
-//! Time: the periodic scan that fires each phase's timeout, pings silent push
-//! receivers, and the graceful shutdown with its deadline.
+//! Time: the periodic scan that fires each phase's timer (each phase decides
+//! what its timeout means: `session.rs`), and the graceful shutdown with its deadline.
 
 use std::time::{Duration, Instant};
 
-use super::conn::{Chunk, Phase};
-use super::stats::Limit;
+use super::session::{Action, Timeouts};
 use super::{Reason, Server};
 use crate::config::Config;
 use crate::http::response::Response;
-use crate::ws::frame::{self, OpCode};
 
 /// Where the server is in its life.
 #[derive(Debug, Default)]
@@ -83,54 +81,16 @@ impl Server {
             self.admission.paused = false;
             self.accept();
         }
-        let (idle, ping) = (self.cfg.idle_timeout, self.cfg.ping_interval);
-        let due = self.keys_where(|conn| match &conn.phase {
-            Phase::Ws(ws) => {
-                let silent = now.saturating_duration_since(conn.last_seen);
-                silent >= idle || (silent >= ping && !ws.ping_sent)
-            }
-            _ => now >= conn.deadline,
-        });
-        for key in due {
-            self.on_timer(key, now);
-        }
+        let t = Timeouts {
+            idle: self.cfg.idle_timeout,
+            ping: self.cfg.ping_interval,
+        };
+        self.apply_where(|c| c.timer_due(now, &t), |c| c.on_timeout(now, &t));
         if self.shutdown.overdue(now) {
             warn!("shutdown timeout: closing {} connections", self.conns.len());
-            for key in self.keys_where(|_| true) {
-                let _ = self.remove(key, Reason::Shutdown);
-            }
+            self.apply_where(|_| true, |_| Action::Remove(Reason::Shutdown));
             self.shutdown.set_queue_drained();
         }
-    }
-
-    /// A connection's timer fired: what that means is its phase's business.
-    fn on_timer(&mut self, key: usize, now: Instant) {
-        let idle = self.cfg.idle_timeout;
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        let _ = match &mut conn.phase {
-            Phase::Ws(ws) => {
-                if now.saturating_duration_since(conn.last_seen) >= idle {
-                    self.remove(key, Reason::Timeout("idle"))
-                } else {
-                    ws.ping_sent = true;
-                    self.send(key, Chunk::Owned(frame::encode(OpCode::Ping, b"")))
-                }
-            }
-            Phase::Http { busy: true, .. } => {
-                self.counters.limited[Limit::RequestTimeout.index()] += 1;
-                self.reply(key, &Response::error(408, "request timeout"), false, false)
-            }
-            Phase::Publishing { .. } | Phase::Asking { .. } => {
-                let resp = Response::error(503, "queue backend did not answer in time");
-                self.reply(key, &resp, false, false)
-            }
-            // No idle timeout: an event-stream client never sends.
-            Phase::Sse(_) => self.sse_heartbeat(key, now),
-            Phase::Http { busy: false, .. } => self.remove(key, Reason::Timeout("keep-alive")),
-            Phase::Closing | Phase::Draining { .. } => self.remove(key, Reason::Timeout("close")),
-        };
     }
 
     pub(super) fn begin_shutdown(&mut self) {
@@ -147,11 +107,6 @@ impl Server {
         }
         // Stop taking messages; what the queue already accepted is still delivered.
         self.queue.close();
-        let idle = self.keys_where(|c| {
-            matches!(c.phase, Phase::Http { busy: false, .. }) && c.rbuf.is_empty()
-        });
-        for key in idle {
-            let _ = self.remove(key, Reason::Shutdown);
-        }
+        self.apply_where(|_| true, |c| c.on_shutdown());
     }
 }

@@ -6,138 +6,38 @@ use std::time::Instant;
 
 use super::conn::{Chunk, Phase, Transport, WsDeflate, WsState};
 use super::routes::{self, Upgrade};
+use super::session::{Action, CloseCode, Then};
 use super::stats::Limit;
 use super::stream::Step;
 use super::{Liveness, Reason, Server};
-use crate::queue::Joined;
 use crate::ws::assembler::{Assembler, Message};
 use crate::ws::deflate::Inflater;
 use crate::ws::frame::{self, OpCode, ProtocolError};
 use crate::ws::handshake;
 
-/// The close codes the server sends (RFC 6455 §7.4.1), and the peer's own when
-/// it is echoed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CloseCode {
-    /// 1001: the server is shutting down.
-    Away,
-    /// 1002: the peer broke the protocol.
-    Protocol,
-    /// 1007: a text message was not UTF-8.
-    Invalid,
-    /// 1008: the peer broke a policy (here: it does not read its pushes).
-    Policy,
-    /// 1009: a frame or message over `-max-frame` / `-max-message`.
-    TooBig,
-    /// 1012: the server restarts the connection's service; reconnect (here: its
-    /// node lost messages it could not recover, and a resume tells what is missing).
-    Restart,
-    /// 1013: try again later (here: too many connections starting at once).
-    TryAgain,
-    /// Any other code, as the peer sent it.
-    Other(u16),
-}
-
-impl CloseCode {
-    pub fn as_u16(self) -> u16 {
-        match self {
-            CloseCode::Away => 1001,
-            CloseCode::Protocol => 1002,
-            CloseCode::Invalid => 1007,
-            CloseCode::Policy => 1008,
-            CloseCode::TooBig => 1009,
-            CloseCode::Restart => 1012,
-            CloseCode::TryAgain => 1013,
-            CloseCode::Other(code) => code,
-        }
-    }
-}
-
-impl From<u16> for CloseCode {
-    fn from(code: u16) -> Self {
-        match code {
-            1001 => CloseCode::Away,
-            1002 => CloseCode::Protocol,
-            1007 => CloseCode::Invalid,
-            1008 => CloseCode::Policy,
-            1009 => CloseCode::TooBig,
-            1012 => CloseCode::Restart,
-            1013 => CloseCode::TryAgain,
-            other => CloseCode::Other(other),
-        }
-    }
-}
-
-/// What follows a close frame the server sends.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Then {
-    /// Wait for the peer's close frame (the server started the handshake).
-    AwaitPeer,
-    /// Write what is left, then FIN (the peer closed or failed).
-    Drain,
-}
-
 impl Server {
+    /// `GET /ws` passed every check: the 101, and the WebSocket phase.
     pub(super) fn upgrade(&mut self, key: usize, up: Upgrade) -> Liveness {
         let Upgrade {
             accept,
             deflate,
-            listener: up,
+            listener,
         } = up;
-        if let Some(ip) = up.client_ip {
-            self.count_ip(key, ip);
-        }
-        let Some(conn) = self.conns.get_mut(key) else {
-            return Liveness::Closed;
-        };
         let ws_deflate = deflate.map(|params| {
             Box::new(WsDeflate {
                 params,
                 inflater: Inflater::new(&params),
             })
         });
-        conn.phase = Phase::Ws(WsState::new(
+        let phase = Phase::Ws(WsState::new(
             Assembler::new(self.cfg.max_message),
             ws_deflate,
         ));
-        conn.last_seen = Instant::now();
-        info!(
-            "ws open uid={} peer={} ip={}",
-            up.uid.as_deref().unwrap_or("-"),
-            conn.peer,
-            conn.client_ip
-                .map_or_else(|| "-".to_string(), |ip| ip.to_string())
-        );
-        self.hub.join(key, up.uid.as_deref(), up.types);
-        if let Some(uid) = up.uid.as_deref() {
-            self.queue.presence_changed(uid, self.hub.count(uid));
-        }
-        self.queue.flush();
-        self.counters.ws_opened += 1;
-        // Before the 101: what the client sends once it has it comes after the join.
-        let joined = match up.uid.as_deref() {
-            Some(uid) => self.join_queue(key, uid, up.since.as_deref()),
-            None => Joined::Live,
-        };
         let response = match &deflate {
             Some(p) => handshake::response_with_extensions(&accept, &p.response_header()),
             None => handshake::response(&accept),
         };
-        let opened = self.send(key, Chunk::Owned(response));
-        if !opened.alive() {
-            return opened;
-        }
-        match (joined, up.since) {
-            (Joined::Pending, _) => Liveness::Alive,
-            (Joined::Refused, _) => self.end_ws(
-                key,
-                Some(CloseCode::TryAgain),
-                "too many connections starting, retry",
-                Then::AwaitPeer,
-            ),
-            (Joined::Live, Some(since)) => self.resume_from(key, &since),
-            (Joined::Live, None) => opened,
-        }
+        self.start_push(key, listener, phase, response)
     }
 
     pub(super) fn ws_step(&mut self, key: usize, buf: &mut [u8]) -> Step {
@@ -148,13 +48,13 @@ impl Server {
             _ => true,
         };
         let (frame, used) = match frame::decode_with(buf, self.cfg.max_frame, deflate) {
-            Err(e) => return self.ws_fail(key, e),
+            Err(e) => return Step::then(0, self.ws_fail(key, e)),
             Ok(None) => {
                 // Text still arriving fails at its first invalid byte (RFC 6455 §8.1).
                 if let Some(Phase::Ws(ws)) = self.conns.get_mut(key).map(|c| &mut c.phase)
                     && let Err(e) = ws.assembler.check_incomplete(buf)
                 {
-                    return self.ws_fail(key, e);
+                    return Step::then(0, self.ws_fail(key, e));
                 }
                 return Step::NeedMore;
             }
@@ -166,36 +66,26 @@ impl Server {
         let Phase::Ws(ws) = phase else {
             // Closing: only the peer's close frame matters now.
             if frame.opcode == OpCode::Close {
-                let _ = self.remove(key, Reason::Done);
-                return Step::Stop;
+                return Step::then(used, Action::Remove(Reason::Done));
             }
             return Step::Progress(used);
         };
         let inflater = ws.deflate.as_deref_mut().map(|d| &mut d.inflater);
-        match ws.assembler.push_with(frame, inflater) {
-            Err(e) => self.ws_fail(key, e),
+        let pushed = ws.assembler.push_with(frame, inflater);
+        if let Ok(Some(_)) = pushed {
+            ws.ping_sent = false;
+        }
+        match pushed {
+            Err(e) => Step::then(0, self.ws_fail(key, e)),
             Ok(None) => Step::Progress(used),
-            Ok(Some(msg)) => {
-                self.on_message(key, msg);
-                let still_ws = self
-                    .conns
-                    .get(key)
-                    .is_some_and(|c| c.phase.receives_pushes());
-                if still_ws {
-                    Step::Progress(used)
-                } else {
-                    Step::Stop
-                }
-            }
+            Ok(Some(msg)) => Step::then(used, self.on_message(key, msg)),
         }
     }
 
-    fn on_message(&mut self, key: usize, msg: Message) {
-        if let Some(Phase::Ws(ws)) = self.conns.get_mut(key).map(|c| &mut c.phase) {
-            ws.ping_sent = false;
-        }
+    /// A whole message from the client, and the WebSocket's reaction to it.
+    fn on_message(&mut self, key: usize, msg: Message) -> Action {
         let echo = self.cfg.echo;
-        let _ = match msg {
+        match msg {
             Message::Text(text) if echo => self.echo(key, OpCode::Text, text.as_bytes()),
             Message::Text(text) => {
                 match routes::subscribe_op(&text, &crate::hub::FilterLimits::new(&self.cfg)) {
@@ -203,22 +93,24 @@ impl Server {
                     Some(Err(e)) => return self.refuse_filter(key, e),
                     None => {}
                 }
-                Liveness::Alive
+                Action::Stay
             }
             Message::Binary(data) if echo => self.echo(key, OpCode::Binary, &data),
-            Message::Binary(_) | Message::Pong(_) => Liveness::Alive,
-            Message::Ping(data) => self.send(key, Chunk::Owned(frame::encode(OpCode::Pong, &data))),
+            Message::Binary(_) | Message::Pong(_) => Action::Stay,
+            Message::Ping(data) => Action::Send(Chunk::Owned(frame::encode(OpCode::Pong, &data))),
             // Echo the peer's code, as RFC 6455 §5.5.1 asks, then close the TCP side.
-            Message::Close(close) => {
-                self.end_ws(key, close.map(|c| CloseCode::from(c.code)), "", Then::Drain)
-            }
-        };
+            Message::Close(close) => Action::End {
+                code: close.map(|c| CloseCode::from(c.code)),
+                reason: "".into(),
+                then: Then::Drain,
+            },
+        }
     }
 
     /// `-echo`: the message back, compressed whenever the connection negotiated
     /// permessage-deflate (whatever `-deflate-min` says: a conformance suite checks
     /// the compressed path on every message, and some clients expect each echo in it).
-    fn echo(&mut self, key: usize, opcode: OpCode, data: &[u8]) -> Liveness {
+    fn echo(&mut self, key: usize, opcode: OpCode, data: &[u8]) -> Action {
         let window = match self.conns.get(key).map(|c| &c.phase) {
             Some(Phase::Ws(WsState {
                 deflate: Some(d), ..
@@ -228,28 +120,26 @@ impl Server {
         let compressed =
             window.and_then(|window| self.compressor.frame_always(window, opcode, data));
         let bytes = compressed.unwrap_or_else(|| frame::encode(opcode, data));
-        self.send(key, Chunk::Owned(bytes))
+        Action::Send(Chunk::Owned(bytes))
     }
 
     /// A subscribe op over the filter limits: counted, closed 1008 (policy).
-    fn refuse_filter(&mut self, key: usize, e: crate::hub::FilterError) {
+    fn refuse_filter(&mut self, key: usize, e: crate::hub::FilterError) -> Action {
         if let Some(peer) = self.conns.get(key).map(|c| c.peer) {
             self.count_refusal(crate::auth::Refusal::Types(e), peer, "subscribe");
         }
-        let _ = self.end_ws(key, Some(CloseCode::Policy), &e.to_string(), Then::Drain);
+        Action::end(CloseCode::Policy, e.to_string(), Then::Drain)
     }
 
     /// Fails the connection with the error's close code.
-    fn ws_fail(&mut self, key: usize, e: ProtocolError) -> Step {
+    fn ws_fail(&mut self, key: usize, e: ProtocolError) -> Action {
         if matches!(e, ProtocolError::FrameTooBig | ProtocolError::MessageTooBig) {
             self.counters.limited[Limit::FrameSize.index()] += 1;
         }
         if let Some(conn) = self.conns.get(key) {
             debug!("{}: {e}", conn.peer);
         }
-        let code = CloseCode::from(e.close_code());
-        let _ = self.end_ws(key, Some(code), &e.to_string(), Then::Drain);
-        Step::Stop
+        Action::end(CloseCode::from(e.close_code()), e.to_string(), Then::Drain)
     }
 
     /// Ends a WebSocket: out of the hub, one close frame (`None`: a close frame
@@ -301,12 +191,9 @@ impl Server {
         let Some(conn) = self.conns.get(key) else {
             return;
         };
-        let kind = match transport {
-            Transport::WebSocket => "ws",
-            Transport::EventStream => "sse",
-        };
         info!(
-            "{kind} close uid={} peer={} reason={why} duration={:.1}s",
+            "{} close uid={} peer={} reason={why} duration={:.1}s",
+            transport.label(),
             self.hub.uid(key).unwrap_or("-"),
             conn.peer,
             conn.opened.elapsed().as_secs_f64()
@@ -323,18 +210,5 @@ impl Server {
             Transport::WebSocket => self.counters.ws_closed += 1,
             Transport::EventStream => self.counters.sse_closed += 1,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn close_codes_round_trip() {
-        for code in [1000, 1001, 1002, 1007, 1008, 1009, 1012, 1013, 3000, 4999] {
-            assert_eq!(CloseCode::from(code).as_u16(), code);
-        }
-        assert_eq!(CloseCode::from(1001), CloseCode::Away);
     }
 }
