@@ -895,8 +895,19 @@ fn over_max_connections_a_connection_gets_503_until_one_closes() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Served again, fully: a /send reaches a remaining push connection.
-    server.send_ok(r#"{"topic":"uids","topic_ids":["2"],"msg":"room again"}"#);
+    // Served again, fully: a /send reaches a remaining push connection. The
+    // /healthz connection above may hold its slot until its FIN is read, so the
+    // /send may be refused meanwhile; a refused one published nothing.
+    let body = r#"{"topic":"uids","topic_ids":["2"],"msg":"room again"}"#;
+    loop {
+        let r = server.send(body);
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert!(Instant::now() < deadline, "/send still refused");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(recv_json(&mut b)["msg"], "room again");
 }
 
