@@ -104,6 +104,11 @@ pub(super) enum Action {
     },
     /// Switch to `phase`, whose timer fires after `timeout`.
     Switch { phase: Phase, timeout: Duration },
+    /// Everything is written: shut the sending side down (FIN), then read and
+    /// discard until the peer closes too.
+    Finish,
+    /// Take input again: the backlog that paused it has been written.
+    Resume,
     /// Leave the slab now.
     Remove(Reason),
 }
@@ -111,7 +116,10 @@ pub(super) enum Action {
 impl Action {
     /// Whether the connection stops taking input in its current phase.
     pub(super) fn ends(&self) -> bool {
-        !matches!(self, Action::Stay | Action::Send(_) | Action::Switch { .. })
+        !matches!(
+            self,
+            Action::Stay | Action::Send(_) | Action::Switch { .. } | Action::Resume
+        )
     }
 
     pub(super) fn end(code: CloseCode, reason: impl Into<Cow<'static, str>>, then: Then) -> Self {
@@ -196,6 +204,21 @@ impl Conn {
         }
     }
 
+    /// Its queued output was written (`was_over`: the backlog was past
+    /// `max_backlog` before): a draining connection sends its FIN once all is out,
+    /// and an HTTP client paused for not reading its replies is read again.
+    pub(super) fn on_written(&mut self, was_over: bool, max_backlog: usize) -> Action {
+        match &mut self.phase {
+            Phase::Draining { fin_sent } if self.out.is_empty() && !*fin_sent => {
+                *fin_sent = true;
+                Action::Finish
+            }
+            Phase::Draining { .. } => Action::Stay,
+            _ if was_over && self.out.bytes() <= max_backlog => Action::Resume,
+            _ => Action::Stay,
+        }
+    }
+
     /// Shutdown began: an idle HTTP connection leaves at once; every other one
     /// finishes what it does.
     pub(super) fn on_shutdown(&self) -> Action {
@@ -244,6 +267,14 @@ impl Server {
                 }
                 None => Liveness::Closed,
             },
+            Action::Finish => match self.conns.get(key) {
+                Some(conn) if conn.sock.shutdown(std::net::Shutdown::Write).is_err() => {
+                    self.remove(key, Reason::Done)
+                }
+                Some(_) => Liveness::Alive,
+                None => Liveness::Closed,
+            },
+            Action::Resume => self.resume(key),
             Action::Remove(reason) => self.remove(key, reason),
         }
     }

@@ -48,29 +48,19 @@ impl Server {
         }
     }
 
-    /// Writes what is queued; a draining connection then sends its FIN.
+    /// Writes what is queued; the phase then says what follows (a FIN, or input
+    /// taken again).
     pub(super) fn flush(&mut self, key: usize) -> Liveness {
         let Some(conn) = self.conns.get_mut(key) else {
             return Liveness::Closed;
         };
-        let was_over = conn.out.bytes() > self.cfg.max_backlog;
-        if let Err(e) = conn.flush() {
-            return self.apply(key, Action::Remove(Reason::Io(e.0)));
-        }
-        if let Phase::Draining { fin_sent } = &mut conn.phase {
-            if conn.out.is_empty() && !*fin_sent {
-                *fin_sent = true;
-                if conn.sock.shutdown(std::net::Shutdown::Write).is_err() {
-                    return self.apply(key, Action::Remove(Reason::Done));
-                }
-            }
-            return Liveness::Alive;
-        }
-        // An HTTP client that stopped reading its pipelined replies was paused; resume it.
-        if was_over && conn.out.bytes() <= self.cfg.max_backlog {
-            return self.resume(key);
-        }
-        Liveness::Alive
+        let max_backlog = self.cfg.max_backlog;
+        let was_over = conn.out.bytes() > max_backlog;
+        let action = match conn.flush() {
+            Ok(()) => conn.on_written(was_over, max_backlog),
+            Err(e) => Action::Remove(Reason::Io(e.0)),
+        };
+        self.apply(key, action)
     }
 
     /// Queues or writes bytes. A broken socket ends the connection, and a push
