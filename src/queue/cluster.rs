@@ -23,9 +23,10 @@ use ::redis::cluster::{ClusterClient, ClusterConnection, cluster_pipe};
 use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 
+use super::interests::Interests;
 use super::presence::{Presence, Store};
 use super::publisher::{BackendError, Endpoint, FIRST_BACKOFF, Job, is_broken};
-use super::redis::{Interest, JOIN_RETRY_FOR, Join, RedisSettings};
+use super::redis::{JOIN_RETRY_FOR, RedisSettings};
 use super::shard::{self, Shards};
 use super::shards::{Chan, Layout, StreamRead, parse_appended};
 use super::streams::{Fetched, first_seq_at};
@@ -82,13 +83,7 @@ pub struct ClusterQueue {
     dropped: Arc<AtomicU64>,
     refused: u64,
     reads: Sender<Read>,
-    interest: Sender<Interest>,
-    live: HashSet<Arc<str>>,
-    leaves: HashSet<Arc<str>>,
-    joins_refused: u64,
-    received: Arc<AtomicU64>,
-    channels: Arc<AtomicUsize>,
-    presence: Presence,
+    interests: Interests,
 }
 
 impl ClusterQueue {
@@ -167,27 +162,8 @@ impl ClusterQueue {
             dropped,
             refused: 0,
             reads,
-            interest,
-            live: HashSet::new(),
-            leaves: HashSet::new(),
-            joins_refused: 0,
-            received,
-            channels,
-            presence,
+            interests: Interests::new(interest, received, channels, presence),
         })
-    }
-
-    fn send_leaves(&mut self) {
-        while let Some(uid) = self.leaves.iter().next().cloned() {
-            if self
-                .interest
-                .try_send(Interest::Leave(uid.clone()))
-                .is_err()
-            {
-                return;
-            }
-            self.leaves.remove(&uid);
-        }
     }
 }
 
@@ -234,7 +210,7 @@ impl Queue for ClusterQueue {
 
     fn close(&mut self) {
         self.tx = None;
-        self.presence.stop();
+        self.interests.stop();
     }
 
     fn resume(&mut self, ticket: Ticket, uid: Option<&str>, since: &str) -> Resume {
@@ -250,66 +226,31 @@ impl Queue for ClusterQueue {
     }
 
     fn join(&mut self, ticket: Ticket, uid: &str, since: Option<&str>) -> Joined {
-        self.leaves.remove(uid);
-        self.send_leaves();
-        if self.live.contains(uid) {
-            return Joined::Live;
-        }
-        let join = Join {
-            uid: Arc::from(uid),
-            ticket,
-            since: since.map(str::to_owned),
-            at: Instant::now(),
-        };
-        match self.interest.try_send(Interest::Join(join)) {
-            Ok(()) => Joined::Pending,
-            Err(_) => {
-                self.joins_refused += 1;
-                Joined::Refused
-            }
-        }
+        self.interests.join(ticket, uid, since)
     }
 
     fn left(&mut self, uid: &str) {
-        self.live.remove(uid);
-        let uid: Arc<str> = Arc::from(uid);
-        if self
-            .interest
-            .try_send(Interest::Leave(uid.clone()))
-            .is_err()
-        {
-            self.leaves.insert(uid);
-        }
+        self.interests.left(uid);
     }
 
     fn subscribed(&mut self, uid: &str) {
-        if !self.live.contains(uid) {
-            self.live.insert(Arc::from(uid));
-        }
+        self.interests.subscribed(uid);
     }
 
     fn flush(&mut self) {
-        self.send_leaves();
-        self.presence.retry();
+        self.interests.flush();
     }
 
     fn presence_changed(&mut self, uid: &str, n: usize) {
-        self.presence.count(uid, n);
+        self.interests.presence_changed(uid, n);
     }
 
     fn presence(&mut self, ticket: Ticket, uids: Vec<String>) -> PresenceRead {
-        match self.presence.read(ticket, uids) {
-            Ok(()) => PresenceRead::Pending,
-            Err(_) => PresenceRead::Unavailable,
-        }
+        self.interests.presence(ticket, uids)
     }
 
     fn routing(&self) -> RoutingCounts {
-        RoutingCounts {
-            received: self.received.load(Ordering::Relaxed),
-            channels: self.channels.load(Ordering::Relaxed),
-            refused: self.joins_refused,
-        }
+        self.interests.routing()
     }
 
     fn reconnects(&self) -> u64 {

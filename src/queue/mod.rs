@@ -8,6 +8,7 @@
 pub mod cluster;
 pub mod disque;
 pub mod driver;
+pub mod interests;
 pub mod list;
 pub mod presence;
 pub mod publisher;

@@ -18,6 +18,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::driver::{Driver, Ended, Session};
+use super::interests::Interests;
 use super::presence::{Presence, Store};
 use super::publisher::{self, BackendError, Endpoint, Publisher, SendError, SendFn, Settings};
 use super::reader::{self, Answer, From, Reader};
@@ -29,7 +30,7 @@ use super::{
 use crate::history::Epoch;
 use crate::message::{self, Envelope, Target};
 use ::redis::PubSub;
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 
 /// How often a blocked subscriber looks at its stop flag and at the reactor's
 /// interest changes: a connection of a uid new to this node waits about this long
@@ -110,16 +111,7 @@ pub struct RedisQueue {
     dropped: Arc<AtomicU64>,
     refused: u64,
     reader: Reader,
-    interest: Sender<Interest>,
-    /// Uids whose channel is known subscribed: their connections start at once.
-    live: HashSet<Arc<str>>,
-    /// Leaves the interest channel had no room for, sent on a later tick. A join
-    /// of the uid meanwhile takes it back (the channel stays subscribed).
-    leaves: HashSet<Arc<str>>,
-    joins_refused: u64,
-    received: Arc<AtomicU64>,
-    channels: Arc<AtomicUsize>,
-    presence: Presence,
+    interests: Interests,
 }
 
 impl RedisQueue {
@@ -225,28 +217,8 @@ impl RedisQueue {
             dropped,
             refused: 0,
             reader,
-            interest,
-            live: HashSet::new(),
-            leaves: HashSet::new(),
-            joins_refused: 0,
-            received,
-            channels,
-            presence,
+            interests: Interests::new(interest, received, channels, presence),
         })
-    }
-
-    /// Sends the leaves that found the interest channel full before.
-    fn send_leaves(&mut self) {
-        while let Some(uid) = self.leaves.iter().next().cloned() {
-            if self
-                .interest
-                .try_send(Interest::Leave(uid.clone()))
-                .is_err()
-            {
-                return;
-            }
-            self.leaves.remove(&uid);
-        }
     }
 }
 
@@ -340,7 +312,7 @@ impl Queue for RedisQueue {
 
     fn close(&mut self) {
         self.publisher.close();
-        self.presence.stop();
+        self.interests.stop();
     }
 
     fn resume(&mut self, ticket: Ticket, uid: Option<&str>, since: &str) -> Resume {
@@ -349,66 +321,31 @@ impl Queue for RedisQueue {
     }
 
     fn join(&mut self, ticket: Ticket, uid: &str, since: Option<&str>) -> Joined {
-        self.leaves.remove(uid);
-        self.send_leaves();
-        if self.live.contains(uid) {
-            return Joined::Live;
-        }
-        let join = Join {
-            uid: Arc::from(uid),
-            ticket,
-            since: since.map(str::to_owned),
-            at: Instant::now(),
-        };
-        match self.interest.try_send(Interest::Join(join)) {
-            Ok(()) => Joined::Pending,
-            Err(_) => {
-                self.joins_refused += 1;
-                Joined::Refused
-            }
-        }
+        self.interests.join(ticket, uid, since)
     }
 
     fn left(&mut self, uid: &str) {
-        self.live.remove(uid);
-        let uid: Arc<str> = Arc::from(uid);
-        if self
-            .interest
-            .try_send(Interest::Leave(uid.clone()))
-            .is_err()
-        {
-            self.leaves.insert(uid);
-        }
+        self.interests.left(uid);
     }
 
     fn subscribed(&mut self, uid: &str) {
-        if !self.live.contains(uid) {
-            self.live.insert(Arc::from(uid));
-        }
+        self.interests.subscribed(uid);
     }
 
     fn flush(&mut self) {
-        self.send_leaves();
-        self.presence.retry();
+        self.interests.flush();
     }
 
     fn presence_changed(&mut self, uid: &str, n: usize) {
-        self.presence.count(uid, n);
+        self.interests.presence_changed(uid, n);
     }
 
     fn presence(&mut self, ticket: Ticket, uids: Vec<String>) -> PresenceRead {
-        match self.presence.read(ticket, uids) {
-            Ok(()) => PresenceRead::Pending,
-            Err(_) => PresenceRead::Unavailable,
-        }
+        self.interests.presence(ticket, uids)
     }
 
     fn routing(&self) -> RoutingCounts {
-        RoutingCounts {
-            received: self.received.load(Ordering::Relaxed),
-            channels: self.channels.load(Ordering::Relaxed),
-            refused: self.joins_refused,
-        }
+        self.interests.routing()
     }
 
     fn reconnects(&self) -> u64 {
