@@ -22,7 +22,7 @@ use super::interests::Interests;
 use super::presence::{Presence, Store};
 use super::publisher::{self, BackendError, Endpoint, Publisher, SendError, SendFn, Settings};
 use super::reader::{self, Answer, From, Reader};
-use super::streams::{Streams, seq_of};
+use super::streams::{Streams, parse_place};
 use super::{
     BacklogCounts, Backoff, Inbound, Joined, Link, Notifier, PresenceRead, Queue, QueueError,
     QueueState, ReactorGone, Resume, RoutingCounts, Submit, Ticket, TrySend,
@@ -550,16 +550,7 @@ impl Subscriber {
                 .map(Some)
                 .map_err(|e| e.to_string());
         };
-        let epoch = std::str::from_utf8(epoch)
-            .ok()
-            .filter(|e| !e.is_empty() && e.len() <= 8)
-            .and_then(|e| u32::from_str_radix(e, 16).ok())
-            .map(Epoch)
-            .ok_or("bad epoch")?;
-        let seq = std::str::from_utf8(id)
-            .ok()
-            .and_then(seq_of)
-            .ok_or("bad id")?;
+        let (epoch, seq) = parse_place(epoch, id)?;
         if self.seen.is_some_and(|(e, last)| e == epoch && seq <= last) {
             return Ok(None);
         }

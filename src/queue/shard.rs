@@ -26,9 +26,9 @@ use super::cluster::{Read, ReadFrom};
 use super::publisher::{Endpoint, FIRST_BACKOFF};
 use super::redis::{Backlog, Interest, Join, net_interest};
 use super::shards::{Chan, Layout, parse_slots, place};
-use super::streams::{first_seq_at, seq_of};
+use super::streams::{first_seq_at, parse_place};
 use super::{Backoff, Inbound, Link, Notifier, ReactorGone};
-use crate::history::{Epoch, StreamSince};
+use crate::history::StreamSince;
 use crate::message;
 
 /// How long a shard thread blocks in one read, and the router's turn.
@@ -704,16 +704,7 @@ impl ShardThread {
         let (Some(epoch), Some(id), Some(wire)) = (parts.next(), parts.next(), parts.next()) else {
             return Err("not a history message".into());
         };
-        let epoch = std::str::from_utf8(epoch)
-            .ok()
-            .filter(|e| !e.is_empty() && e.len() <= 8)
-            .and_then(|e| u32::from_str_radix(e, 16).ok())
-            .map(Epoch)
-            .ok_or("bad epoch")?;
-        let seq = std::str::from_utf8(id)
-            .ok()
-            .and_then(seq_of)
-            .ok_or("bad id")?;
+        let (epoch, seq) = parse_place(epoch, id)?;
         let pos = live.chans.get(chan).copied();
         let repeat = match pos {
             Some(StreamSince::After(e, last)) => e == epoch && seq <= last,

@@ -53,6 +53,22 @@ pub fn seq_of(stream_id: &str) -> Option<u64> {
     (n < PER_MS).then(|| ms.checked_mul(PER_MS)?.checked_add(n))?
 }
 
+/// The place a published message carries before its wire batch: `<epoch hex>` and
+/// its stream id, as the append script writes them.
+pub fn parse_place(epoch: &[u8], id: &[u8]) -> Result<(Epoch, u64), &'static str> {
+    let epoch = std::str::from_utf8(epoch)
+        .ok()
+        .filter(|e| !e.is_empty() && e.len() <= 8)
+        .and_then(|e| u32::from_str_radix(e, 16).ok())
+        .map(Epoch)
+        .ok_or("bad epoch")?;
+    let seq = std::str::from_utf8(id)
+        .ok()
+        .and_then(seq_of)
+        .ok_or("bad id")?;
+    Ok((epoch, seq))
+}
+
 /// Appends a batch to the streams of its targets and publishes each message on its
 /// targets' channels, in one atomic step. Returns the epoch, the ids given, and the
 /// fewest receivers any message reached.
