@@ -5,14 +5,12 @@
 //! `/send` running loses no message answered 200.
 
 mod common;
-use common::cluster::RedisCluster;
+use common::cluster::{self, RedisCluster};
+use common::flood::{Flood, longest_gap};
 use common::*;
 
-use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::collections::HashMap;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -30,29 +28,7 @@ fn two_nodes(cluster: &RedisCluster, name: &str, extra: &[&str]) -> (Server, Ser
 
 /// One uid (`<prefix><n>`) per primary: its stream's slot is that primary's.
 fn uid_per_primary(cluster: &RedisCluster, name: &str, prefix: &str) -> Vec<(u16, String)> {
-    let primaries = cluster.primaries();
-    let mut client = cluster.client();
-    let mut out: Vec<(u16, String)> = Vec::new();
-    for n in 0.. {
-        let uid = format!("{prefix}{n}");
-        let key = format!("{name}:{{u:{uid}}}:h");
-        let slot: u16 = client
-            .cmd(&["CLUSTER", "KEYSLOT", &key])
-            .text()
-            .parse()
-            .unwrap();
-        let (port, _) = primaries
-            .iter()
-            .find(|(_, r)| r.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
-            .unwrap();
-        if !out.iter().any(|(p, _)| p == port) {
-            out.push((*port, uid));
-        }
-        if out.len() == primaries.len() {
-            break;
-        }
-    }
-    out
+    cluster::uid_per_primary(&mut cluster.client(), &cluster.primaries(), name, prefix)
 }
 
 fn received(node: &Server) -> u64 {
@@ -190,59 +166,6 @@ fn a_resume_on_the_other_node_gets_exactly_what_was_missed_from_both_streams() {
     assert_eq!(take(&mut plain, 13, &mut HashMap::new()).len(), 13);
 }
 
-/// Posts message n = 0, 1, … to `uid` through `addr` until `stop`; returns the
-/// numbers answered 200, each with when, and how many were answered 503.
-fn flood(
-    addr: SocketAddr,
-    uid: String,
-    stop: Arc<AtomicBool>,
-) -> JoinHandle<(Vec<(u64, Instant)>, u64)> {
-    thread::spawn(move || {
-        let (mut ok, mut refused) = (Vec::new(), 0);
-        let mut n = 0u64;
-        while !stop.load(Ordering::Acquire) {
-            let r = send_to(addr, &unicast(&uid, json!(n)));
-            match r.status {
-                200 => ok.push((n, Instant::now())),
-                503 => refused += 1,
-                other => panic!("unexpected {other}: {}", r.text()),
-            }
-            n += 1;
-            thread::sleep(Duration::from_millis(3));
-        }
-        (ok, refused)
-    })
-}
-
-/// Reads pushes on `ws` into `got` (number, when) until `stop` and a quiet second.
-fn collect(
-    mut ws: Ws,
-    got: Arc<Mutex<Vec<(u64, Instant)>>>,
-    stop: Arc<AtomicBool>,
-) -> JoinHandle<()> {
-    thread::spawn(move || {
-        loop {
-            match recv_json_within(&mut ws, Duration::from_secs(1)) {
-                Some(m) => {
-                    let n = m["msg"].as_u64().expect("a flood number");
-                    got.lock().unwrap().push((n, Instant::now()));
-                }
-                None if stop.load(Ordering::Acquire) => return,
-                None => {}
-            }
-        }
-    })
-}
-
-/// The longest pause between two consecutive instants, and where it ended.
-fn longest_gap(times: &[Instant]) -> Duration {
-    times
-        .windows(2)
-        .map(|w| w[1].duration_since(w[0]))
-        .max()
-        .unwrap_or_default()
-}
-
 enum Fault {
     /// `CLUSTER FAILOVER` on the replica: a planned hand-over.
     Planned,
@@ -265,13 +188,8 @@ fn failover_with_send_running(fault: Fault, what: &str) {
     let mut ws = b.ws(&format!("uid={uid}"));
     a.send_ok(&unicast(&uid, json!("hello")));
     assert_eq!(recv_json(&mut ws)["msg"], "hello");
-    let got = Arc::new(Mutex::new(Vec::new()));
-    let (stop_send, stop_read) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicBool::new(false)),
-    );
-    let reader = collect(ws, got.clone(), stop_read.clone());
-    let sender = flood(a.addr, uid.clone(), stop_send.clone());
+    let addr = a.addr;
+    let flood = Flood::start(move |body| send_to(addr, body), &uid, ws);
     thread::sleep(Duration::from_millis(500));
     let fault_at = Instant::now();
     let new_primary = match fault {
@@ -288,39 +206,17 @@ fn failover_with_send_running(fault: Fault, what: &str) {
     };
     let promoted = fault_at.elapsed();
     // The flood goes on until the new primary took 200 more.
-    wait_until("deliveries after the failover", WAIT * 2, || {
-        got.lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, t)| *t > fault_at + promoted)
-            .count()
-            >= 200
-    });
-    stop_send.store(true, Ordering::Release);
-    let (ok, refused) = sender.join().unwrap();
-    let accepted: HashSet<u64> = ok.iter().map(|(n, _)| *n).collect();
-    wait_until("every 200 delivered", WAIT, || {
-        let got = got.lock().unwrap();
-        let have: HashSet<u64> = got.iter().map(|(n, _)| *n).collect();
-        accepted.is_subset(&have)
-    });
-    stop_read.store(true, Ordering::Release);
-    reader.join().unwrap();
-    let got = got.lock().unwrap();
-    let mut seen = HashSet::new();
-    for (n, _) in got.iter() {
-        assert!(seen.insert(*n), "message {n} delivered twice");
-    }
-    let sends: Vec<Instant> = ok.iter().map(|(_, t)| *t).collect();
-    let deliveries: Vec<Instant> = got.iter().map(|(_, t)| *t).collect();
+    flood.await_delivered(200, fault_at + promoted, WAIT * 2);
+    let out = flood.finish();
     report(&format!(
         "redis-cluster {what}: primary :{primary} -> :{new_primary} promoted after {:?}; \
          longest pause between two 200s {:?}, between two deliveries {:?}; \
-         {} answered 200 (all delivered once), {refused} answered 503",
+         {} answered 200 (all delivered once), {} answered 503",
         promoted,
-        longest_gap(&sends),
-        longest_gap(&deliveries),
-        accepted.len(),
+        longest_gap(&out.ok).0,
+        longest_gap(&out.got).0,
+        out.ok.len(),
+        out.refused,
     ));
 }
 
@@ -458,45 +354,20 @@ fn a_slot_moved_to_another_primary_with_send_running_loses_no_200() {
     let mut ws = b.ws(&format!("uid={uid}"));
     a.send_ok(&unicast(&uid, json!("hello")));
     assert_eq!(recv_json(&mut ws)["msg"], "hello");
-    let got = Arc::new(Mutex::new(Vec::new()));
-    let (stop_send, stop_read) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicBool::new(false)),
-    );
-    let reader = collect(ws, got.clone(), stop_read.clone());
-    let sender = flood(a.addr, uid.clone(), stop_send.clone());
+    let addr = a.addr;
+    let flood = Flood::start(move |body| send_to(addr, body), &uid, ws);
     thread::sleep(Duration::from_millis(300));
     cluster.move_slot(slot, from, to);
     assert_eq!(cluster.owner(&key), to);
     let moved = Instant::now();
-    wait_until("deliveries after the move", WAIT * 2, || {
-        got.lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, t)| *t > moved)
-            .count()
-            >= 100
-    });
-    stop_send.store(true, Ordering::Release);
-    let (ok, refused) = sender.join().unwrap();
-    let accepted: HashSet<u64> = ok.iter().map(|(n, _)| *n).collect();
-    wait_until("every 200 delivered", WAIT, || {
-        let have: HashSet<u64> = got.lock().unwrap().iter().map(|(n, _)| *n).collect();
-        accepted.is_subset(&have)
-    });
-    stop_read.store(true, Ordering::Release);
-    reader.join().unwrap();
-    let got = got.lock().unwrap();
-    let mut seen = HashSet::new();
-    for (n, _) in got.iter() {
-        assert!(seen.insert(*n), "message {n} delivered twice");
-    }
-    let sends: Vec<Instant> = ok.iter().map(|(_, t)| *t).collect();
+    flood.await_delivered(100, moved, WAIT * 2);
+    let out = flood.finish();
     report(&format!(
         "redis-cluster slot {slot} moved :{from} -> :{to}: longest pause between two 200s {:?}; \
-         {} answered 200 (all delivered once), {refused} answered 503",
-        longest_gap(&sends),
-        accepted.len()
+         {} answered 200 (all delivered once), {} answered 503",
+        longest_gap(&out.ok).0,
+        out.ok.len(),
+        out.refused,
     ));
 }
 

@@ -1,12 +1,122 @@
 //! A real Redis Cluster for the tests: six `redis-server --cluster-enabled yes` on
 //! loopback ports, three primaries with a replica each, built by
-//! `redis-cli --cluster create`, and removed when dropped.
+//! `redis-cli --cluster create`, and removed when dropped. The pieces that do not
+//! depend on loopback (the server flags, the create, reading the slot map) are
+//! shared with the multi-host cluster of tests/netns.rs.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{RespClient, TempDir, WAIT, free_port, require_program, wait_for_ping, wait_until};
+use super::{
+    Resp, RespClient, TempDir, WAIT, free_port, require_program, wait_for_ping, wait_until,
+};
+
+/// `redis-server` flags of a cluster node, besides its address and directory: a
+/// short node timeout so a dead primary's replica is promoted after about a
+/// second, and a replica that syncs at once rather than after waiting 5 s for
+/// others to join.
+pub const NODE_ARGS: &[&str] = &[
+    "--cluster-enabled",
+    "yes",
+    "--cluster-node-timeout",
+    "1000",
+    "--repl-diskless-sync-delay",
+    "0",
+];
+
+/// Runs `redis-cli --cluster create` (`cli`, a command for redis-cli on some host)
+/// over `addrs`: three primaries with a replica each.
+pub fn create(mut cli: Command, addrs: &[String]) {
+    let out = cli
+        .args(["--cluster", "create"])
+        .args(addrs)
+        .args(["--cluster-replicas", "1", "--cluster-yes"])
+        .stdout(Stdio::null())
+        .output()
+        .expect("run redis-cli --cluster create");
+    assert!(
+        out.status.success(),
+        "redis-cli --cluster create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether the node says `cluster_state:ok` and its replication is in sync: a
+/// primary has a replica online, a replica has its link to the primary up.
+pub fn settled(c: &mut RespClient) -> bool {
+    if !c
+        .cmd(&["CLUSTER", "INFO"])
+        .text()
+        .contains("cluster_state:ok")
+    {
+        return false;
+    }
+    let info = c.cmd(&["INFO", "replication"]).text();
+    if info.contains("role:master") {
+        replica_addr(&info).is_some() && info.contains("state=online")
+    } else {
+        info.contains("master_link_status:up")
+    }
+}
+
+/// Each primary's address with its slot ranges, from a `CLUSTER SLOTS` reply.
+pub fn slot_map(slots: &Resp) -> Vec<(SocketAddr, Vec<(u16, u16)>)> {
+    let mut out: Vec<(SocketAddr, Vec<(u16, u16)>)> = Vec::new();
+    for r in slots.array() {
+        let r = r.array();
+        let range = (r[0].text().parse().unwrap(), r[1].text().parse().unwrap());
+        let node = r[2].array();
+        let ip = node[0].text().parse().expect("a primary's ip");
+        let addr = SocketAddr::new(ip, node[1].text().parse().unwrap());
+        match out.iter_mut().find(|(a, _)| *a == addr) {
+            Some((_, ranges)) => ranges.push(range),
+            None => out.push((addr, vec![range])),
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The first replica an `INFO replication` of a primary names.
+pub fn replica_addr(info: &str) -> Option<SocketAddr> {
+    let line = info.lines().find_map(|l| l.strip_prefix("slave0:"))?;
+    let field = |k: &str| line.split(',').find_map(|kv| kv.strip_prefix(k));
+    let ip = field("ip=")?.parse().ok()?;
+    Some(SocketAddr::new(ip, field("port=")?.parse().ok()?))
+}
+
+/// One uid (`<prefix><n>`) per primary of `primaries` (a slot map): the slot of
+/// its stream (`<queue name>:{u:<uid>}:h`) is that primary's.
+pub fn uid_per_primary<K: Copy + PartialEq>(
+    client: &mut RespClient,
+    primaries: &[(K, Vec<(u16, u16)>)],
+    name: &str,
+    prefix: &str,
+) -> Vec<(K, String)> {
+    let mut out: Vec<(K, String)> = Vec::new();
+    for n in 0.. {
+        let uid = format!("{prefix}{n}");
+        let key = format!("{name}:{{u:{uid}}}:h");
+        let slot: u16 = client
+            .cmd(&["CLUSTER", "KEYSLOT", &key])
+            .text()
+            .parse()
+            .unwrap();
+        let (owner, _) = primaries
+            .iter()
+            .find(|(_, r)| r.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
+            .expect("every slot has an owner");
+        if !out.iter().any(|(o, _)| o == owner) {
+            out.push((*owner, uid));
+        }
+        if out.len() == primaries.len() {
+            return out;
+        }
+    }
+    unreachable!("the uids ran out")
+}
 
 /// One node of the cluster.
 pub struct ClusterNode {
@@ -60,18 +170,7 @@ impl RedisCluster {
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        let out = Command::new(cli)
-            .args(["--cluster", "create"])
-            .args(&addrs)
-            .args(["--cluster-replicas", "1", "--cluster-yes"])
-            .stdout(Stdio::null())
-            .output()
-            .expect("run redis-cli --cluster create");
-        assert!(
-            out.status.success(),
-            "redis-cli --cluster create: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        create(Command::new(cli), &addrs);
         c.wait_ok();
         c
     }
@@ -82,16 +181,9 @@ impl RedisCluster {
         let bus = n.bus.to_string();
         let mut child = Command::new(&self.bin)
             .args(["--port", &port, "--bind", "127.0.0.1", "--save", ""])
-            .args(["--appendonly", "no", "--cluster-enabled", "yes"])
-            // A replica syncs at once, not after waiting 5 s for others to join.
-            .args(["--repl-diskless-sync-delay", "0"])
-            .args([
-                "--cluster-port",
-                &bus,
-                "--cluster-node-timeout",
-                "1000",
-                "--dir",
-            ])
+            .args(["--appendonly", "no", "--cluster-port", &bus])
+            .args(NODE_ARGS)
+            .arg("--dir")
             .arg(&n.dir.0)
             .stdout(Stdio::null())
             .spawn()
@@ -101,16 +193,12 @@ impl RedisCluster {
     }
 
     /// Waits until every running node says `cluster_state:ok` and every primary
-    /// has a replica.
+    /// has a replica in sync.
     pub fn wait_ok(&self) {
         wait_until("cluster_state:ok on every node", WAIT * 3, || {
             self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
                 RespClient::connect(n.port)
-                    .map(|mut c| {
-                        c.cmd(&["CLUSTER", "INFO"])
-                            .text()
-                            .contains("cluster_state:ok")
-                    })
+                    .map(|mut c| settled(&mut c))
                     .unwrap_or(false)
             }) && self.primaries().len() == 3
         });
@@ -136,18 +224,10 @@ impl RedisCluster {
     /// Each primary's port with its slot ranges, from `CLUSTER SLOTS`.
     pub fn primaries(&self) -> Vec<(u16, Vec<(u16, u16)>)> {
         let slots = self.client().cmd(&["CLUSTER", "SLOTS"]);
-        let mut out: Vec<(u16, Vec<(u16, u16)>)> = Vec::new();
-        for r in slots.array() {
-            let r = r.array();
-            let range = (r[0].text().parse().unwrap(), r[1].text().parse().unwrap());
-            let port: u16 = r[2].array()[1].text().parse().unwrap();
-            match out.iter_mut().find(|(p, _)| *p == port) {
-                Some((_, ranges)) => ranges.push(range),
-                None => out.push((port, vec![range])),
-            }
-        }
-        out.sort();
-        out
+        slot_map(&slots)
+            .into_iter()
+            .map(|(addr, ranges)| (addr.port(), ranges))
+            .collect()
     }
 
     /// The slot of a key, as the cluster computes it.
@@ -173,11 +253,9 @@ impl RedisCluster {
     pub fn replica_of(&self, port: u16) -> u16 {
         let mut c = RespClient::connect(port).unwrap();
         let info = c.cmd(&["INFO", "replication"]).text();
-        info.lines()
-            .find_map(|l| l.strip_prefix("slave0:"))
-            .and_then(|l| l.split(',').find_map(|kv| kv.strip_prefix("port=")))
-            .and_then(|p| p.parse().ok())
+        replica_addr(&info)
             .expect("the primary has a replica")
+            .port()
     }
 
     /// `CLUSTER FAILOVER` on the replica of the primary on `port`: a planned

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod flood;
 pub mod raw_ws;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -202,13 +203,14 @@ pub fn raw_to(addr: SocketAddr, request: &[u8]) -> Response {
 
 /// `POST /send` with a JSON body to any HTTP server (a node, or nginx in front).
 pub fn send_to(addr: SocketAddr, body: &str) -> Response {
-    raw_to(
-        addr,
-        format!(
-            "POST /send HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
+    raw_to(addr, send_request(body).as_bytes())
+}
+
+/// The bytes of a `POST /send` with a JSON body, on a connection of its own.
+pub fn send_request(body: &str) -> String {
+    format!(
+        "POST /send HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     )
 }
 
@@ -463,9 +465,14 @@ impl RespClient {
         let s = TcpStream::connect(("127.0.0.1", port))?;
         s.set_read_timeout(Some(WAIT))?;
         s.set_write_timeout(Some(WAIT))?;
-        Ok(RespClient {
-            reader: BufReader::new(s),
-        })
+        Ok(RespClient::over(s))
+    }
+
+    /// A client on a connection made elsewhere (from another network namespace).
+    pub fn over(stream: TcpStream) -> RespClient {
+        RespClient {
+            reader: BufReader::new(stream),
+        }
     }
 
     pub fn call(&mut self, args: &[&[u8]]) -> Resp {

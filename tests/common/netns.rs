@@ -147,21 +147,14 @@ impl Testbed {
     /// A TCP connection made from inside `host`'s namespace (the socket keeps it),
     /// with `timeout` for reads and writes.
     pub fn connect(&self, host: &str, to: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-        let path = format!("/run/netns/{}", self.host(host).ns);
-        // setns changes the namespace of the calling thread only, so a short-lived
-        // thread makes the socket and the test's own threads stay where they are.
-        let s = std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    enter_netns(&path)?;
-                    TcpStream::connect_timeout(&to, CONNECT_WAIT)
-                })
-                .join()
-                .expect("connect thread")
-        })?;
-        s.set_read_timeout(Some(timeout))?;
-        s.set_write_timeout(Some(timeout))?;
-        Ok(s)
+        self.dialer(host).connect(to, timeout)
+    }
+
+    /// What makes `host`'s connections, for a thread that outlives this borrow.
+    pub fn dialer(&self, host: &str) -> Dialer {
+        Dialer {
+            path: format!("/run/netns/{}", self.host(host).ns),
+        }
     }
 
     /// Drops every packet between `host` and `peer` (only TCP to/from `port` on the
@@ -296,6 +289,33 @@ impl Testbed {
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| panic!("no handle in nft's answer {out:?}"));
         (chain, handle)
+    }
+}
+
+/// Makes TCP connections from inside one host's namespace.
+#[derive(Clone, Debug)]
+pub struct Dialer {
+    /// The namespace's mount.
+    path: String,
+}
+
+impl Dialer {
+    /// A connection to `to`, with `timeout` for reads and writes.
+    pub fn connect(&self, to: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+        // setns changes the namespace of the calling thread only, so a short-lived
+        // thread makes the socket and the test's own threads stay where they are.
+        let s = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    enter_netns(&self.path)?;
+                    TcpStream::connect_timeout(&to, CONNECT_WAIT)
+                })
+                .join()
+                .expect("connect thread")
+        })?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        Ok(s)
     }
 }
 

@@ -1,0 +1,134 @@
+//! `/send` running through a fault: one thread posts numbered messages to a uid as
+//! fast as the node answers, another reads them from the uid's client, and the end
+//! checks the delivery contract (every message answered 200 arrives exactly once;
+//! 503s may or may not arrive).
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::{Response, WAIT, Ws, recv_json_within, wait_until};
+
+/// Pause between two posts, so the flood leaves the reactor time for its clients.
+const PACE: Duration = Duration::from_millis(3);
+
+/// Numbers with the instant each was answered 200 (sent) or pushed (delivered).
+pub type Timed = Vec<(u64, Instant)>;
+
+/// A flood of one uid in progress.
+pub struct Flood {
+    got: Arc<Mutex<Timed>>,
+    stop_send: Arc<AtomicBool>,
+    stop_read: Arc<AtomicBool>,
+    sender: JoinHandle<(Timed, u64)>,
+    reader: JoinHandle<()>,
+}
+
+/// What a finished flood measured.
+pub struct Outcome {
+    /// The numbers answered 200.
+    pub ok: Timed,
+    /// How many were answered 503.
+    pub refused: u64,
+    /// Every push the client got, each number once.
+    pub got: Timed,
+}
+
+impl Flood {
+    /// Posts `{"topic":"uids","topic_ids":[uid],"msg":n}` for n = 0, 1, … with
+    /// `send`, and reads what `ws` (a client of `uid`, with nothing pending) gets.
+    pub fn start(send: impl Fn(&str) -> Response + Send + 'static, uid: &str, ws: Ws) -> Flood {
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let stop_send = Arc::new(AtomicBool::new(false));
+        let stop_read = Arc::new(AtomicBool::new(false));
+        let reader = collect(ws, got.clone(), stop_read.clone());
+        let (uid, stop) = (uid.to_string(), stop_send.clone());
+        let sender = thread::spawn(move || {
+            let (mut ok, mut refused) = (Vec::new(), 0);
+            for n in 0u64.. {
+                if stop.load(Ordering::Acquire) {
+                    break;
+                }
+                let body = json!({"topic":"uids","topic_ids":[uid],"msg":n}).to_string();
+                let r = send(&body);
+                match r.status {
+                    200 => ok.push((n, Instant::now())),
+                    503 => refused += 1,
+                    other => panic!("unexpected {other}: {}", r.text()),
+                }
+                thread::sleep(PACE);
+            }
+            (ok, refused)
+        });
+        Flood {
+            got,
+            stop_send,
+            stop_read,
+            sender,
+            reader,
+        }
+    }
+
+    /// How many pushes arrived after `since`.
+    pub fn delivered_after(&self, since: Instant) -> usize {
+        let got = self.got.lock().unwrap();
+        got.iter().filter(|(_, t)| *t > since).count()
+    }
+
+    /// Waits until `n` pushes arrived after `since`.
+    pub fn await_delivered(&self, n: usize, since: Instant, within: Duration) {
+        wait_until(&format!("{n} deliveries"), within, || {
+            self.delivered_after(since) >= n
+        });
+    }
+
+    /// Stops posting, waits until every 200 was delivered, and checks that none
+    /// was delivered twice.
+    pub fn finish(self) -> Outcome {
+        self.stop_send.store(true, Ordering::Release);
+        let (ok, refused) = self.sender.join().unwrap();
+        let accepted: HashSet<u64> = ok.iter().map(|(n, _)| *n).collect();
+        wait_until("every 200 delivered", WAIT, || {
+            let got = self.got.lock().unwrap();
+            let have: HashSet<u64> = got.iter().map(|(n, _)| *n).collect();
+            accepted.is_subset(&have)
+        });
+        self.stop_read.store(true, Ordering::Release);
+        self.reader.join().unwrap();
+        let got = std::mem::take(&mut *self.got.lock().unwrap());
+        let mut seen = HashSet::new();
+        for (n, _) in &got {
+            assert!(seen.insert(*n), "message {n} delivered twice");
+        }
+        Outcome { ok, refused, got }
+    }
+}
+
+/// Reads pushes on `ws` into `got` until `stop` and a quiet second.
+fn collect(mut ws: Ws, got: Arc<Mutex<Timed>>, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+    thread::spawn(move || {
+        loop {
+            match recv_json_within(&mut ws, Duration::from_secs(1)) {
+                Some(m) => {
+                    let n = m["msg"].as_u64().expect("a flood number");
+                    got.lock().unwrap().push((n, Instant::now()));
+                }
+                None if stop.load(Ordering::Acquire) => return,
+                None => {}
+            }
+        }
+    })
+}
+
+/// The longest pause between two consecutive instants, and the instant it ended.
+pub fn longest_gap(times: &Timed) -> (Duration, Option<Instant>) {
+    times
+        .windows(2)
+        .map(|w| (w[1].1.duration_since(w[0].1), Some(w[1].1)))
+        .max()
+        .unwrap_or_default()
+}
