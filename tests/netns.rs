@@ -1,7 +1,8 @@
 //! Faults a real network has, between real hosts: every wspush node, Redis, nginx
 //! and client runs in a network namespace of its own (tests/common/netns.rs), so a
 //! partition, a host that goes away and a slow link are what the kernel does to
-//! packets, not a killed process on loopback.
+//! packets, not a killed process on loopback. A Redis Cluster's primary host going
+//! away with `/send` running is one of them.
 //!
 //! These need root and `ip`/`nft`/`tc`, so they are ignored by default; `make unit`
 //! runs them with `--include-ignored` where it can create a namespace.
@@ -11,7 +12,9 @@ mod common;
 #[path = "common/netns.rs"]
 mod netns;
 
-use common::{Response, WAIT, Ws, read_response, report, require_program};
+use common::cluster;
+use common::flood::{Flood, Outcome, longest_gap};
+use common::{RespClient, Response, WAIT, Ws, read_response, report, require_program};
 use netns::{Proc, Testbed};
 
 use serde_json::Value;
@@ -52,13 +55,14 @@ fn start_node(tb: &Testbed, host: &str, args: &[&str]) -> Node {
     }
 }
 
-/// A real redis-server on a test host, without persistence.
-fn start_redis(tb: &Testbed, host: &str, dir: &common::TempDir) -> Proc {
+/// A real redis-server on a test host, without persistence, with `extra` flags.
+fn start_redis(tb: &Testbed, host: &str, dir: &common::TempDir, extra: &[&str]) -> Proc {
     let bin = require_program("redis-server", "REDIS_SERVER", "redis-server");
     let mut cmd = tb.command(host, bin);
     cmd.args(["--bind", &tb.ip(host).to_string()])
         .args(["--port", &REDIS_PORT.to_string()])
         .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+        .args(extra)
         .arg("--dir")
         .arg(&dir.0);
     let mut proc = Proc::spawn(cmd);
@@ -167,14 +171,29 @@ impl At<'_> {
     }
 
     fn send(&self, to: SocketAddr, body: &str) -> Response {
-        self.raw(
-            to,
-            &format!(
-                "POST /send HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            ),
-        )
+        self.raw(to, &common::send_request(body))
+    }
+
+    /// `/send` to `to` from this host, for a thread of its own.
+    fn sender(&self, to: SocketAddr) -> impl Fn(&str) -> Response + Send + 'static {
+        let dial = self.tb.dialer(self.host);
+        move |body| {
+            let mut s = dial
+                .connect(to, WAIT)
+                .unwrap_or_else(|e| panic!("connect -> {to}: {e}"));
+            s.write_all(common::send_request(body).as_bytes()).unwrap();
+            read_response(&mut s)
+        }
+    }
+
+    /// A RESP client of the Redis at `to`.
+    fn resp(&self, to: SocketAddr) -> RespClient {
+        RespClient::over(self.tcp(to))
+    }
+
+    /// The first word of `ROLE` on the Redis at `to` (`master`, `slave`).
+    fn role(&self, to: SocketAddr) -> String {
+        self.resp(to).cmd(&["ROLE"]).array()[0].text()
     }
 
     fn send_ok(&self, to: SocketAddr, body: &str) {
@@ -286,7 +305,7 @@ fn uid_msg(uid: &str, msg: &str) -> String {
 fn a_node_partitioned_from_redis_answers_503_while_the_other_serves() {
     let tb = Testbed::new(&["redis", "a", "b", "clients"]);
     let dir = common::TempDir::new("netns-redis");
-    let _redis = start_redis(&tb, "redis", &dir);
+    let _redis = start_redis(&tb, "redis", &dir, &[]);
     let timeout = Duration::from_secs(1);
     let queue = format!("-queue=redis/{}", tb.host("redis").addr(REDIS_PORT));
     let args = [queue.as_str(), "-queue-timeout=1s", "-queue-backoff=1s"];
@@ -367,7 +386,7 @@ fn a_node_partitioned_from_redis_answers_503_while_the_other_serves() {
 fn a_node_refused_by_redis_answers_503_at_once_and_recovers() {
     let tb = Testbed::new(&["redis", "a", "clients"]);
     let dir = common::TempDir::new("netns-redis");
-    let _redis = start_redis(&tb, "redis", &dir);
+    let _redis = start_redis(&tb, "redis", &dir, &[]);
     let queue = format!("-queue=redis/{}", tb.host("redis").addr(REDIS_PORT));
     let a = start_node(
         &tb,
@@ -485,7 +504,7 @@ fn nginx_fails_over_to_the_backup_host_and_back() {
     let tb = Testbed::new(&["redis", "primary", "backup", "nginx", "clients"]);
     let redis_dir = common::TempDir::new("netns-redis");
     let nginx_dir = common::TempDir::new("netns-nginx");
-    let _redis = start_redis(&tb, "redis", &redis_dir);
+    let _redis = start_redis(&tb, "redis", &redis_dir, &[]);
     let queue = format!("-queue=redis/{}", tb.host("redis").addr(REDIS_PORT));
     // nginx learns that a host is gone only when its tunnel stays silent for
     // proxy_read_timeout; the node pings every -ping-interval, so silence means gone.
@@ -755,5 +774,198 @@ fn a_client_on_a_slow_link_is_dropped_while_a_fast_one_gets_everything() {
         slow.msgs.len(),
         slow.msgs.len() * 8,
         slow.ended - start,
+    ));
+}
+
+// ---- a Redis Cluster primary's host going away -----------------------------------
+
+const REDIS_HOSTS: [&str; 6] = ["r1", "r2", "r3", "r4", "r5", "r6"];
+const CLUSTER_QUEUE: &str = "netns-cluster";
+
+/// A Redis Cluster of three primaries with a replica each, one `redis-server` per
+/// host of `REDIS_HOSTS`; returns once every node is settled (state ok, replicas
+/// in sync).
+fn start_cluster(at: At, dirs: &[common::TempDir]) -> Vec<Proc> {
+    let tb = at.tb;
+    let procs = REDIS_HOSTS
+        .iter()
+        .zip(dirs)
+        .map(|(h, d)| start_redis(tb, h, d, cluster::NODE_ARGS))
+        .collect();
+    let cli = require_program("redis-cli", "REDIS_CLI", "redis-tools");
+    cluster::create(tb.command(REDIS_HOSTS[0], cli), &redis_addrs(tb));
+    common::wait_until("every cluster node settled", WAIT * 3, || {
+        redis_addrs(tb)
+            .iter()
+            .all(|a| cluster::settled(&mut at.resp(a.parse().unwrap())))
+    });
+    procs
+}
+
+fn redis_addrs(tb: &Testbed) -> Vec<String> {
+    REDIS_HOSTS
+        .iter()
+        .map(|h| tb.host(h).addr(REDIS_PORT).to_string())
+        .collect()
+}
+
+/// The test host whose address is `addr`'s.
+fn host_at(tb: &Testbed, addr: SocketAddr) -> &'static str {
+    REDIS_HOSTS
+        .into_iter()
+        .find(|h| SocketAddr::from((tb.ip(h), REDIS_PORT)) == addr)
+        .unwrap_or_else(|| panic!("no redis host at {addr}"))
+}
+
+/// One flood per primary: a uid whose stream lives in that primary's slots, its
+/// client on node `b`, `/send` through node `a`; each has delivered 50 already.
+fn flood_every_primary(at: At, a: SocketAddr, b: SocketAddr) -> Vec<(SocketAddr, Flood)> {
+    let seed = at.tb.host(REDIS_HOSTS[0]).addr(REDIS_PORT);
+    let primaries = cluster::slot_map(&at.resp(seed).cmd(&["CLUSTER", "SLOTS"]));
+    assert_eq!(primaries.len(), 3, "three primaries");
+    let uids = cluster::uid_per_primary(&mut at.resp(seed), &primaries, CLUSTER_QUEUE, "c-");
+    let clients: Vec<(SocketAddr, String, Ws)> = uids
+        .into_iter()
+        .map(|(p, uid)| {
+            let ws = at.ws(b, &format!("uid={uid}")).expect("client on b");
+            (p, uid, ws)
+        })
+        .collect();
+    at.wait_stats(b, "b subscribed on every primary", |s| {
+        s["queue"]["channels"] == 3
+    });
+    let floods: Vec<(SocketAddr, Flood)> = clients
+        .into_iter()
+        .map(|(p, uid, mut ws)| {
+            at.send_ok(a, &uid_msg(&uid, "hello"));
+            assert_eq!(next_msg(&mut ws), "hello");
+            (p, Flood::start(at.sender(a), &uid, ws))
+        })
+        .collect();
+    let start = Instant::now();
+    for (_, f) in &floods {
+        f.await_delivered(50, start, WAIT);
+    }
+    floods
+}
+
+/// How long each step of the fault took, from the cable being pulled.
+struct Timings {
+    gone: Instant,
+    promoted: Duration,
+    serving: Duration,
+    rejoined: Duration,
+}
+
+/// Unplugs the host of the primary `victim` with its flood running, waits for its
+/// replica's promotion, plugs the host back, and waits until the old primary is the
+/// new one's replica and the flood has 200 deliveries after the promotion. With
+/// `-queue-wait` a shard without a replica answers 503, so the host comes back at
+/// once, as the killed primary of tests/redis_cluster.rs is restarted at once.
+fn unplug_primary(at: At, victim: SocketAddr, flood: &Flood) -> Timings {
+    let info = at.resp(victim).cmd(&["INFO", "replication"]).text();
+    let replica = cluster::replica_addr(&info).expect("the primary has a replica");
+    let host = host_at(at.tb, victim);
+    at.tb.unplug(host);
+    let gone = Instant::now();
+    common::wait_until("the replica promoted", WAIT * 2, || {
+        at.role(replica) == "master"
+    });
+    let promoted = gone.elapsed();
+    at.tb.plug(host);
+    common::wait_until("the old primary back as a replica", WAIT * 3, || {
+        at.role(victim) == "slave" && cluster::settled(&mut at.resp(victim))
+    });
+    let rejoined = gone.elapsed();
+    // The flood goes on being answered 200 and delivered on the new primary.
+    flood.await_delivered(200, gone + promoted, WAIT * 2);
+    let serving = gone.elapsed();
+    Timings {
+        gone,
+        promoted,
+        serving,
+        rejoined,
+    }
+}
+
+#[test]
+#[ignore = "needs root and ip netns"]
+fn a_redis_cluster_primary_host_going_away_loses_no_200() {
+    let mut names = REDIS_HOSTS.to_vec();
+    names.extend(["a", "b", "clients"]);
+    let tb = Testbed::new(&names);
+    let at = At {
+        tb: &tb,
+        host: "clients",
+    };
+    let dirs: Vec<_> = REDIS_HOSTS
+        .iter()
+        .map(|_| common::TempDir::new("netns-cluster"))
+        .collect();
+    let _redis = start_cluster(at, &dirs);
+    let seeds = redis_addrs(&tb)[..2].join(",");
+    let (queue, name) = (
+        format!("-queue=redis-cluster/{seeds}"),
+        format!("-queue-name={CLUSTER_QUEUE}"),
+    );
+    // -queue-wait: a 200 means a replica has the message, so it survives the
+    // primary's host; -queue-timeout bounds each wait on the silent host.
+    let args = [
+        queue.as_str(),
+        name.as_str(),
+        "-queue-wait=500ms",
+        "-queue-timeout=1s",
+        "-queue-backoff=500ms",
+    ];
+    let (a, b) = (start_node(&tb, "a", &args), start_node(&tb, "b", &args));
+    at.wait_health(a.addr, 200);
+    at.wait_health(b.addr, 200);
+    let floods = flood_every_primary(at, a.addr, b.addr);
+    let victim = floods[0].0;
+    let t = unplug_primary(at, victim, &floods[0].1);
+    // And after the old primary is back, as its replica.
+    let back = Instant::now();
+    for (_, f) in &floods {
+        f.await_delivered(100, back, WAIT);
+    }
+    let outs: Vec<(SocketAddr, Outcome)> =
+        floods.into_iter().map(|(p, f)| (p, f.finish())).collect();
+    let promoted_at = t.gone + t.promoted;
+    let after = outs[0]
+        .1
+        .ok
+        .iter()
+        .filter(|(_, when)| *when > promoted_at)
+        .count();
+    assert!(after >= 200, "{after} answered 200 after the promotion");
+    report_failover(victim, &t, &outs);
+}
+
+/// The `measured:` line: per shard, when 200s came again and the longest pauses.
+fn report_failover(victim: SocketAddr, t: &Timings, outs: &[(SocketAddr, Outcome)]) {
+    let shards: Vec<String> = outs
+        .iter()
+        .map(|(p, o)| {
+            let (pause, resumed) = longest_gap(&o.ok);
+            let again = resumed.map_or(Duration::ZERO, |r| r.saturating_duration_since(t.gone));
+            format!(
+                "{}{p}: {} answered 200 (all delivered once), {} answered 503, longest pause \
+                 between two 200s {pause:?} (ended {again:?} after the unplug), between two \
+                 deliveries {:?}",
+                if *p == victim { "unplugged " } else { "" },
+                o.ok.len(),
+                o.refused,
+                longest_gap(&o.got).0,
+            )
+        })
+        .collect();
+    report(&format!(
+        "measured: redis-cluster primary host {victim} unplugged: replica promoted after \
+         {:?} (cluster-node-timeout 1000), the host plugged back then and in sync as its \
+         replica after {:?}, 200 more delivered after {:?}; {}",
+        t.promoted,
+        t.rejoined,
+        t.serving,
+        shards.join("; ")
     ));
 }
