@@ -82,6 +82,7 @@ impl Flood {
     /// Waits until `n` pushes arrived after `since`.
     pub fn await_delivered(&self, n: usize, since: Instant, within: Duration) {
         wait_until(&format!("{n} deliveries"), within, || {
+            reading(&self.reader);
             self.delivered_after(since) >= n
         });
     }
@@ -89,23 +90,41 @@ impl Flood {
     /// Stops posting, waits until every 200 was delivered, and checks that none
     /// was delivered twice.
     pub fn finish(self) -> Outcome {
-        self.stop_send.store(true, Ordering::Release);
-        let (ok, refused) = self.sender.join().unwrap();
+        let Flood {
+            got,
+            stop_send,
+            stop_read,
+            sender,
+            reader,
+        } = self;
+        stop_send.store(true, Ordering::Release);
+        let (ok, refused) = sender.join().unwrap();
         let accepted: HashSet<u64> = ok.iter().map(|(n, _)| *n).collect();
         wait_until("every 200 delivered", WAIT, || {
-            let got = self.got.lock().unwrap();
+            reading(&reader);
+            let got = got.lock().unwrap();
             let have: HashSet<u64> = got.iter().map(|(n, _)| *n).collect();
             accepted.is_subset(&have)
         });
-        self.stop_read.store(true, Ordering::Release);
-        self.reader.join().unwrap();
-        let got = std::mem::take(&mut *self.got.lock().unwrap());
+        stop_read.store(true, Ordering::Release);
+        reader.join().unwrap();
+        let got = std::mem::take(&mut *got.lock().unwrap());
         let mut seen = HashSet::new();
         for (n, _) in &got {
             assert!(seen.insert(*n), "message {n} delivered twice");
         }
         Outcome { ok, refused, got }
     }
+}
+
+/// Fails at once when the reader has stopped (the node closed the client, and the
+/// reader's panic says with which code), rather than when a wait for deliveries
+/// that cannot come times out.
+fn reading(reader: &JoinHandle<()>) {
+    assert!(
+        !reader.is_finished(),
+        "the client's connection ended during the flood (see the reader's panic)"
+    );
 }
 
 /// Reads pushes on `ws` into `got` until `stop` and a quiet second.
