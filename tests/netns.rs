@@ -186,6 +186,23 @@ impl At<'_> {
         }
     }
 
+    /// Opens a push connection to `to` from this host with the given `since`, from
+    /// any thread (a flood's reader resuming after 1012).
+    fn reconnect(&self, to: SocketAddr, uid: &str) -> common::flood::Reconnect {
+        let dial = self.tb.dialer(self.host);
+        let uid = uid.to_string();
+        Box::new(move |since| {
+            let stream = dial
+                .connect(to, WAIT)
+                .unwrap_or_else(|e| panic!("connect -> {to}: {e}"));
+            let url = format!("ws://{to}/ws?uid={uid}&since={since}");
+            let (ws, resp) = tungstenite::client(url.into_client_request().unwrap(), stream)
+                .unwrap_or_else(|e| panic!("resume on {to}: {e}"));
+            assert_eq!(resp.status(), 101, "resume on {to}");
+            ws
+        })
+    }
+
     /// A RESP client of the Redis at `to`.
     fn resp(&self, to: SocketAddr) -> RespClient {
         RespClient::over(self.tcp(to))
@@ -839,7 +856,8 @@ fn flood_every_primary(at: At, a: SocketAddr, b: SocketAddr) -> Vec<(SocketAddr,
         .map(|(p, uid, mut ws)| {
             at.send_ok(a, &uid_msg(&uid, "hello"));
             assert_eq!(next_msg(&mut ws), "hello");
-            (p, Flood::start(at.sender(a), &uid, ws))
+            let resume = Some(at.reconnect(b, &uid));
+            (p, Flood::start_resuming(at.sender(a), &uid, ws, resume))
         })
         .collect();
     let start = Instant::now();

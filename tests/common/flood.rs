@@ -1,9 +1,11 @@
 //! `/send` running through a fault: one thread posts numbered messages to a uid as
 //! fast as the node answers, another reads them from the uid's client, and the end
 //! checks the delivery contract (every message answered 200 arrives exactly once;
-//! 503s may or may not arrive).
+//! 503s may or may not arrive). A client sent off with 1012 does what the contract
+//! tells it to: it reconnects with `since` (the last id of each stream it has) and
+//! goes on, and what the resume replays still has to arrive exactly once.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -11,7 +13,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::{Response, WAIT, Ws, recv_json_within, wait_until};
+use tungstenite::Message;
+
+use super::{Response, WAIT, Ws, wait_until};
+
+/// Opens a new connection of the flood's uid with the given `since`.
+pub type Reconnect = Box<dyn Fn(&str) -> Ws + Send>;
 
 /// Pause between two posts, so the flood leaves the reactor time for its clients.
 const PACE: Duration = Duration::from_millis(3);
@@ -42,10 +49,21 @@ impl Flood {
     /// Posts `{"topic":"uids","topic_ids":[uid],"msg":n}` for n = 0, 1, … with
     /// `send`, and reads what `ws` (a client of `uid`, with nothing pending) gets.
     pub fn start(send: impl Fn(&str) -> Response + Send + 'static, uid: &str, ws: Ws) -> Flood {
+        Flood::start_resuming(send, uid, ws, None)
+    }
+
+    /// Like [`Flood::start`]; a client closed with 1012 resumes through `reconnect`
+    /// (without it, the close fails the flood).
+    pub fn start_resuming(
+        send: impl Fn(&str) -> Response + Send + 'static,
+        uid: &str,
+        ws: Ws,
+        reconnect: Option<Reconnect>,
+    ) -> Flood {
         let got = Arc::new(Mutex::new(Vec::new()));
         let stop_send = Arc::new(AtomicBool::new(false));
         let stop_read = Arc::new(AtomicBool::new(false));
-        let reader = collect(ws, got.clone(), stop_read.clone());
+        let reader = collect(ws, got.clone(), stop_read.clone(), reconnect);
         let (uid, stop) = (uid.to_string(), stop_send.clone());
         let sender = thread::spawn(move || {
             let (mut ok, mut refused) = (Vec::new(), 0);
@@ -128,19 +146,64 @@ fn reading(reader: &JoinHandle<()>) {
 }
 
 /// Reads pushes on `ws` into `got` until `stop` and a quiet second.
-fn collect(mut ws: Ws, got: Arc<Mutex<Timed>>, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+fn collect(
+    mut ws: Ws,
+    got: Arc<Mutex<Timed>>,
+    stop: Arc<AtomicBool>,
+    reconnect: Option<Reconnect>,
+) -> JoinHandle<()> {
     thread::spawn(move || {
+        // The last id of each stream (`u…`/`g…` on a cluster; one plain id else).
+        let mut last: HashMap<char, String> = HashMap::new();
+        ws.get_ref()
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
         loop {
-            match recv_json_within(&mut ws, Duration::from_secs(1)) {
-                Some(m) => {
+            match ws.read() {
+                Ok(Message::Text(t)) => {
+                    let m: serde_json::Value = serde_json::from_str(&t).unwrap();
+                    if m["op"] == "resumed" {
+                        continue;
+                    }
                     let n = m["msg"].as_u64().expect("a flood number");
                     got.lock().unwrap().push((n, Instant::now()));
+                    if let Some(id) = m["id"].as_str() {
+                        let stream = id.chars().next().filter(|c| matches!(c, 'u' | 'g'));
+                        last.insert(stream.unwrap_or('-'), id.to_string());
+                    }
                 }
-                None if stop.load(Ordering::Acquire) => return,
-                None => {}
+                Ok(Message::Ping(_) | Message::Pong(_)) => {}
+                Ok(Message::Close(Some(f))) if u16::from(f.code) == 1012 && reconnect.is_some() => {
+                    let since = since_of(&last);
+                    ws = reconnect.as_ref().expect("checked")(&since);
+                    ws.get_ref()
+                        .set_read_timeout(Some(Duration::from_secs(1)))
+                        .unwrap();
+                }
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                }
+                other => panic!("the flood's client got {other:?}"),
             }
         }
     })
+}
+
+/// What a client that was sent off resumes from: its last id, or on a cluster
+/// the last of each stream (`0` for one it has none of).
+fn since_of(last: &HashMap<char, String>) -> String {
+    if let Some(plain) = last.get(&'-') {
+        return plain.clone();
+    }
+    let part = |k: char| last.get(&k).cloned().unwrap_or_else(|| "0".into());
+    format!("{},{}", part('u'), part('g'))
 }
 
 /// The longest pause between two consecutive instants, and the instant it ended.
