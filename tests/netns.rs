@@ -854,8 +854,20 @@ fn flood_every_primary(at: At, a: SocketAddr, b: SocketAddr) -> Vec<(SocketAddr,
     let floods: Vec<(SocketAddr, Flood)> = clients
         .into_iter()
         .map(|(p, uid, mut ws)| {
-            at.send_ok(a, &uid_msg(&uid, "hello"));
-            assert_eq!(next_msg(&mut ws), "hello");
+            // The first write of a fresh cluster may find a replica not yet
+            // acknowledging within -queue-wait (503, yet maybe delivered): try
+            // again, and read up to the attempt that got its 200.
+            let deadline = Instant::now() + WAIT;
+            let hello = (0..)
+                .map(|n| format!("hello-{n}"))
+                .find(|hello| {
+                    let r = at.send(a, &uid_msg(&uid, hello));
+                    assert!(r.status == 200 || r.status == 503, "{}", r.text());
+                    assert!(Instant::now() < deadline, "/send never answered 200");
+                    r.status == 200
+                })
+                .expect("an attempt answered 200");
+            while next_msg(&mut ws) != hello {}
             let resume = Some(at.reconnect(b, &uid));
             (p, Flood::start_resuming(at.sender(a), &uid, ws, resume))
         })
