@@ -46,7 +46,7 @@ unit:
 	@if command -v nft >/dev/null && ip netns add wspush-probe-$$$$ 2>/dev/null; then \
 		ip netns del wspush-probe-$$$$; \
 		echo "$(CARGO) test --test netns -- --include-ignored --skip $(NETNS_UNSETTLED)"; \
-		echo "SKIPPED: $(NETNS_UNSETTLED) (lost track of a 200 in 2 of about 80 runs; run it with make netns-cluster)"; \
+		echo "SKIPPED: $(NETNS_UNSETTLED) (unsettled: a 200 not delivered within its wait in one clean-clone CI run; run it with make netns-cluster)"; \
 		$(CARGO) test --test netns -- --include-ignored --skip $(NETNS_UNSETTLED); \
 	else \
 		echo "SKIPPED: tests/netns.rs (needs root, ip netns and nft): its tests stay ignored"; \
