@@ -10,7 +10,6 @@ use common::flood::{Flood, longest_gap};
 use common::*;
 
 use std::collections::HashMap;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -29,6 +28,19 @@ fn two_nodes(cluster: &RedisCluster, name: &str, extra: &[&str]) -> (Server, Ser
 /// One uid (`<prefix><n>`) per primary: its stream's slot is that primary's.
 fn uid_per_primary(cluster: &RedisCluster, name: &str, prefix: &str) -> Vec<(u16, String)> {
     cluster::uid_per_primary(&mut cluster.client(), &cluster.primaries(), name, prefix)
+}
+
+/// A flood of `uid` posted to `a`, read by a client on `b`, once it is under way
+/// (its first hundred messages delivered), so a fault meets it running.
+fn flood_through(a: &Server, b: &Server, uid: &str) -> Flood {
+    let mut ws = b.ws(&format!("uid={uid}"));
+    a.send_ok(&unicast(uid, json!("hello")));
+    assert_eq!(recv_json(&mut ws)["msg"], "hello");
+    let addr = a.addr;
+    let started = Instant::now();
+    let flood = Flood::start(move |body| send_to(addr, body), uid, ws);
+    flood.await_delivered(100, started, WAIT);
+    flood
 }
 
 fn received(node: &Server) -> u64 {
@@ -185,12 +197,7 @@ fn failover_with_send_running(fault: Fault, what: &str) {
     );
     let uid = "f".to_string();
     let primary = cluster.owner(&format!("{name}:{{u:{uid}}}:h"));
-    let mut ws = b.ws(&format!("uid={uid}"));
-    a.send_ok(&unicast(&uid, json!("hello")));
-    assert_eq!(recv_json(&mut ws)["msg"], "hello");
-    let addr = a.addr;
-    let flood = Flood::start(move |body| send_to(addr, body), &uid, ws);
-    thread::sleep(Duration::from_millis(500));
+    let flood = flood_through(&a, &b, &uid);
     let fault_at = Instant::now();
     let new_primary = match fault {
         Fault::Planned => cluster.failover(primary),
@@ -351,12 +358,7 @@ fn a_slot_moved_to_another_primary_with_send_running_loses_no_200() {
         .map(|(p, _)| p)
         .find(|p| *p != from)
         .unwrap();
-    let mut ws = b.ws(&format!("uid={uid}"));
-    a.send_ok(&unicast(&uid, json!("hello")));
-    assert_eq!(recv_json(&mut ws)["msg"], "hello");
-    let addr = a.addr;
-    let flood = Flood::start(move |body| send_to(addr, body), &uid, ws);
-    thread::sleep(Duration::from_millis(300));
+    let flood = flood_through(&a, &b, &uid);
     cluster.move_slot(slot, from, to);
     assert_eq!(cluster.owner(&key), to);
     let moved = Instant::now();
