@@ -2,30 +2,29 @@
 //! interest routing and history, spread over the cluster's primaries by slot.
 //!
 //! `/send` appends each message once per target stream, one script call per stream
-//! in that stream's slot (`shards.rs`), pipelined per primary by the `redis` crate's
-//! cluster connection, which also keeps the slot map and follows `MOVED`/`ASK`. The
-//! script `SPUBLISH`es on the stream's shard channel. A node takes sharded
+//! in that stream's slot (`shards.rs`), pipelined per primary by `nodes.rs`, which
+//! keeps the slot map and follows `MOVED`/`ASK`. The script `SPUBLISH`es on the
+//! stream's shard channel. A node takes sharded
 //! subscriptions only for the uids it holds and `all`, on one plain connection per
-//! primary (`shard.rs`): the crate has no sharded subscriber, and a shard channel
-//! must be subscribed on the primary owning its slot. A lost or moved shard
+//! primary (`shard.rs`): a shard channel must be subscribed on the primary owning
+//! its slot. A lost or moved shard
 //! subscription is taken again on the slot's new owner and each of its streams is
 //! read after this node's last position in it, so a failover loses nothing the
 //! history holds.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use ::redis::Value;
-use ::redis::cluster::{ClusterClient, ClusterConnection, cluster_pipe};
-use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 
 use super::interests::Interests;
+use super::nodes::Nodes;
 use super::presence::{Presence, Store};
-use super::publisher::{BackendError, Endpoint, FIRST_BACKOFF, Job, is_broken};
+use super::publisher::{BackendError, Endpoint, FIRST_BACKOFF, Job};
 use super::redis::{JOIN_RETRY_FOR, RedisSettings};
 use super::shard::{self, Shards};
 use super::shards::{Chan, Layout, StreamRead, parse_appended};
@@ -60,17 +59,6 @@ impl ClusterSettings {
     }
 }
 
-/// A cluster connection whose every command is bounded by `timeout`.
-pub fn connect(seeds: &[Endpoint], timeout: Duration) -> ::redis::RedisResult<ClusterConnection> {
-    let infos: Vec<_> = seeds.iter().map(|e| e.info()).collect();
-    ClusterClient::builder(infos)
-        .connection_timeout(timeout)
-        .response_timeout(timeout)
-        .retries(2)
-        .build()?
-        .get_connection()
-}
-
 pub struct ClusterQueue {
     tx: Option<Sender<Job>>,
     /// `-queue-timeout`: a job not sent within it is answered 503.
@@ -102,6 +90,7 @@ impl ClusterQueue {
         let reconnects = Arc::new(AtomicU64::new(0));
         let reads = ReaderThread {
             seeds: seeds.clone(),
+            backoff: r.backoff,
             layout: set.layout(),
             timeout: r.timeout,
             limit: r.history_size,
@@ -139,7 +128,8 @@ impl ClusterQueue {
         )?;
         let publisher = Arc::new(Link::default());
         let tx = PublisherThread {
-            seeds,
+            nodes: Nodes::new(seeds, r.timeout, r.backoff),
+            mapped: false,
             layout: set.layout(),
             timeout: r.timeout,
             wait: set.wait,
@@ -147,7 +137,6 @@ impl ClusterQueue {
             link: publisher.clone(),
             notifier,
             fresh: Epoch::new(),
-            con: None,
             retry_at: Instant::now(),
         }
         .spawn(r.capacity, stop)?;
@@ -265,10 +254,10 @@ impl Queue for ClusterQueue {
     }
 }
 
-/// The publisher thread: one cluster connection, a batch as one pipeline of script
-/// calls (one per target stream), then `WAIT` on each primary written to.
+/// The publisher thread: the cluster's primaries (`nodes.rs`), a batch as one
+/// pipeline per primary of script calls (one per target stream), closed by
+/// `WAIT` on the same connection where `-queue-wait` asks for it.
 struct PublisherThread {
-    seeds: Vec<Endpoint>,
     layout: Layout,
     timeout: Duration,
     wait: Duration,
@@ -277,7 +266,9 @@ struct PublisherThread {
     notifier: Notifier,
     /// The epoch a stream without one takes.
     fresh: Epoch,
-    con: Option<ClusterConnection>,
+    nodes: Nodes,
+    /// Whether the slot map has been read since the cluster was last unreachable.
+    mapped: bool,
     retry_at: Instant,
 }
 
@@ -298,14 +289,15 @@ impl PublisherThread {
 
     fn run(mut self, rx: Receiver<Job>) {
         loop {
-            if self.con.is_none() && Instant::now() >= self.retry_at {
+            if !self.mapped && Instant::now() >= self.retry_at {
                 self.connect();
             }
-            // Disconnected: wake for the next attempt, since no job comes while
+            // Unreachable: wake for the next attempt, since no job comes while
             // the queue answers 503 for a link known down.
-            let wait = match self.con {
-                Some(_) => self.timeout,
-                None => self.retry_at.saturating_duration_since(Instant::now()),
+            let wait = if self.mapped {
+                self.timeout
+            } else {
+                self.retry_at.saturating_duration_since(Instant::now())
             };
             match rx.recv_timeout(wait) {
                 Ok(job) => {
@@ -316,37 +308,29 @@ impl PublisherThread {
                         return;
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => self.check_idle(),
+                // Idle: read the map again, which also tells whether any node answers.
+                Err(RecvTimeoutError::Timeout) => self.connect(),
                 Err(RecvTimeoutError::Disconnected) => return,
             }
         }
     }
 
+    /// Reads the slot map; the link is up while some node gives it.
     fn connect(&mut self) {
-        match connect(&self.seeds, self.timeout) {
-            Ok(con) => {
-                self.con = Some(con);
+        match self.nodes.refresh() {
+            Ok(()) => {
+                self.mapped = true;
                 self.link.set_up(true);
                 self.backoff.reset();
             }
-            Err(e) => self.failed(&e.to_string()),
-        }
-    }
-
-    fn failed(&mut self, why: &str) {
-        if self.link.state() != QueueState::Down {
-            warn!("Redis Cluster publisher: {why}");
-        }
-        self.con = None;
-        self.link.set_up(false);
-        self.retry_at = Instant::now() + self.backoff.next_delay();
-    }
-
-    fn check_idle(&mut self) {
-        if let Some(con) = &mut self.con
-            && !con.check_connection()
-        {
-            self.failed("a primary does not answer PING");
+            Err(e) => {
+                if self.link.state() != QueueState::Down {
+                    warn!("Redis Cluster publisher: {e}");
+                }
+                self.mapped = false;
+                self.link.set_up(false);
+                self.retry_at = Instant::now() + self.backoff.next_delay();
+            }
         }
     }
 
@@ -357,44 +341,36 @@ impl PublisherThread {
         if job.batch.is_empty() {
             return Ok(());
         }
-        if self.con.is_none() {
+        if !self.mapped {
             self.connect();
         }
         if Instant::now() >= job.deadline {
             return unavailable("Redis Cluster did not take the message in time".into());
         }
-        let Some(con) = &mut self.con else {
+        if !self.mapped {
             return unavailable("Redis Cluster is unreachable".into());
-        };
-        let streams = by_stream(&job.batch);
-        let mut pipe = cluster_pipe();
-        for (chan, payloads) in &streams {
-            pipe.add_command(self.layout.append_cmd(chan, self.fresh, payloads));
         }
-        let written: Result<Vec<Value>, _> = pipe.query(con);
-        let replies = match written {
-            Ok(replies) => replies,
-            Err(e) => {
-                let why = e.to_string();
-                // One primary gone or moved: the next batch gets a fresh connection
-                // and slot map. The link stays up, so batches for the other
-                // primaries' slots go on; only failing to reach any node is down.
-                if is_broken(&e) || e.is_cluster_error() {
-                    self.con = None;
-                }
-                // Some streams may have the batch: a retry may deliver it twice there.
-                return unavailable(format!("Redis Cluster: {why}"));
-            }
-        };
-        for r in &replies {
-            parse_appended(r).map_err(|e| QueueError::Unavailable(e.to_string()))?;
-        }
-        if !self.wait.is_zero() {
-            let slots: HashSet<u16> = streams.keys().map(|c| self.layout.slot(c)).collect();
-            if let Err(e) = replicated(con, slots, self.wait) {
-                // A primary that did not answer, or a replica gone: look again.
-                self.con = None;
-                return Err(e);
+        let cmds: Vec<(u16, ::redis::Cmd)> = by_stream(&job.batch)
+            .iter()
+            .map(|(chan, payloads)| {
+                let cmd = self.layout.append_cmd(chan, self.fresh, payloads);
+                (self.layout.slot(chan), cmd)
+            })
+            .collect();
+        let wait = (!self.wait.is_zero()).then(|| wait_cmd(self.wait));
+        // A stream whose primary failed may still have the batch: a retry of the
+        // 503 may deliver it twice there.
+        for done in self.nodes.run(&cmds, wait.as_ref()) {
+            let done = match done {
+                Ok(d) => d,
+                Err(e) => return unavailable(format!("Redis Cluster: {e}")),
+            };
+            parse_appended(&done.reply).map_err(|e| QueueError::Unavailable(e.to_string()))?;
+            if wait.is_some() && !matches!(done.tail, Some(Value::Int(n)) if n >= 1) {
+                return unavailable(format!(
+                    "Redis Cluster: no replica confirmed the batch within -queue-wait ({:?})",
+                    done.tail
+                ));
             }
         }
         Ok(())
@@ -419,32 +395,13 @@ fn by_stream(batch: &[Envelope]) -> HashMap<Chan, Vec<Vec<u8>>> {
     out
 }
 
-/// `WAIT 1` on the primary of each slot written: a `200` only once a replica has
-/// the batch, so a failover does not lose it.
-fn replicated(
-    con: &mut ClusterConnection,
-    slots: HashSet<u16>,
-    wait: Duration,
-) -> Result<(), QueueError> {
+/// `WAIT 1 <ms>`: sent after a primary's writes on the connection that made them,
+/// so a `200` comes only once a replica has them and a failover does not lose them.
+fn wait_cmd(wait: Duration) -> ::redis::Cmd {
     let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
-    for slot in slots {
-        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
-            slot,
-            SlotAddr::Master,
-        )));
-        let mut cmd = ::redis::cmd("WAIT");
-        cmd.arg(1).arg(ms);
-        match con.route_command(&cmd, route) {
-            Ok(Value::Int(n)) if n >= 1 => {}
-            Ok(other) => {
-                return Err(QueueError::Unavailable(format!(
-                    "Redis Cluster: no replica confirmed the batch within -queue-wait ({other:?})"
-                )));
-            }
-            Err(e) => return Err(QueueError::Unavailable(format!("Redis Cluster WAIT: {e}"))),
-        }
-    }
-    Ok(())
+    let mut cmd = ::redis::cmd("WAIT");
+    cmd.arg(1).arg(ms);
+    cmd
 }
 
 /// A history read for a connection: a resume, or a join of a uid new to the node.
@@ -491,6 +448,7 @@ const MARGIN: Duration = Duration::from_millis(50);
 /// The reader thread: resumes and joins, answered to the reactor.
 struct ReaderThread {
     seeds: Vec<Endpoint>,
+    backoff: Duration,
     layout: Layout,
     timeout: Duration,
     limit: usize,
@@ -507,9 +465,9 @@ impl ReaderThread {
     }
 
     fn run(self, rx: Receiver<Read>) {
-        let mut con: Option<ClusterConnection> = None;
+        let mut nodes = Nodes::new(self.seeds.clone(), self.timeout, self.backoff);
         while let Ok(read) = rx.recv() {
-            let fetched = self.read_retrying(&mut con, &read);
+            let fetched = self.read_retrying(&mut nodes, &read);
             let event = Inbound::History {
                 ticket: read.ticket,
                 fetched,
@@ -523,22 +481,9 @@ impl ReaderThread {
     /// One read; a join's read that fails (a primary failing over, the cluster
     /// unreachable) is tried again, its window still starting at the join, until
     /// [`JOIN_RETRY_FOR`] after the join: then its connection is sent off (1012).
-    fn read_retrying(
-        &self,
-        con: &mut Option<ClusterConnection>,
-        read: &Read,
-    ) -> Result<Fetched, String> {
+    fn read_retrying(&self, nodes: &mut Nodes, read: &Read) -> Result<Fetched, String> {
         loop {
-            if con.is_none() {
-                *con = connect(&self.seeds, self.timeout).ok();
-            }
-            let fetched = match con {
-                Some(c) => self.read(c, read.uid.as_deref(), &read.from),
-                None => Err(ReadError::Redis("unreachable".into())),
-            };
-            if fetched.is_err() {
-                *con = None;
-            }
+            let fetched = self.read(nodes, read.uid.as_deref(), &read.from);
             match (fetched, &read.from) {
                 (Err(ReadError::Redis(_)), ReadFrom::Joined(at))
                     if at.elapsed() < JOIN_RETRY_FOR =>
@@ -552,7 +497,7 @@ impl ReaderThread {
 
     fn read(
         &self,
-        con: &mut ClusterConnection,
+        nodes: &mut Nodes,
         uid: Option<&str>,
         from: &ReadFrom,
     ) -> Result<Fetched, ReadError> {
@@ -560,10 +505,10 @@ impl ReaderThread {
             ReadFrom::Since(since) => {
                 let since = ClusterSince::parse(since)
                     .map_err(|_| ReadError::Final("since is no cluster position"))?;
-                Ok(self.since(con, uid, since)?)
+                Ok(self.since(nodes, uid, since)?)
             }
             ReadFrom::Joined(at) => match uid {
-                Some(uid) => self.joined(con, &Chan::Uid(Arc::from(uid)), *at),
+                Some(uid) => self.joined(nodes, &Chan::Uid(Arc::from(uid)), *at),
                 None => Ok(fetched(true, Vec::new(), 0)),
             },
         }
@@ -573,22 +518,27 @@ impl ReaderThread {
     /// their time part.
     fn since(
         &self,
-        con: &mut ClusterConnection,
+        nodes: &mut Nodes,
         uid: Option<&str>,
         since: ClusterSince,
     ) -> ::redis::RedisResult<Fetched> {
         let mut wanted = vec![(Chan::All, since.all)];
         wanted.extend(uid.map(|u| (Chan::Uid(Arc::from(u)), since.uid)));
-        let mut pipe = cluster_pipe();
-        for (chan, at) in &wanted {
-            pipe.add_command(self.layout.read_cmd(chan, *at, self.limit, None));
-        }
-        let replies: Vec<Value> = pipe.query(con)?;
+        let cmds: Vec<_> = wanted
+            .iter()
+            .map(|(chan, at)| {
+                let cmd = self.layout.read_cmd(chan, *at, self.limit, None);
+                (self.layout.slot(chan), cmd)
+            })
+            .collect();
+        let replies = nodes.run(&cmds, None);
         let mut complete = true;
         let mut batch = Vec::new();
         let mut redis_ms = 0;
         for ((chan, at), reply) in wanted.iter().zip(replies) {
-            let r = self.layout.parse_read(chan, *at, reply, self.limit)?;
+            let r = self
+                .layout
+                .parse_read(chan, *at, reply?.reply, self.limit)?;
             complete &= r.complete;
             redis_ms = redis_ms.max(r.redis_ms);
             batch.extend(r.batch);
@@ -599,19 +549,19 @@ impl ReaderThread {
 
     /// What a uid got since its connection joined, by Redis's clock less the
     /// join's age here.
-    fn joined(
-        &self,
-        con: &mut ClusterConnection,
-        chan: &Chan,
-        at: Instant,
-    ) -> Result<Fetched, ReadError> {
+    fn joined(&self, nodes: &mut Nodes, chan: &Chan, at: Instant) -> Result<Fetched, ReadError> {
         for margin in [MARGIN, self.timeout] {
             let sent = at.elapsed();
             let ago = u64::try_from((sent + margin).as_millis()).unwrap_or(u64::MAX) + 1;
             let cmd = self
                 .layout
                 .read_cmd(chan, StreamSince::Start, self.limit, Some(ago));
-            let reply: Value = cmd.query(con)?;
+            let slot = self.layout.slot(chan);
+            let reply = nodes
+                .run(&[(slot, cmd)], None)
+                .pop()
+                .expect("one answer per command")?;
+            let reply = reply.reply;
             let r: StreamRead =
                 self.layout
                     .parse_read(chan, StreamSince::Start, reply, self.limit)?;

@@ -10,6 +10,7 @@ pub mod disque;
 pub mod driver;
 pub mod interests;
 pub mod list;
+pub mod nodes;
 pub mod presence;
 pub mod publisher;
 pub mod reader;

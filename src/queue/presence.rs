@@ -11,8 +11,8 @@
 //! [`TURN`] apart), and all of them again after a lost connection to Redis.
 //!
 //! The same layout serves Redis Cluster: a uid's hash lives in its uid's slot and
-//! every heartbeat in the `{meta}` slot, so the writes and reads go out as cluster
-//! pipelines (split by slot) and the heartbeats' `MGET` stays in one slot.
+//! every heartbeat in the `{meta}` slot, so the writes and reads go out as one
+//! pipeline per primary (`nodes.rs`) and the heartbeats' `MGET` stays in one slot.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -21,10 +21,11 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 
-use ::redis::ConnectionLike;
-use ::redis::cluster::{ClusterConnection, ClusterPipeline, cluster_pipe};
+use ::redis::{RedisResult, Value};
 
-use super::publisher::Endpoint;
+use super::nodes::Nodes;
+use super::publisher::{Endpoint, FIRST_BACKOFF};
+use super::shards::slot;
 use super::{Inbound, Notifier, Ticket};
 
 /// How long changes gather before they are written: the staleness a live node adds.
@@ -61,81 +62,65 @@ pub enum Store {
 /// A connection to the store.
 enum Con {
     Redis(::redis::Connection),
-    /// Boxed: one per presence thread, and far larger than a plain connection.
-    Cluster(Box<ClusterConnection>),
+    /// The cluster's primaries: each command goes to its key's.
+    Cluster(Box<Nodes>),
 }
+
+/// Commands with the key each touches, sent as one pipeline (one per primary on a
+/// cluster).
+type Cmds = Vec<(String, ::redis::Cmd)>;
 
 impl Con {
-    fn any(&mut self) -> &mut dyn ConnectionLike {
+    /// The answers to `cmds`, in order; the first error fails them all.
+    fn run(&mut self, cmds: Cmds) -> RedisResult<Vec<Value>> {
         match self {
-            Con::Redis(c) => c,
-            Con::Cluster(c) => c.as_mut(),
+            Con::Redis(c) => {
+                let mut pipe = ::redis::pipe();
+                for (_, cmd) in cmds {
+                    pipe.add_command(cmd);
+                }
+                pipe.query(c)
+            }
+            Con::Cluster(nodes) => {
+                let cmds: Vec<_> = cmds.into_iter().map(|(k, c)| (slot(&k), c)).collect();
+                nodes
+                    .run(&cmds, None)
+                    .into_iter()
+                    .map(|r| r.map(|d| d.reply))
+                    .collect()
+            }
         }
     }
 
-    fn pipe(&self) -> Pipe {
-        match self {
-            Con::Redis(_) => Pipe::Redis(::redis::pipe()),
-            Con::Cluster(_) => Pipe::Cluster(cluster_pipe()),
-        }
+    /// One command's answer as `T`.
+    fn one<T: ::redis::FromRedisValue>(
+        &mut self,
+        key: String,
+        cmd: ::redis::Cmd,
+    ) -> RedisResult<T> {
+        let v = self.run(vec![(key, cmd)])?.pop().unwrap_or(Value::Nil);
+        Ok(::redis::from_redis_value(v)?)
     }
 }
 
-/// A pipeline of the store's kind: a cluster's is sent to each key's primary.
-enum Pipe {
-    Redis(::redis::Pipeline),
-    Cluster(ClusterPipeline),
-}
-
-impl Pipe {
-    fn hset(&mut self, key: String, field: &str, n: usize) {
-        match self {
-            Pipe::Redis(p) => {
-                p.hset(key, field, n).ignore();
-            }
-            Pipe::Cluster(p) => {
-                p.hset(key, field, n).ignore();
-            }
-        };
+/// `HSET key field n` or, for none, `HDEL key field`.
+fn count_cmd(key: &str, field: &str, n: Option<usize>) -> ::redis::Cmd {
+    let mut cmd = ::redis::cmd(if n.is_some() { "HSET" } else { "HDEL" });
+    cmd.arg(key).arg(field);
+    if let Some(n) = n {
+        cmd.arg(n);
     }
-
-    fn hdel(&mut self, key: String, field: &str) {
-        match self {
-            Pipe::Redis(p) => {
-                p.hdel(key, field).ignore();
-            }
-            Pipe::Cluster(p) => {
-                p.hdel(key, field).ignore();
-            }
-        };
-    }
-
-    fn hgetall(&mut self, key: String) {
-        match self {
-            Pipe::Redis(p) => {
-                p.hgetall(key);
-            }
-            Pipe::Cluster(p) => {
-                p.hgetall(key);
-            }
-        };
-    }
-
-    fn query<T: ::redis::FromRedisValue>(&self, con: &mut Con) -> ::redis::RedisResult<T> {
-        match (self, con) {
-            (Pipe::Redis(p), Con::Redis(c)) => p.query(c),
-            (Pipe::Cluster(p), Con::Cluster(c)) => p.query(c.as_mut()),
-            _ => unreachable!("a pipeline is made for its own connection"),
-        }
-    }
+    cmd
 }
 
 impl Store {
-    fn connect(&self, timeout: Duration) -> ::redis::RedisResult<Con> {
+    fn connect(&self, timeout: Duration) -> RedisResult<Con> {
         Ok(match self {
             Store::Redis(e) => Con::Redis(e.connect(timeout)?),
             Store::Cluster(seeds) => {
-                Con::Cluster(Box::new(super::cluster::connect(seeds, timeout)?))
+                let mut nodes = Nodes::new(seeds.clone(), timeout, timeout.max(FIRST_BACKOFF));
+                nodes.refresh()?;
+                Con::Cluster(Box::new(nodes))
             }
         })
     }
@@ -235,6 +220,7 @@ impl Worker {
         let mut beat = start.checked_sub(self.ttl).unwrap_or(start);
         let mut first = true;
         let mut stop = false;
+        let mut healthy = true;
         while !stop {
             let mut reads = Vec::new();
             match rx.recv_timeout(TURN) {
@@ -265,10 +251,17 @@ impl Worker {
                     Ok(()) if due => {
                         beat = Instant::now();
                         first = false;
+                        healthy = true;
                     }
-                    Ok(()) => {}
-                    Err(e) => {
+                    Ok(()) => healthy = true,
+                    // Once per outage: a failover answers every turn with an error.
+                    Err(e) if healthy => {
                         warn!("presence: writing to Redis: {e}");
+                        healthy = false;
+                        con = None;
+                    }
+                    Err(e) => {
+                        debug!("presence: writing to Redis: {e}");
                         con = None;
                     }
                 }
@@ -288,9 +281,10 @@ impl Worker {
         }
         // A node that stops leaves no entries to be counted until its heartbeat expires.
         if let Some(c) = con.as_mut() {
-            let _: ::redis::RedisResult<()> = ::redis::cmd("DEL")
-                .arg(self.alive_key(&self.node))
-                .query(c.any());
+            let key = self.alive_key(&self.node);
+            let mut del = ::redis::cmd("DEL");
+            del.arg(&key);
+            let _ = c.run(vec![(key, del)]);
         }
     }
 
@@ -313,15 +307,12 @@ impl Worker {
 
     /// Renews the heartbeat. One that had expired (Redis stalled, or restarted) may
     /// have let another node's read delete this node's fields: all are written again.
-    fn beat(&mut self, con: &mut Con) -> ::redis::RedisResult<()> {
+    fn beat(&mut self, con: &mut Con) -> RedisResult<()> {
         let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
-        let before: Option<String> = ::redis::cmd("SET")
-            .arg(self.alive_key(&self.node))
-            .arg(1)
-            .arg("PX")
-            .arg(ttl_ms)
-            .arg("GET")
-            .query(con.any())?;
+        let key = self.alive_key(&self.node);
+        let mut set = ::redis::cmd("SET");
+        set.arg(&key).arg(1).arg("PX").arg(ttl_ms).arg("GET");
+        let before: Option<String> = con.one(key, set)?;
         if before.is_none() {
             self.dirty.extend(self.counts.keys().cloned());
         }
@@ -329,18 +320,18 @@ impl Worker {
     }
 
     /// Writes the changed counts, a pipeline per [`CHUNK`].
-    fn write(&mut self, con: &mut Con) -> ::redis::RedisResult<()> {
+    fn write(&mut self, con: &mut Con) -> RedisResult<()> {
         while !self.dirty.is_empty() {
             let batch: Vec<Arc<str>> = self.dirty.iter().take(CHUNK).cloned().collect();
-            let mut pipe = con.pipe();
-            for uid in &batch {
-                let key = self.key(uid);
-                match self.counts.get(uid) {
-                    Some(n) => pipe.hset(key, &self.node, *n),
-                    None => pipe.hdel(key, &self.node),
-                }
-            }
-            pipe.query::<()>(con)?;
+            let cmds: Cmds = batch
+                .iter()
+                .map(|uid| {
+                    let key = self.key(uid);
+                    let cmd = count_cmd(&key, &self.node, self.counts.get(uid).copied());
+                    (key, cmd)
+                })
+                .collect();
+            con.run(cmds)?;
             for uid in &batch {
                 self.dirty.remove(uid);
             }
@@ -350,12 +341,21 @@ impl Worker {
 
     /// Each uid's connections on the nodes whose heartbeat is alive: one pipeline of
     /// `HGETALL`s, one `MGET` of the heartbeats they name.
-    fn answer(&self, con: &mut Con, uids: &[String]) -> ::redis::RedisResult<Vec<(String, u64)>> {
-        let mut pipe = con.pipe();
-        for uid in uids {
-            pipe.hgetall(self.key(uid));
-        }
-        let hashes: Vec<HashMap<String, u64>> = pipe.query(con)?;
+    fn answer(&self, con: &mut Con, uids: &[String]) -> RedisResult<Vec<(String, u64)>> {
+        let reads: Cmds = uids
+            .iter()
+            .map(|uid| {
+                let key = self.key(uid);
+                let mut cmd = ::redis::cmd("HGETALL");
+                cmd.arg(&key);
+                (key, cmd)
+            })
+            .collect();
+        let hashes: Vec<HashMap<String, u64>> = con
+            .run(reads)?
+            .into_iter()
+            .map(::redis::from_redis_value)
+            .collect::<Result<_, _>>()?;
         let mut nodes: Vec<&str> = hashes
             .iter()
             .flat_map(|h| h.keys().map(String::as_str))
@@ -366,7 +366,10 @@ impl Worker {
             HashSet::new()
         } else {
             let keys: Vec<String> = nodes.iter().map(|n| self.alive_key(n)).collect();
-            let beats: Vec<Option<String>> = ::redis::cmd("MGET").arg(&keys).query(con.any())?;
+            let mut mget = ::redis::cmd("MGET");
+            mget.arg(&keys);
+            // Every heartbeat is in the `{meta}` slot.
+            let beats: Vec<Option<String>> = con.one(keys[0].clone(), mget)?;
             nodes
                 .iter()
                 .zip(beats)
@@ -375,8 +378,7 @@ impl Worker {
                 .collect()
         };
         // Fields of dead nodes go, so hashes do not grow with every restart.
-        let mut gone = con.pipe();
-        let mut any_gone = false;
+        let mut gone: Cmds = Vec::new();
         let mut out = Vec::with_capacity(uids.len());
         for (uid, hash) in uids.iter().zip(&hashes) {
             let mut n = 0;
@@ -384,14 +386,14 @@ impl Worker {
                 if alive.contains(node.as_str()) {
                     n += count;
                 } else {
-                    gone.hdel(self.key(uid), node);
-                    any_gone = true;
+                    let key = self.key(uid);
+                    gone.push((key.clone(), count_cmd(&key, node, None)));
                 }
             }
             out.push((uid.clone(), n));
         }
-        if any_gone {
-            gone.query::<()>(con)?;
+        if !gone.is_empty() {
+            con.run(gone)?;
         }
         Ok(out)
     }

@@ -107,7 +107,25 @@ impl Endpoint {
         Ok(Endpoint { client, display })
     }
 
-    /// How to reach it, for a Redis Cluster client seeded with it.
+    /// The same settings (credentials, timeouts) at another `HOST:PORT`: a cluster
+    /// node named by the slot map.
+    pub fn at(&self, host_port: &str) -> Result<Self, BackendError> {
+        let (host, port) = host_port
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
+            .ok_or_else(|| BackendError::Address(format!("{host_port:?}: not HOST:PORT")))?;
+        let info = self
+            .info()
+            .set_addr(::redis::ConnectionAddr::Tcp(host.to_string(), port));
+        let client = ::redis::Client::open(info)
+            .map_err(|e| BackendError::Address(format!("{host_port:?}: {e}")))?;
+        Ok(Endpoint {
+            client,
+            display: host_port.to_string(),
+        })
+    }
+
+    /// How to reach it (its settings, for another address).
     pub fn info(&self) -> ::redis::ConnectionInfo {
         self.client.get_connection_info().clone()
     }
