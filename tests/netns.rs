@@ -939,10 +939,14 @@ fn a_redis_cluster_primary_host_going_away_loses_no_200() {
         format!("-queue-name={CLUSTER_QUEUE}"),
     );
     // -queue-wait: a 200 means a replica has the message, so it survives the
-    // primary's host; -queue-timeout bounds each wait on the silent host.
+    // primary's host; -queue-timeout bounds each wait on the silent host. The
+    // flood sends some 300 a second to each uid: -history-size keeps all of an
+    // outage of several seconds, so B's catch-up on the new primary (or the
+    // client's resume) finds every 200 there (the contract's "within retention").
     let args = [
         queue.as_str(),
         name.as_str(),
+        "-history-size=5000",
         "-queue-wait=500ms",
         "-queue-timeout=1s",
         "-queue-backoff=500ms",

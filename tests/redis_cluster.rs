@@ -193,7 +193,13 @@ fn failover_with_send_running(fault: Fault, what: &str) {
     let (a, b) = two_nodes(
         &cluster,
         &name,
-        &["-queue-wait=500ms", "-queue-backoff=500ms"],
+        // -history-size: the stream keeps every message of the outage, so the
+        // subscriber on B fills its gap however long the promotion takes.
+        &[
+            "-queue-wait=500ms",
+            "-queue-backoff=500ms",
+            "-history-size=5000",
+        ],
     );
     let uid = "f".to_string();
     let primary = cluster.owner(&format!("{name}:{{u:{uid}}}:h"));
@@ -348,7 +354,11 @@ fn a_node_shutting_down_delivers_what_it_accepted_then_closes_with_1001() {
 fn a_slot_moved_to_another_primary_with_send_running_loses_no_200() {
     let cluster = RedisCluster::start();
     let name = unique_name("cluster-reshard");
-    let (a, b) = two_nodes(&cluster, &name, &["-queue-backoff=500ms"]);
+    let (a, b) = two_nodes(
+        &cluster,
+        &name,
+        &["-queue-backoff=500ms", "-history-size=5000"],
+    );
     let uid = "m".to_string();
     let key = format!("{name}:{{u:{uid}}}:h");
     let (slot, from) = (cluster.slot(&key), cluster.owner(&key));

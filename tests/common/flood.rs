@@ -118,12 +118,42 @@ impl Flood {
         stop_send.store(true, Ordering::Release);
         let (ok, refused) = sender.join().unwrap();
         let accepted: HashSet<u64> = ok.iter().map(|(n, _)| *n).collect();
-        wait_until("every 200 delivered", WAIT, || {
-            reading(&reader);
+        let missing = || {
             let got = got.lock().unwrap();
             let have: HashSet<u64> = got.iter().map(|(n, _)| *n).collect();
-            accepted.is_subset(&have)
-        });
+            let mut lost: Vec<u64> = accepted.difference(&have).copied().collect();
+            lost.sort_unstable();
+            lost
+        };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            reading(&reader);
+            let lost = missing();
+            if lost.is_empty() {
+                break;
+            }
+            // Say which 200s never came, with when each was answered and what the
+            // client got around them, so a loss can be traced in the node's log.
+            if Instant::now() >= deadline {
+                let (count, last) = {
+                    let got = got.lock().unwrap();
+                    (got.len(), got.last().map(|(n, _)| *n))
+                };
+                let when: Vec<Duration> = ok
+                    .iter()
+                    .filter(|(n, _)| lost.contains(n))
+                    .take(5)
+                    .map(|(_, t)| t.duration_since(ok[0].1))
+                    .collect();
+                panic!(
+                    "{} answered 200 never delivered: {:?} (answered {when:?} after the first \
+                     200); the client got {count} pushes, the last {last:?}",
+                    lost.len(),
+                    &lost[..lost.len().min(20)],
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
         stop_read.store(true, Ordering::Release);
         reader.join().unwrap();
         let got = std::mem::take(&mut *got.lock().unwrap());
@@ -163,6 +193,10 @@ fn collect(
                 Ok(Message::Text(t)) => {
                     let m: serde_json::Value = serde_json::from_str(&t).unwrap();
                     if m["op"] == "resumed" {
+                        // The floods size retention (-history-size) to cover the
+                        // fault, so a resume that says something may be missing is
+                        // a loss of what was promised.
+                        assert_eq!(m["complete"], true, "a resume within retention: {t}");
                         continue;
                     }
                     let n = m["msg"].as_u64().expect("a flood number");
