@@ -77,15 +77,6 @@ impl Nodes {
         }
     }
 
-    /// Whether the slot map was read and every primary it names is connected.
-    pub fn healthy(&self) -> bool {
-        !self.stale
-            && self
-                .map
-                .iter()
-                .all(|(_, _, a)| self.nodes.get(a).is_some_and(|n| n.con.is_some()))
-    }
-
     /// Reads the slot map now, from a connected primary or else a seed.
     pub fn refresh(&mut self) -> RedisResult<()> {
         self.read_at = Some(Instant::now());
