@@ -18,8 +18,9 @@ pub enum QueueSpec {
     Redis(String),
     /// Disque job queue at `HOST:PORT`.
     Disque(String),
-    /// Redis Cluster: seed nodes as `redis://HOST:PORT` URLs (`redis-cluster/H:P,H:P`
-    /// on the command line); the rest of the cluster is learnt from them.
+    /// Redis Cluster: seed nodes as `redis://[USER:PASS@]HOST:PORT` URLs
+    /// (`redis-cluster/[USER:PASS@]H:P,H:P` on the command line, the credentials
+    /// for every node); the rest of the cluster is learnt from them.
     RedisCluster(Vec<String>),
 }
 
@@ -35,11 +36,20 @@ impl QueueSpec {
         } else if s.len() > "redis://".len() && s.starts_with("redis://") {
             Ok(QueueSpec::Redis(s.to_string()))
         } else if let Some(seeds) = s.strip_prefix("redis-cluster/") {
-            let seeds: Vec<String> = seeds.split(',').map(|a| format!("redis://{a}")).collect();
+            // `[USER:PASS@]H:P,H:P…`: the credentials go to every node, seed or not
+            // (the last `@`: a password may hold one, an address never does).
+            let (creds, seeds) = match seeds.rsplit_once('@') {
+                Some((creds, addrs)) => (format!("{creds}@"), addrs),
+                None => (String::new(), seeds),
+            };
             // Each seed is HOST:PORT; the URL parser checks the rest at start.
-            let valid = |u: &String| u.len() > "redis://".len() && u.rfind(':') > Some(6);
-            (seeds.iter().all(valid) && seeds.len() <= MAX_SEEDS)
-                .then_some(QueueSpec::RedisCluster(seeds))
+            let valid = |a: &str| a.rfind(':').is_some_and(|colon| colon > 0);
+            let addrs: Vec<&str> = seeds.split(',').collect();
+            (addrs.iter().all(|a| valid(a)) && addrs.len() <= MAX_SEEDS)
+                .then(|| {
+                    let urls = addrs.iter().map(|a| format!("redis://{creds}{a}"));
+                    QueueSpec::RedisCluster(urls.collect())
+                })
                 .ok_or_else(bad)
         } else if let Some(addr) = s.strip_prefix("disque/") {
             (!addr.is_empty())
@@ -115,7 +125,7 @@ flags! {
         "bind" "ADDR" text, "address to listen on";
     queue: QueueSpec = QueueSpec::List,
         "queue" "SPEC" queue_spec,
-        "queue backend: list | redis/HOST:PORT | redis://[:PASS@]HOST:PORT[/DB] | redis-cluster/HOST:PORT[,HOST:PORT…] | disque/HOST:PORT";
+        "queue backend: list | redis/HOST:PORT | redis://[:PASS@]HOST:PORT[/DB] | redis-cluster/[:PASS@]HOST:PORT[,HOST:PORT…] | disque/HOST:PORT";
     /// Messages the in-process list holds before `/send` answers 503; with Redis or
     /// Disque, the batches that may wait for the publisher thread.
     queue_size: usize = 100_000,
@@ -706,7 +716,17 @@ mod tests {
                 "redis://h2:7001".into()
             ])
         );
+        // Credentials before the addresses are every node's.
+        let c = run(&["-queue=redis-cluster/:p@ss@10.0.0.1:7000,h2:7001"]);
+        assert_eq!(
+            c.queue,
+            QueueSpec::RedisCluster(vec![
+                "redis://:p@ss@10.0.0.1:7000".into(),
+                "redis://:p@ss@h2:7001".into()
+            ])
+        );
         assert!(parse(&["-queue=redis-cluster/"]).is_err());
+        assert!(parse(&["-queue=redis-cluster/:pw@"]).is_err());
         assert!(parse(&["-queue=redis-cluster/h:1,"]).is_err());
         assert!(parse(&["-queue=redis-cluster/h:1", "-queue-wait=5s"]).is_err());
         assert!(parse(&["-queue=redis/"]).is_err());

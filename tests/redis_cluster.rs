@@ -434,3 +434,67 @@ fn presence_counts_uids_in_every_slot_range_across_nodes() {
     ));
     drop((on_a, on_b));
 }
+
+/// A cluster behind `requirepass`: the credentials given before the seeds reach
+/// every node the slot map names (publisher, reader, presence and the sharded
+/// subscribers), and a node with the wrong password answers 503 with a JSON error
+/// and never writes the password to its log.
+#[test]
+fn a_password_protected_cluster_serves_every_primary() {
+    let cluster = RedisCluster::start();
+    let name = unique_name("cluster-auth");
+    let uids: Vec<String> = uid_per_primary(&cluster, &name, "k-")
+        .into_iter()
+        .map(|(_, uid)| uid)
+        .collect();
+    for n in &cluster.nodes {
+        let mut c = RespClient::connect(n.port).expect("a cluster node");
+        // masterauth first: replicas must still sync once their primary asks.
+        assert_eq!(
+            c.cmd(&["CONFIG", "SET", "masterauth", "s3cret"]).text(),
+            "OK"
+        );
+        assert_eq!(
+            c.cmd(&["CONFIG", "SET", "requirepass", "s3cret"]).text(),
+            "OK"
+        );
+    }
+    let seeds = |pass: &str| {
+        format!(
+            "-queue=redis-cluster/:{pass}@127.0.0.1:{},127.0.0.1:{}",
+            cluster.nodes[0].port, cluster.nodes[1].port
+        )
+    };
+    let (flag, queue_name) = (seeds("s3cret"), format!("-queue-name={name}"));
+    let args = [flag.as_str(), queue_name.as_str(), "-presence-ttl=1s"];
+    let (a, b) = (Server::start(&args), Server::start(&args));
+    wait_health(&a, 200);
+    wait_health(&b, 200);
+    let mut clients: Vec<Ws> = uids.iter().map(|u| b.ws(&format!("uid={u}"))).collect();
+    wait_until("b subscribed on every primary", WAIT, || {
+        b.stats()["queue"]["channels"] == uids.len()
+    });
+    for (uid, ws) in uids.iter().zip(&mut clients) {
+        a.send_ok(&unicast(uid, json!(format!("to {uid}"))));
+        assert_eq!(recv_json(ws)["msg"], format!("to {uid}"));
+    }
+    wait_until("presence read through every primary", WAIT, || {
+        let r = a.get(&format!("/presence?uid={}", uids.join(",")));
+        r.status == 200 && uids.iter().all(|u| r.json()["presence"][u] == 1)
+    });
+
+    let dir = TempDir::new("cluster-auth-log");
+    let log = dir.0.join("wrong.log");
+    let wrong = seeds("wrong-secret");
+    let c = Server::start_with(&[wrong.as_str(), queue_name.as_str()], &[], Some(&log));
+    wait_health(&c, 503);
+    let r = c.send(&unicast(&uids[0], json!("never")));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(!r.error().is_empty(), "{}", r.text());
+    drop(c);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains("wrong-secret"),
+        "the password in the log: {text}"
+    );
+}

@@ -125,6 +125,14 @@ impl Endpoint {
         })
     }
 
+    /// The user and password it logs in with, if any.
+    pub fn credentials(&self) -> Option<(Option<String>, String)> {
+        let info = self.client.get_connection_info();
+        let r = info.redis_settings();
+        let pass = r.password()?.to_string();
+        Some((r.username().map(str::to_string), pass))
+    }
+
     /// How to reach it (its settings, for another address).
     pub fn info(&self) -> ::redis::ConnectionInfo {
         self.client.get_connection_info().clone()

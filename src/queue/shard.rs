@@ -286,10 +286,17 @@ impl Shards {
     /// Reads the slot map from any seed or known primary, then gives out what
     /// waits for an owner.
     fn refresh(&mut self) {
-        let known = self.map.iter().map(|(_, _, a)| format!("redis://{a}"));
+        let known: Vec<Endpoint> = match self.set.seeds.first() {
+            Some(seed) => self
+                .map
+                .iter()
+                .filter_map(|(_, _, a)| seed.at(a).ok())
+                .collect(),
+            None => Vec::new(),
+        };
         let seeds = self.set.seeds.iter().cloned();
         let mut found = None;
-        for e in seeds.chain(known.filter_map(|u| Endpoint::parse(&u).ok())) {
+        for e in seeds.chain(known) {
             let map = e
                 .connect(self.set.timeout)
                 .and_then(|mut c| ::redis::cmd("CLUSTER").arg("SLOTS").query::<Value>(&mut c));
@@ -396,12 +403,20 @@ impl ShardThread {
     }
 
     fn connect(&self) -> ::redis::RedisResult<Live> {
-        let e = Endpoint::parse(&format!("redis://{}", self.addr)).map_err(|e| {
+        // A node the slot map names takes the seeds' credentials.
+        let seed = self.set.seeds.first().ok_or_else(|| {
+            ::redis::RedisError::from((::redis::ErrorKind::Client, "no seed node"))
+        })?;
+        let e = seed.at(&self.addr).map_err(|e| {
             ::redis::RedisError::from((::redis::ErrorKind::Client, "address", e.to_string()))
         })?;
+        let mut sub = SubConn::connect(&self.addr, self.set.timeout)?;
+        if let Some((user, pass)) = seed.credentials() {
+            sub.auth(user.as_deref(), &pass, self.set.timeout)?;
+        }
         let (held, dropped) = (self.set.backlog.1.clone(), self.set.backlog.2.clone());
         Ok(Live {
-            sub: SubConn::connect(&self.addr, self.set.timeout)?,
+            sub,
             data: e.connect(self.set.timeout)?,
             chans: HashMap::new(),
             backlog: Backlog::new(self.set.backlog.0, held, dropped),

@@ -86,6 +86,40 @@ impl SubConn {
         })
     }
 
+    /// `AUTH [user] pass` before anything else, as the plain connections of the
+    /// same node do; a refusal is an error.
+    pub fn auth(&mut self, user: Option<&str>, pass: &str, timeout: Duration) -> io::Result<()> {
+        let mut cmd = ::redis::cmd("AUTH");
+        if let Some(user) = user {
+            cmd.arg(user);
+        }
+        cmd.arg(pass);
+        self.send(&cmd)?;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            match self.next(left)? {
+                Some(Value::Okay) => return Ok(()),
+                Some(Value::ServerError(e)) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        format!("AUTH refused: {}", e.details().unwrap_or("")),
+                    ));
+                }
+                Some(other) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("AUTH answered {other:?}"),
+                    ));
+                }
+                None => {}
+            }
+        }
+    }
+
     pub fn send(&mut self, cmd: &::redis::Cmd) -> io::Result<()> {
         self.stream.write_all(&cmd.get_packed_command())
     }
