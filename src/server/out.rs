@@ -120,11 +120,18 @@ impl OutQueue {
     }
 }
 
-/// The one write to a socket: a vectored write, retried when interrupted.
-/// `Ok(0)` means the socket takes nothing more now.
+/// The one write to a socket, retried when interrupted: one buffer goes as a
+/// plain write (`send`), several as a vectored one (`writev`). On a socket `send`
+/// skips the file layer `writev` takes (position lock, iovec import), which is a
+/// tenth of the kernel's cost of a small push on loopback, and a broadcast is one
+/// such write per receiver. `Ok(0)` means the socket takes nothing more now.
 pub(super) fn write_some<W: Write>(sock: &mut W, slices: &[IoSlice<'_>]) -> io::Result<usize> {
     loop {
-        match sock.write_vectored(slices) {
+        let written = match slices {
+            [one] => sock.write(one),
+            _ => sock.write_vectored(slices),
+        };
+        match written {
             Ok(0) if slices.iter().any(|s| !s.is_empty()) => {
                 return Err(io::ErrorKind::WriteZero.into());
             }
