@@ -106,14 +106,25 @@ impl Nodes {
                 }
             }
         }
-        for seed in &self.seeds {
-            match seed
-                .connect(self.timeout)
-                .and_then(|mut c| slots.query::<Value>(&mut c))
-            {
+        for i in 0..self.seeds.len() {
+            let seed = &self.seeds[i];
+            let mut con = match seed.connect(self.timeout) {
+                Ok(c) => c,
+                Err(e) => {
+                    last = Some(e);
+                    continue;
+                }
+            };
+            match slots.query::<Value>(&mut con) {
                 Ok(v) => {
                     if let Some(map) = parse_slots(&v).filter(|m| !m.is_empty()) {
+                        let addr = seed.display.clone();
                         self.take_map(map);
+                        // A seed that is a primary keeps its connection, so an idle
+                        // publisher's map reads do not open one each time.
+                        if self.map.iter().any(|(_, _, a)| *a == addr) {
+                            self.keep(addr, con);
+                        }
                         return Ok(());
                     }
                 }
@@ -131,6 +142,22 @@ impl Nodes {
             .retain(|a, _| map.iter().any(|(_, _, owner)| owner == a));
         self.map = map;
         self.stale = false;
+    }
+
+    /// The node's state, made on first use.
+    fn node(&mut self, addr: &str) -> &mut Node {
+        let max = self.max_backoff;
+        self.nodes.entry(addr.to_string()).or_insert_with(|| Node {
+            con: None,
+            retry_at: Instant::now(),
+            backoff: Backoff::new(FIRST_BACKOFF, max),
+        })
+    }
+
+    fn keep(&mut self, addr: String, con: Connection) {
+        let node = self.node(&addr);
+        node.con = Some(con);
+        node.backoff.reset();
     }
 
     /// The primary owning `slot`, by the map last read.
@@ -289,47 +316,37 @@ impl Nodes {
 
     /// The node's connection, opened if it has none and is not in its backoff.
     fn connection(&mut self, addr: &str) -> RedisResult<&mut Connection> {
-        let node = self.nodes.entry(addr.to_string()).or_insert_with(|| Node {
-            con: None,
-            retry_at: Instant::now(),
-            backoff: Backoff::new(FIRST_BACKOFF, self.max_backoff),
-        });
+        let node = self.node(addr);
         if node.con.is_none() {
             if Instant::now() < node.retry_at {
                 return Err(client_error(
                     "primary failed a moment ago; trying again soon",
                 ));
             }
-            let seed = self.seeds.first().ok_or_else(|| client_error("no seed"))?;
-            let e = seed
-                .at(addr)
-                .map_err(|e| client_error_owned(e.to_string()))?;
-            node.con = Some(e.connect(self.timeout)?);
-            node.backoff.reset();
+            let con = self.open(addr)?;
+            self.keep(addr.to_string(), con);
         }
-        node.con
+        self.node(addr)
+            .con
             .as_mut()
             .ok_or_else(|| client_error("connection gone"))
+    }
+
+    /// A new connection to a node the map names, with the seeds' settings.
+    fn open(&self, addr: &str) -> RedisResult<Connection> {
+        let seed = self.seeds.first().ok_or_else(|| client_error("no seed"))?;
+        let e = seed
+            .at(addr)
+            .map_err(|e| client_error_owned(e.to_string()))?;
+        e.connect(self.timeout)
     }
 
     /// A node's connection failed: drop it, wait a backoff, and read the map again
     /// (its slots may have a new primary).
     fn failed(&mut self, addr: &str) {
-        if let Some(n) = self.nodes.get_mut(addr) {
-            n.con = None;
-            n.retry_at = Instant::now() + n.backoff.next_delay();
-        } else {
-            let mut backoff = Backoff::new(FIRST_BACKOFF, self.max_backoff);
-            let retry_at = Instant::now() + backoff.next_delay();
-            self.nodes.insert(
-                addr.to_string(),
-                Node {
-                    con: None,
-                    retry_at,
-                    backoff,
-                },
-            );
-        }
+        let node = self.node(addr);
+        node.con = None;
+        node.retry_at = Instant::now() + node.backoff.next_delay();
         self.stale = true;
     }
 }
