@@ -20,7 +20,7 @@ use ::redis::{Cmd, Connection, ErrorKind, RedisError, RedisResult, ServerErrorKi
 
 use super::Backoff;
 use super::publisher::{Endpoint, FIRST_BACKOFF, is_broken};
-use super::shards::parse_slots;
+use super::shards::SlotMap;
 
 /// How often the slot map may be read again while it looks stale.
 const REFRESH_EVERY: Duration = Duration::from_millis(100);
@@ -48,8 +48,7 @@ pub struct Nodes {
     seeds: Vec<Endpoint>,
     timeout: Duration,
     max_backoff: Duration,
-    /// Slot ranges with their primary's `HOST:PORT`.
-    map: Vec<(u16, u16, String)>,
+    map: SlotMap,
     nodes: HashMap<String, Node>,
     /// A failure or a redirect said the map may be out of date.
     stale: bool,
@@ -70,7 +69,7 @@ impl Nodes {
             seeds,
             timeout,
             max_backoff,
-            map: Vec::new(),
+            map: SlotMap::default(),
             nodes: HashMap::new(),
             stale: true,
             read_at: None,
@@ -80,66 +79,40 @@ impl Nodes {
     /// Reads the slot map now, from a connected primary or else a seed.
     pub fn refresh(&mut self) -> RedisResult<()> {
         self.read_at = Some(Instant::now());
-        let mut slots = ::redis::cmd("CLUSTER");
-        slots.arg("SLOTS");
         let connected: Vec<String> = self
             .nodes
             .iter()
             .filter(|(_, n)| n.con.is_some())
             .map(|(a, _)| a.clone())
             .collect();
-        let mut last = None;
         for addr in connected {
             let Some(con) = self.nodes.get_mut(&addr).and_then(|n| n.con.as_mut()) else {
                 continue;
             };
-            match slots.query::<Value>(con) {
-                Ok(v) => {
-                    if let Some(map) = parse_slots(&v).filter(|m| !m.is_empty()) {
-                        self.take_map(map);
-                        return Ok(());
-                    }
+            match SlotMap::query(con) {
+                Ok(Some(map)) => {
+                    self.take_map(map);
+                    return Ok(());
                 }
-                Err(e) => {
-                    self.failed(&addr);
-                    last = Some(e);
-                }
+                Ok(None) => {}
+                Err(_) => self.failed(&addr),
             }
         }
-        for i in 0..self.seeds.len() {
-            let seed = &self.seeds[i];
-            let mut con = match seed.connect(self.timeout) {
-                Ok(c) => c,
-                Err(e) => {
-                    last = Some(e);
-                    continue;
-                }
-            };
-            match slots.query::<Value>(&mut con) {
-                Ok(v) => {
-                    if let Some(map) = parse_slots(&v).filter(|m| !m.is_empty()) {
-                        let addr = seed.display.clone();
-                        self.take_map(map);
-                        // A seed that is a primary keeps its connection, so an idle
-                        // publisher's map reads do not open one each time.
-                        if self.map.iter().any(|(_, _, a)| *a == addr) {
-                            self.keep(addr, con);
-                        }
-                        return Ok(());
-                    }
-                }
-                Err(e) => last = Some(e),
-            }
+        let (map, seed, con) = SlotMap::read(&self.seeds, self.timeout)?;
+        let addr = seed.display.clone();
+        self.take_map(map);
+        // A seed that is a primary keeps its connection, so an idle publisher's
+        // map reads do not open one each time.
+        if self.map.names(&addr) {
+            self.keep(addr, con);
         }
-        Err(last.unwrap_or_else(|| client_error("no node gave a slot map")))
+        Ok(())
     }
 
-    fn take_map(&mut self, mut map: Vec<(u16, u16, String)>) {
-        map.sort_unstable();
+    fn take_map(&mut self, map: SlotMap) {
         // Connections to nodes no longer primaries go: a demoted primary answers
         // MOVED anyway, and a node removed must not keep a socket.
-        self.nodes
-            .retain(|a, _| map.iter().any(|(_, _, owner)| owner == a));
+        self.nodes.retain(|a, _| map.names(a));
         self.map = map;
         self.stale = false;
     }
@@ -158,13 +131,6 @@ impl Nodes {
         let node = self.node(&addr);
         node.con = Some(con);
         node.backoff.reset();
-    }
-
-    /// The primary owning `slot`, by the map last read.
-    pub fn owner(&self, slot: u16) -> Option<&str> {
-        let i = self.map.partition_point(|(start, _, _)| *start <= slot);
-        let (start, end, addr) = self.map.get(i.checked_sub(1)?)?;
-        (*start <= slot && slot <= *end).then_some(addr.as_str())
     }
 
     /// Runs each `(slot, command)` on its slot's primary, one pipeline per primary,
@@ -208,7 +174,7 @@ impl Nodes {
         let mut by_node: HashMap<String, Vec<(usize, bool)>> = HashMap::new();
         for (i, to) in pending {
             let (addr, asking) = match to {
-                To::Slot(slot) => match self.owner(slot) {
+                To::Slot(slot) => match self.map.owner(slot) {
                     Some(a) => (a.to_string(), false),
                     None => {
                         self.stale = true;
@@ -389,33 +355,9 @@ mod tests {
 
     fn nodes(map: Vec<(u16, u16, &str)>) -> Nodes {
         let mut n = Nodes::new(Vec::new(), Duration::from_secs(1), Duration::from_secs(1));
-        n.take_map(
-            map.into_iter()
-                .map(|(a, b, c)| (a, b, c.to_string()))
-                .collect(),
-        );
+        let ranges = map.into_iter().map(|(a, b, c)| (a, b, c.to_string()));
+        n.take_map(SlotMap::new(ranges.collect()));
         n
-    }
-
-    #[test]
-    fn a_slot_belongs_to_the_range_holding_it() {
-        let n = nodes(vec![
-            (10923, 16383, "c:1"),
-            (0, 5460, "a:1"),
-            (5461, 10922, "b:1"),
-        ]);
-        assert_eq!(n.owner(0), Some("a:1"));
-        assert_eq!(n.owner(5460), Some("a:1"));
-        assert_eq!(n.owner(5461), Some("b:1"));
-        assert_eq!(n.owner(16383), Some("c:1"));
-    }
-
-    #[test]
-    fn a_slot_no_range_covers_has_no_owner() {
-        let n = nodes(vec![(0, 99, "a:1"), (200, 16383, "b:1")]);
-        assert_eq!(n.owner(100), None);
-        assert_eq!(n.owner(199), None);
-        assert_eq!(nodes(Vec::new()).owner(0), None);
     }
 
     fn server_error(line: &str) -> RedisError {

@@ -25,7 +25,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use super::cluster::{Read, ReadFrom};
 use super::publisher::{Endpoint, FIRST_BACKOFF};
 use super::redis::{Backlog, Interest, Join, net_interest};
-use super::shards::{Chan, Layout, parse_slots, place};
+use super::shards::{Chan, Layout, SlotMap, place};
 use super::streams::{first_seq_at, parse_place};
 use super::{Backoff, Inbound, Link, Notifier, ReactorGone};
 use crate::history::StreamSince;
@@ -88,8 +88,7 @@ pub struct Shards {
     set: Arc<Setup>,
     uids: HashSet<Arc<str>>,
     joins: Vec<Join>,
-    /// Slot ranges and their primaries' `HOST:PORT`.
-    map: Vec<(u16, u16, String)>,
+    map: SlotMap,
     threads: HashMap<String, Handle>,
     starting: HashSet<String>,
     /// Channels (and joins) without a live owner: given out once the map is read.
@@ -110,7 +109,7 @@ impl Shards {
             set: Arc::new(set),
             uids: HashSet::new(),
             joins: Vec::new(),
-            map: Vec::new(),
+            map: SlotMap::default(),
             threads: HashMap::new(),
             starting: HashSet::new(),
             lost: vec![(Chan::All, StreamSince::Start)],
@@ -217,11 +216,9 @@ impl Shards {
     }
 
     fn owner(&self, chan: &Chan) -> Option<String> {
-        let slot = self.set.layout.slot(chan);
         self.map
-            .iter()
-            .find(|(start, end, _)| (*start..=*end).contains(&slot))
-            .map(|(_, _, addr)| addr.clone())
+            .owner(self.set.layout.slot(chan))
+            .map(str::to_string)
     }
 
     /// Gives channels and joins to the threads of their slots' primaries.
@@ -289,25 +286,13 @@ impl Shards {
         let known: Vec<Endpoint> = match self.set.seeds.first() {
             Some(seed) => self
                 .map
-                .iter()
-                .filter_map(|(_, _, a)| seed.at(a).ok())
+                .primaries()
+                .filter_map(|a| seed.at(a).ok())
                 .collect(),
             None => Vec::new(),
         };
-        let seeds = self.set.seeds.iter().cloned();
-        let mut found = None;
-        for e in seeds.chain(known) {
-            let map = e
-                .connect(self.set.timeout)
-                .and_then(|mut c| ::redis::cmd("CLUSTER").arg("SLOTS").query::<Value>(&mut c));
-            if let Some(map) = map.ok().as_ref().and_then(parse_slots)
-                && !map.is_empty()
-            {
-                found = Some(map);
-                break;
-            }
-        }
-        let Some(map) = found else {
+        let Ok((map, _, _)) = SlotMap::read(self.set.seeds.iter().chain(&known), self.set.timeout)
+        else {
             self.retry_at = Instant::now() + self.backoff.next_delay();
             return;
         };

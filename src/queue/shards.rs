@@ -16,6 +16,7 @@
 
 use ::redis::{RedisResult, Value};
 
+use super::publisher::Endpoint;
 use super::streams::{PER_MS, Script, bad, epoch_of, parse_entries, text};
 use crate::history::{Epoch, StreamSince};
 use crate::message::{Envelope, Lane, Rules};
@@ -351,33 +352,131 @@ pub fn parse_appended(reply: &Value) -> RedisResult<(Epoch, Vec<u64>)> {
     Ok((epoch, seqs))
 }
 
-/// `CLUSTER SLOTS`: each slot range with its primary's `HOST:PORT`.
-pub fn parse_slots(reply: &Value) -> Option<Vec<(u16, u16, String)>> {
-    let Value::Array(ranges) = reply else {
-        return None;
-    };
-    let mut out = Vec::with_capacity(ranges.len());
-    for r in ranges {
-        let Value::Array(r) = r else { return None };
-        let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(primary))) =
-            (r.first(), r.get(1), r.get(2))
-        else {
-            return None;
-        };
-        let host = primary.first().and_then(text)?;
-        let Some(Value::Int(port)) = primary.get(1) else {
-            return None;
-        };
-        let (start, end) = (u16::try_from(*start).ok()?, u16::try_from(*end).ok()?);
-        out.push((start, end, format!("{host}:{port}")));
+/// The slot map: each slot range with its primary's `HOST:PORT`, sorted by slot.
+/// The router of the sharded subscriptions and `nodes.rs` both route by it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SlotMap(Vec<(u16, u16, String)>);
+
+impl SlotMap {
+    pub fn new(mut ranges: Vec<(u16, u16, String)>) -> Self {
+        ranges.sort_unstable();
+        SlotMap(ranges)
     }
-    Some(out)
+
+    /// A `CLUSTER SLOTS` reply; `None` unless it is one and names some range.
+    pub fn parse(reply: &Value) -> Option<SlotMap> {
+        let Value::Array(ranges) = reply else {
+            return None;
+        };
+        let mut out = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            let Value::Array(r) = r else { return None };
+            let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(primary))) =
+                (r.first(), r.get(1), r.get(2))
+            else {
+                return None;
+            };
+            let host = primary.first().and_then(text)?;
+            let Some(Value::Int(port)) = primary.get(1) else {
+                return None;
+            };
+            let (start, end) = (u16::try_from(*start).ok()?, u16::try_from(*end).ok()?);
+            out.push((start, end, format!("{host}:{port}")));
+        }
+        (!out.is_empty()).then(|| SlotMap::new(out))
+    }
+
+    /// `CLUSTER SLOTS` from the first of `nodes` that gives a map, with the
+    /// connection it came over.
+    pub fn read<'a>(
+        nodes: impl IntoIterator<Item = &'a Endpoint>,
+        timeout: std::time::Duration,
+    ) -> RedisResult<(SlotMap, &'a Endpoint, ::redis::Connection)> {
+        let mut last = None;
+        for e in nodes {
+            let mut con = match e.connect(timeout) {
+                Ok(c) => c,
+                Err(err) => {
+                    last = Some(err);
+                    continue;
+                }
+            };
+            match SlotMap::query(&mut con) {
+                Ok(Some(map)) => return Ok((map, e, con)),
+                Ok(None) => {}
+                Err(err) => last = Some(err),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            ::redis::RedisError::from((::redis::ErrorKind::Client, "no node gave a slot map"))
+        }))
+    }
+
+    /// `CLUSTER SLOTS` over one connection.
+    pub fn query(con: &mut ::redis::Connection) -> RedisResult<Option<SlotMap>> {
+        let reply: Value = ::redis::cmd("CLUSTER").arg("SLOTS").query(con)?;
+        Ok(SlotMap::parse(&reply))
+    }
+
+    /// The primary owning `slot`.
+    pub fn owner(&self, slot: u16) -> Option<&str> {
+        let i = self.0.partition_point(|(start, _, _)| *start <= slot);
+        let (start, end, addr) = self.0.get(i.checked_sub(1)?)?;
+        (*start <= slot && slot <= *end).then_some(addr.as_str())
+    }
+
+    /// Each primary's `HOST:PORT`, once per range it owns.
+    pub fn primaries(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(_, _, a)| a.as_str())
+    }
+
+    /// Whether `addr` is a primary of the map.
+    pub fn names(&self, addr: &str) -> bool {
+        self.primaries().any(|a| a == addr)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::message::{Target, encode_wire, push_frame};
+
+    fn slot_map(ranges: &[(u16, u16, &str)]) -> SlotMap {
+        SlotMap::new(
+            ranges
+                .iter()
+                .map(|(a, b, c)| (*a, *b, c.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_slot_belongs_to_the_range_holding_it() {
+        let m = slot_map(&[
+            (10923, 16383, "c:1"),
+            (0, 5460, "a:1"),
+            (5461, 10922, "b:1"),
+        ]);
+        assert_eq!(m.owner(0), Some("a:1"));
+        assert_eq!(m.owner(5460), Some("a:1"));
+        assert_eq!(m.owner(5461), Some("b:1"));
+        assert_eq!(m.owner(16383), Some("c:1"));
+        assert!(m.names("b:1") && !m.names("d:1"));
+    }
+
+    #[test]
+    fn a_slot_no_range_covers_has_no_owner() {
+        let m = slot_map(&[(0, 99, "a:1"), (200, 16383, "b:1")]);
+        assert_eq!(m.owner(100), None);
+        assert_eq!(m.owner(199), None);
+        assert_eq!(SlotMap::default().owner(0), None);
+    }
+
+    #[test]
+    fn a_slots_reply_without_ranges_is_no_map() {
+        assert_eq!(SlotMap::parse(&Value::Array(Vec::new())), None);
+        assert_eq!(SlotMap::parse(&Value::Nil), None);
+    }
 
     /// A READ reply: epoch `e` (or none), Redis's clock, and the stream's newest
     /// trimmed id and entries (or no stream).
