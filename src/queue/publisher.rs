@@ -115,7 +115,9 @@ impl Endpoint {
             .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
             .ok_or_else(|| BackendError::Address(format!("{host_port:?}: not HOST:PORT")))?;
         let info = self
-            .info()
+            .client
+            .get_connection_info()
+            .clone()
             .set_addr(::redis::ConnectionAddr::Tcp(host.to_string(), port));
         let client = ::redis::Client::open(info)
             .map_err(|e| BackendError::Address(format!("{host_port:?}: {e}")))?;
@@ -131,11 +133,6 @@ impl Endpoint {
         let r = info.redis_settings();
         let pass = r.password()?.to_string();
         Some((r.username().map(str::to_string), pass))
-    }
-
-    /// How to reach it (its settings, for another address).
-    pub fn info(&self) -> ::redis::ConnectionInfo {
-        self.client.get_connection_info().clone()
     }
 
     /// Connects (and authenticates / selects the db) within `timeout`; the returned
