@@ -165,6 +165,7 @@ impl RedisQueue {
             interest: interest_rx,
             uids: HashSet::new(),
             joins: Vec::new(),
+            changed_at: None,
             reader: reader.clone(),
             fences: Fences {
                 next: 0,
@@ -533,6 +534,8 @@ struct Subscriber {
     uids: HashSet<Arc<str>>,
     /// Joins whose reads wait for the next SUBSCRIBE to succeed.
     joins: Vec<Join>,
+    /// When interest changes last went to Redis.
+    changed_at: Option<Instant>,
     reader: Reader,
     fences: Fences,
     received: Arc<AtomicU64>,
@@ -653,9 +656,16 @@ impl Subscriber {
     /// joins' reads: their channels are subscribed once the reply is in. True when
     /// it talked to Redis (with the operation timeout on the socket).
     fn apply_interest(&mut self, sub: &mut PubSub<'_>, notifier: &Notifier) -> Result<bool, Ended> {
+        // At most one change per TICK, however often the loop comes round (each
+        // subscription's confirmation wakes it): a connect storm is batched by
+        // time, as the cluster router's turn does, not by how fast replies come.
+        if self.changed_at.is_some_and(|t| t.elapsed() < TICK) {
+            return Ok(false);
+        }
         let (on, off) = self.take_interest();
         let talked = !on.is_empty() || !off.is_empty();
         if talked {
+            self.changed_at = Some(Instant::now());
             let channels = |uids: &[Arc<str>]| -> Vec<String> {
                 uids.iter().map(|u| self.streams.channel(Some(u))).collect()
             };
